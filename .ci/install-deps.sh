@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Beam's tests and quickstart need on a fresh bookworm machine.
+# Idempotent; safe to run twice.
+set -euo pipefail
+PKGS=(protobuf-compiler docker-registry skopeo umoci busybox-static fuse3 containerd runc
+      tar gzip zstd attr libcap2-bin xz-utils python3 curl jq iproute2 ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# Debian's packages start their services; the tests start their own instances, by PID.
+systemctl stop docker-registry containerd 2>/dev/null || true

@@ -1,0 +1,256 @@
+//! `beam convert`: convert every layer of an image and publish the Beam artifact beside it.
+//!
+//! Steps per image manifest: fetch each layer to a temp file (digest checked), decompress it
+//! as a stream into [`convert_layer`](super::layer::convert_layer), push the index and chunk
+//! blobs, then the artifact manifest (subject = the original manifest), then register it as a
+//! referrer. When the destination differs from the source, the original image is copied
+//! first, byte for byte, so the same reference runs on nodes without Beam. Everything is
+//! deterministic: converting twice pushes nothing new.
+
+use super::layer::{convert_layer, ConvertOptions, ConvertStats};
+use crate::oci::{self, BeamLayer, Descriptor, LayerCompression};
+use crate::store::{ResolvedManifest, Store};
+use anyhow::{bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::{BufReader, Read};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Result of converting one image manifest.
+#[derive(Debug, Clone)]
+pub struct ConvertedImage {
+    pub subject: Descriptor,
+    pub artifact: Descriptor,
+    pub layers: Vec<BeamLayer>,
+    pub stats: Vec<ConvertStats>,
+    /// True when an identical artifact was already there.
+    pub already: bool,
+}
+
+/// Convert the image at `src` and publish to `dst`.
+pub async fn convert_image(
+    src: &Store,
+    dst: &Store,
+    same_place: bool,
+    opts: &ConvertOptions,
+    progress: bool,
+) -> Result<Vec<ConvertedImage>> {
+    let bars = MultiProgress::with_draw_target(if progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let (top, top_bytes) = src.resolve_top().await?;
+    let manifests = src.image_manifests().await?;
+    let tmp = tempfile::Builder::new()
+        .prefix("beam-convert-")
+        .tempdir()
+        .context("creating a temp dir")?;
+
+    if !same_place {
+        copy_image(src, dst, &top, &top_bytes, &manifests, &bars).await?;
+    }
+
+    let mut out = Vec::new();
+    for m in &manifests {
+        out.push(convert_manifest(src, dst, m, opts, tmp.path(), &bars).await?);
+    }
+    Ok(out)
+}
+
+async fn convert_manifest(
+    src: &Store,
+    dst: &Store,
+    m: &ResolvedManifest,
+    opts: &ConvertOptions,
+    tmp: &Path,
+    bars: &MultiProgress,
+) -> Result<ConvertedImage> {
+    let mut layers = Vec::new();
+    let mut stats = Vec::new();
+    for (i, desc) in m.manifest.layers.iter().enumerate() {
+        let compression =
+            LayerCompression::from_media_type(&desc.media_type).with_context(|| {
+                format!(
+                    "layer {} has media type {}, which Beam cannot convert",
+                    desc.digest, desc.media_type
+                )
+            })?;
+        let layer_file = tmp.join(format!("layer-{i}"));
+        let blob_file = tmp.join(format!("chunks-{i}"));
+        src.blob_to_file(desc, &layer_file)
+            .await
+            .with_context(|| format!("fetching layer {}", desc.digest))?;
+        let bar = bars.add(ProgressBar::new(desc.size));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("layer {}/{}", i + 1, m.manifest.layers.len()));
+        let opts2 = opts.clone();
+        let (lf, bf, bar2) = (layer_file.clone(), blob_file.clone(), bar.clone());
+        let converted = tokio::task::spawn_blocking(move || -> Result<_> {
+            let file = std::fs::File::open(&lf)?;
+            let counted = ProgressReader {
+                inner: file,
+                bar: bar2,
+            };
+            let reader: Box<dyn Read + Send> = match compression {
+                LayerCompression::None => Box::new(BufReader::with_capacity(1 << 20, counted)),
+                LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+                    BufReader::with_capacity(1 << 20, counted),
+                )),
+                LayerCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(counted)?),
+            };
+            let out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&bf)?);
+            let c = convert_layer(reader, out, &opts2, None)?;
+            Ok(c)
+        })
+        .await?
+        .with_context(|| format!("converting layer {}", desc.digest))?;
+        bar.finish_with_message(format!(
+            "{} files, {} unique chunks",
+            converted.stats.files, converted.stats.chunks_unique
+        ));
+        std::fs::remove_file(&layer_file).ok();
+
+        let index_digest = dst.put_blob_bytes(converted.index.clone()).await?;
+        dst.put_blob_file(&blob_file, &converted.blob_digest, converted.blob_size)
+            .await?;
+        std::fs::remove_file(&blob_file).ok();
+        layers.push(BeamLayer {
+            source: desc.digest.clone(),
+            diff_id: converted.diff_id.clone(),
+            index: Descriptor::new(
+                oci::MEDIA_TYPE_INDEX,
+                index_digest,
+                converted.index.len() as u64,
+            ),
+            chunks: Descriptor::new(
+                oci::MEDIA_TYPE_CHUNKS,
+                converted.blob_digest.clone(),
+                converted.blob_size,
+            ),
+        });
+        stats.push(converted.stats);
+    }
+    check_diff_ids(src, m, &layers).await?;
+    dst.put_blob_bytes(oci::EMPTY_CONFIG.to_vec()).await?;
+    let mut subject = m.desc.clone();
+    subject.annotations.clear();
+    subject.platform = None;
+    let artifact = oci::artifact_manifest(subject.clone(), &layers, opts.chunk_size);
+    let bytes = serde_json::to_vec(&artifact)?;
+    let existing = dst.referrers(&subject.digest).await.unwrap_or_default();
+    let digest = oci::sha256_digest(&bytes);
+    let already = existing.iter().any(|d| d.digest == digest);
+    let desc = dst
+        .put_manifest(
+            bytes,
+            oci::MEDIA_TYPE_OCI_MANIFEST,
+            None,
+            Some(oci::ARTIFACT_TYPE),
+        )
+        .await?;
+    let mut referrer = desc.clone();
+    referrer.annotations.insert(
+        oci::ANNOTATION_CHUNK_SIZE.into(),
+        opts.chunk_size.to_string(),
+    );
+    dst.add_referrer(&subject.digest, &referrer).await?;
+    Ok(ConvertedImage {
+        subject,
+        artifact: desc,
+        layers,
+        stats,
+        already,
+    })
+}
+
+/// The image config's diff IDs must be the sha256 of the tars we read: otherwise the layer
+/// is not what the image says it is.
+async fn check_diff_ids(src: &Store, m: &ResolvedManifest, layers: &[BeamLayer]) -> Result<()> {
+    let cfg = src.blob_bytes(&m.manifest.config, 16 << 20).await?;
+    let cfg: oci::ImageConfig = match serde_json::from_slice(&cfg) {
+        Ok(c) => c,
+        Err(_) => return Ok(()), // not an image config (an artifact): nothing to check
+    };
+    if cfg.rootfs.diff_ids.len() != layers.len() {
+        bail!(
+            "image config lists {} diff IDs for {} layers",
+            cfg.rootfs.diff_ids.len(),
+            layers.len()
+        );
+    }
+    for (want, l) in cfg.rootfs.diff_ids.iter().zip(layers) {
+        if *want != l.diff_id {
+            bail!(
+                "layer {}: uncompressed digest {} does not match the config's diff ID {want}",
+                l.source,
+                l.diff_id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copy the original image (blobs, manifests, index, tag) from `src` to `dst` unchanged.
+async fn copy_image(
+    src: &Store,
+    dst: &Store,
+    top: &Descriptor,
+    top_bytes: &[u8],
+    manifests: &[ResolvedManifest],
+    bars: &MultiProgress,
+) -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("beam-copy-").tempdir()?;
+    let bar = bars.add(ProgressBar::new_spinner());
+    bar.set_message("copying the original image");
+    for m in manifests {
+        let mut blobs = vec![m.manifest.config.clone()];
+        blobs.extend(m.manifest.layers.iter().cloned());
+        for b in blobs {
+            let p = tmp.path().join("blob");
+            src.blob_to_file(&b, &p).await?;
+            dst.put_blob_file(&p, &b.digest, b.size).await?;
+            std::fs::remove_file(&p).ok();
+        }
+        if m.desc.digest != top.digest {
+            dst.put_manifest(m.bytes.clone(), &m.desc.media_type, None, None)
+                .await?;
+        }
+    }
+    let tag = dst.tag().or_else(|| src.tag());
+    dst.put_manifest(top_bytes.to_vec(), &top.media_type, tag.as_deref(), None)
+        .await?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
+struct ProgressReader<R> {
+    inner: R,
+    bar: ProgressBar,
+}
+
+impl<R: Read> Read for ProgressReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// Convenience for callers that only have one thread pool size in mind.
+pub fn default_options(chunk_size: Option<u32>) -> ConvertOptions {
+    let mut o = ConvertOptions::default();
+    if let Some(cs) = chunk_size {
+        o.chunk_size = cs;
+    }
+    o
+}
+
+/// Keep `Arc` in scope for callers constructing progress callbacks.
+pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;

@@ -1,0 +1,9 @@
+//! Conversion of OCI layers into Beam layers: [`tree`] turns tar entries into a checked tree,
+//! [`layer`] streams one tar into a chunk blob and an index, [`image`] does every layer of an
+//! image and publishes the Beam artifact.
+
+pub mod image;
+pub mod layer;
+pub mod tree;
+
+pub use layer::{convert_layer, ConvertOptions, ConvertStats, ConvertedLayer};

@@ -1,0 +1,16 @@
+//! Beam: a containerd snapshotter that starts containers before their image is downloaded.
+//!
+//! Modules, in the direction data flows (dependencies point one way only):
+//! - [`format`]: the Beam layer format (chunks and index), pure, no I/O;
+//! - [`convert`]: tar layers into Beam layers, and whole images into Beam artifacts;
+//! - [`oci`], [`remote`], [`layout`], [`store`]: OCI types, registries, OCI layouts, and one
+//!   interface over both;
+//! - [`unpack`]: Beam layers back into a root filesystem.
+
+pub mod convert;
+pub mod format;
+pub mod layout;
+pub mod oci;
+pub mod remote;
+pub mod store;
+pub mod unpack;

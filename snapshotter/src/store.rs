@@ -1,0 +1,354 @@
+//! One interface over the two places images live: a registry (`host[:port]/repo:tag`) and an
+//! OCI layout on disk (`oci:DIR[:tag]`). Conversion, unpacking and the tests use it so that
+//! every command accepts both.
+
+use crate::layout::Layout;
+use crate::oci::{self, Descriptor, ImageIndex, ImageManifest};
+use crate::remote::{self, Registry, RemoteOptions};
+use anyhow::{bail, Context, Result};
+use oci_client::Reference;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where an image is.
+#[derive(Debug, Clone)]
+pub enum Location {
+    Registry(Reference),
+    Layout { dir: PathBuf, tag: Option<String> },
+}
+
+impl Location {
+    /// Parse `oci:DIR[:TAG]` or a registry reference.
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Some(rest) = s.strip_prefix("oci:") {
+            if let Some((dir, tag)) = rest.rsplit_once(':') {
+                if !tag.contains('/') && !tag.is_empty() {
+                    return Ok(Location::Layout {
+                        dir: dir.into(),
+                        tag: Some(tag.into()),
+                    });
+                }
+            }
+            return Ok(Location::Layout {
+                dir: rest.into(),
+                tag: None,
+            });
+        }
+        Ok(Location::Registry(remote::parse_reference(s)?))
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Registry(r) => write!(f, "{r}"),
+            Location::Layout { dir, tag: Some(t) } => write!(f, "oci:{}:{t}", dir.display()),
+            Location::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
+        }
+    }
+}
+
+/// An image store at a location.
+pub struct Store {
+    pub location: Location,
+    registry: Option<Arc<Registry>>,
+    layout: Option<Layout>,
+}
+
+/// A resolved image manifest (one platform).
+#[derive(Debug, Clone)]
+pub struct ResolvedManifest {
+    pub desc: Descriptor,
+    pub manifest: ImageManifest,
+    pub bytes: Vec<u8>,
+}
+
+impl Store {
+    /// Open `location`. `create` makes an OCI layout when missing.
+    pub fn open(location: Location, opts: &RemoteOptions, create: bool) -> Result<Self> {
+        match &location {
+            Location::Registry(_) => Ok(Store {
+                registry: Some(Arc::new(Registry::new(opts)?)),
+                layout: None,
+                location,
+            }),
+            Location::Layout { dir, .. } => {
+                let layout = if create {
+                    Layout::create(dir)?
+                } else {
+                    Layout::open(dir)?
+                };
+                Ok(Store {
+                    registry: None,
+                    layout: Some(layout),
+                    location,
+                })
+            }
+        }
+    }
+
+    fn reference(&self) -> Option<&Reference> {
+        match &self.location {
+            Location::Registry(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn parts(&self) -> (Option<(&Registry, &Reference)>, Option<&Layout>) {
+        match (&self.registry, self.reference(), &self.layout) {
+            (Some(reg), Some(r), _) => (Some((reg.as_ref(), r)), None),
+            (_, _, Some(l)) => (None, Some(l)),
+            _ => unreachable!("a store has a registry or a layout"),
+        }
+    }
+
+    /// The tag of this location, if any.
+    pub fn tag(&self) -> Option<String> {
+        match &self.location {
+            Location::Registry(r) => r.tag().map(String::from),
+            Location::Layout { tag, .. } => tag.clone(),
+        }
+    }
+
+    /// The top-level descriptor and bytes the location names (a manifest or an index).
+    pub async fn resolve_top(&self) -> Result<(Descriptor, Vec<u8>)> {
+        match self.parts() {
+            (Some((reg, r)), _) => {
+                let (bytes, digest, mt) = reg.manifest(r).await?;
+                let size = bytes.len() as u64;
+                Ok((Descriptor::new(&mt, digest, size), bytes))
+            }
+            (_, Some(l)) => {
+                let tag = match &self.location {
+                    Location::Layout { tag, .. } => tag.as_deref(),
+                    _ => None,
+                };
+                let d = l.resolve(tag)?;
+                let bytes = l.blob(&d.digest)?;
+                Ok((d, bytes))
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// A manifest by digest, checked.
+    pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
+        match self.parts() {
+            (Some((reg, r)), _) => Ok(reg.manifest(&remote::with_digest(r, digest)).await?.0),
+            (_, Some(l)) => l.blob(digest),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Every image manifest the location names: the manifest itself, or each platform
+    /// manifest of an index (attestation entries are skipped).
+    pub async fn image_manifests(&self) -> Result<Vec<ResolvedManifest>> {
+        let (top, bytes) = self.resolve_top().await?;
+        let mt = remote::media_type_of(&bytes)?;
+        if mt == oci::MEDIA_TYPE_OCI_INDEX || mt == oci::MEDIA_TYPE_DOCKER_LIST {
+            let index: ImageIndex = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing image index {}", top.digest))?;
+            let mut out = Vec::new();
+            for d in index.manifests {
+                if d.platform.as_ref().is_some_and(|p| p.os == "unknown") {
+                    continue;
+                }
+                let bytes = self.manifest(&d.digest).await?;
+                let manifest: ImageManifest = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("parsing manifest {}", d.digest))?;
+                out.push(ResolvedManifest {
+                    desc: Descriptor::new(
+                        &remote::media_type_of(&bytes)?,
+                        d.digest.clone(),
+                        bytes.len() as u64,
+                    ),
+                    manifest,
+                    bytes,
+                });
+            }
+            return Ok(out);
+        }
+        let manifest: ImageManifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing manifest {}", top.digest))?;
+        Ok(vec![ResolvedManifest {
+            desc: Descriptor::new(&mt, top.digest, top.size),
+            manifest,
+            bytes,
+        }])
+    }
+
+    /// The manifest of the current platform (linux/amd64 or the host's arch).
+    pub async fn platform_manifest(&self) -> Result<ResolvedManifest> {
+        let all = self.image_manifests().await?;
+        if all.len() == 1 {
+            return Ok(all.into_iter().next().expect("one"));
+        }
+        let arch = host_arch();
+        // Index entries lose their platform in `image_manifests`; match on the config.
+        for m in &all {
+            let cfg = self.blob_bytes(&m.manifest.config, 1 << 20).await?;
+            let v: serde_json::Value = serde_json::from_slice(&cfg)?;
+            if v.get("architecture").and_then(|a| a.as_str()) == Some(arch)
+                && v.get("os").and_then(|a| a.as_str()) == Some("linux")
+            {
+                return Ok(m.clone());
+            }
+        }
+        bail!("{}: no linux/{arch} image", self.location)
+    }
+
+    /// Download a blob to a file, checked.
+    pub async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<()> {
+        match self.parts() {
+            (Some((reg, r)), _) => reg.blob_to_file(r, desc, path).await,
+            (_, Some(l)) => {
+                let src = l.blob_path(&desc.digest)?;
+                tokio::fs::copy(&src, path)
+                    .await
+                    .with_context(|| format!("copying {}", src.display()))?;
+                let digest = file_digest(path).await?;
+                if digest != desc.digest {
+                    bail!("{}: content does not match its digest", src.display());
+                }
+                Ok(())
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// A small blob, checked.
+    pub async fn blob_bytes(&self, desc: &Descriptor, max: u64) -> Result<Vec<u8>> {
+        match self.parts() {
+            (Some((reg, r)), _) => reg.blob_bytes(r, desc, max).await,
+            (_, Some(l)) => {
+                if desc.size > max {
+                    bail!("blob {} is over the {max}-byte limit", desc.digest);
+                }
+                l.blob(&desc.digest)
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// Referrers of `subject`.
+    pub async fn referrers(&self, subject: &str) -> Result<Vec<Descriptor>> {
+        match self.parts() {
+            (Some((reg, r)), _) => reg.referrers(r, subject).await,
+            (_, Some(l)) => l.referrers(subject),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Store a blob from a file.
+    pub async fn put_blob_file(&self, path: &Path, digest: &str, size: u64) -> Result<()> {
+        match self.parts() {
+            (Some((reg, r)), _) => reg.push_blob_file(r, path, digest, size).await,
+            (_, Some(l)) => l.put_blob_file(path, digest),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Store a blob from memory; returns its digest.
+    pub async fn put_blob_bytes(&self, data: Vec<u8>) -> Result<String> {
+        match self.parts() {
+            (Some((reg, r)), _) => Ok(reg.push_blob_bytes(r, data).await?.digest),
+            (_, Some(l)) => l.put_blob(&data),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Store a manifest, tagged `tag` if given, and return its descriptor. In a layout the
+    /// manifest is listed in index.json (with the tag as `ref.name`).
+    pub async fn put_manifest(
+        &self,
+        bytes: Vec<u8>,
+        media_type: &str,
+        tag: Option<&str>,
+        artifact_type: Option<&str>,
+    ) -> Result<Descriptor> {
+        let mut desc = Descriptor::new(media_type, oci::sha256_digest(&bytes), bytes.len() as u64);
+        desc.artifact_type = artifact_type.map(String::from);
+        match self.parts() {
+            (Some((reg, r)), _) => {
+                let at = match tag {
+                    Some(t) => remote::with_tag(r, t),
+                    None => remote::with_digest(r, &desc.digest),
+                };
+                reg.push_manifest(&at, bytes, media_type).await?;
+            }
+            (_, Some(l)) => {
+                l.put_blob(&bytes)?;
+                let mut entry = desc.clone();
+                if let Some(t) = tag {
+                    entry
+                        .annotations
+                        .insert(oci::ANNOTATION_REF_NAME.into(), t.into());
+                }
+                l.add_manifest(entry)?;
+            }
+            _ => unreachable!(),
+        }
+        Ok(desc)
+    }
+
+    /// Make artifact `desc` findable from `subject`.
+    pub async fn add_referrer(&self, subject: &str, desc: &Descriptor) -> Result<()> {
+        match self.parts() {
+            (Some((reg, r)), _) => reg.add_referrer(r, subject, desc).await,
+            // put_manifest already listed it in index.json.
+            (_, Some(_)) => Ok(()),
+            _ => unreachable!(),
+        }
+    }
+
+    /// The Beam artifact of image manifest `subject`, if it was converted: the artifact's
+    /// digest and its layers. The newest usable artifact wins when there are several.
+    pub async fn find_beam(&self, subject: &str) -> Result<Option<(String, Vec<oci::BeamLayer>)>> {
+        let refs = self.referrers(subject).await?;
+        let mut last_err = None;
+        for d in refs.iter().rev() {
+            if d.artifact_type.as_deref() != Some(oci::ARTIFACT_TYPE) {
+                continue;
+            }
+            let bytes = self.manifest(&d.digest).await?;
+            let m: ImageManifest = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing Beam artifact {}", d.digest))?;
+            if m.subject.as_ref().map(|s| s.digest.as_str()) != Some(subject) {
+                continue;
+            }
+            match oci::parse_artifact(&m) {
+                Ok(layers) => return Ok(Some((d.digest.clone(), layers))),
+                Err(e) => {
+                    tracing::warn!(artifact = %d.digest, "skipping Beam artifact: {e}");
+                    last_err = Some(e);
+                }
+            }
+        }
+        if let Some(e) = last_err {
+            tracing::debug!("no usable Beam artifact: {e}");
+        }
+        Ok(None)
+    }
+}
+
+/// sha256 of a file, as `sha256:<hex>`.
+pub async fn file_digest(path: &Path) -> Result<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut f = std::fs::File::open(&path)?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h)?;
+        Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    })
+    .await?
+}
+
+/// This host's architecture in OCI terms.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}

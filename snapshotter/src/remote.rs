@@ -366,12 +366,15 @@ pub fn media_type_of(bytes: &[u8]) -> Result<String> {
 /// Whether an error chain says the registry has no such manifest or blob.
 pub fn is_not_found(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        let s = c.to_string();
-        s.contains("MANIFEST_UNKNOWN")
-            || s.contains("BLOB_UNKNOWN")
-            || s.contains("NAME_UNKNOWN")
-            || s.contains("404")
+        let s = c.to_string().to_ascii_lowercase();
+        s.contains("manifest unknown")
+            || s.contains("manifest_unknown")
+            || s.contains("blob unknown")
+            || s.contains("blob_unknown")
+            || s.contains("name unknown")
+            || s.contains("name_unknown")
             || s.contains("not found")
+            || s.contains("404")
     })
 }
 

@@ -1,0 +1,342 @@
+//! A real OCI registry (Debian's `docker-registry`, Distribution 2.8) on 127.0.0.1, one per test.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+
+use crate::util::{self, ChildGuard};
+
+/// How long [`Registry::start`] waits for `GET /v2/` to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One line of the registry's access log (Apache combined format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessEntry {
+    /// HTTP method, e.g. `GET`.
+    pub method: String,
+    /// Request path with query, e.g. `/v2/repo/blobs/sha256:...`.
+    pub path: String,
+    /// Response status, e.g. 200 or 206 (a Range request answered partially).
+    pub status: u16,
+    /// Response body size in bytes (0 when the log shows `-`).
+    pub bytes: u64,
+}
+
+impl AccessEntry {
+    /// True for a GET of a blob (`/v2/<repo>/blobs/<digest>`).
+    pub fn is_blob_get(&self) -> bool {
+        self.method == "GET"
+            && self.path.starts_with("/v2/")
+            && self.path.contains("/blobs/sha256:")
+    }
+}
+
+/// A running `docker-registry` with its own storage, config and log in a temporary directory.
+/// Dropping it kills the process (by PID) and removes the directory.
+#[derive(Debug)]
+pub struct Registry {
+    child: ChildGuard,
+    dir: Option<tempfile::TempDir>,
+    addr: String,
+    log_path: PathBuf,
+    credentials: Option<(String, String)>,
+}
+
+impl Registry {
+    /// Starts a registry without authentication.
+    pub fn start() -> Result<Registry> {
+        Self::start_inner(None)
+    }
+
+    /// Starts a registry that requires HTTP basic auth with `user`/`pass` (htpasswd, bcrypt).
+    pub fn start_with_basic_auth(user: &str, pass: &str) -> Result<Registry> {
+        Self::start_inner(Some((user.to_string(), pass.to_string())))
+    }
+
+    fn start_inner(credentials: Option<(String, String)>) -> Result<Registry> {
+        // The free port can be taken by someone else before the registry binds it: retry.
+        let mut last_err = None;
+        for _ in 0..3 {
+            match Self::try_start(credentials.clone()) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    if !text.contains("address already in use") {
+                        return Err(e);
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    fn try_start(credentials: Option<(String, String)>) -> Result<Registry> {
+        let bin = util::tool_path(
+            "BEAM_REGISTRY_BIN",
+            "docker-registry",
+            "/usr/bin/docker-registry",
+        );
+        let dir = util::short_tempdir()?;
+        let data = dir.path().join("data");
+        fs::create_dir(&data).with_context(|| format!("creating {}", data.display()))?;
+        let port = util::free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let log_path = dir.path().join("registry.log");
+
+        let mut config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
+             \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: {addr}\n  secret: beam-test-secret\n\
+             \x20 headers:\n    X-Content-Type-Options: [nosniff]\n",
+            data = data.display(),
+        );
+        if let Some((user, pass)) = &credentials {
+            if user.contains(':') || user.contains('\n') {
+                bail!("registry user name {user:?} cannot contain ':' or a newline");
+            }
+            let hash =
+                bcrypt::hash(pass, 4).context("hashing the registry password with bcrypt")?;
+            let htpasswd = dir.path().join("htpasswd");
+            fs::write(&htpasswd, format!("{user}:{hash}\n"))
+                .with_context(|| format!("writing {}", htpasswd.display()))?;
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: beam-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        fs::write(&config_path, &config)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+
+        let (stdout, stderr) = util::log_stdio(&log_path)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("serve")
+            .arg(&config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        let child = ChildGuard::spawn("docker-registry", &mut cmd).with_context(|| {
+            format!(
+                "is {} installed (Debian package docker-registry)?",
+                bin.display()
+            )
+        })?;
+        let mut registry = Registry {
+            child,
+            dir: Some(dir),
+            addr,
+            log_path,
+            credentials,
+        };
+        registry.wait_ready()?;
+        Ok(registry)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "docker-registry exited early ({status}); log tail:\n{}",
+                    util::tail_file(&self.log_path, 40)
+                );
+            }
+            let last = match self.get("/v2/") {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => format!("HTTP {code}: {}", String::from_utf8_lossy(&body)),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "docker-registry at {} did not answer GET /v2/ with 200 within {READY_TIMEOUT:?} \
+                     (last: {last}); log tail:\n{}",
+                    self.addr,
+                    util::tail_file(&self.log_path, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process id of the registry.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// The temporary directory holding config, storage and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().map(|d| d.path()).unwrap_or(Path::new(""))
+    }
+
+    /// The user and password, for a registry started with basic auth.
+    pub fn credentials(&self) -> Option<(String, String)> {
+        self.credentials.clone()
+    }
+
+    /// `user:pass` (for `ctr --user`, `skopeo --dest-creds`), for a registry with basic auth.
+    pub fn user_colon_pass(&self) -> Option<String> {
+        self.credentials.as_ref().map(|(u, p)| format!("{u}:{p}"))
+    }
+
+    /// The log file path (stdout and stderr of the registry: access log and application log).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything the registry logged so far: the access log (one line per request, Apache
+    /// combined format) interleaved with its application log.
+    pub fn log(&self) -> String {
+        fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The access log parsed into entries, in order.
+    pub fn access_log(&self) -> Vec<AccessEntry> {
+        self.log().lines().filter_map(parse_access_line).collect()
+    }
+
+    /// GETs of blobs so far (status 200 for whole blobs, 206 for Range requests).
+    pub fn blob_gets(&self) -> Vec<AccessEntry> {
+        self.access_log()
+            .into_iter()
+            .filter(|e| e.is_blob_get())
+            .collect()
+    }
+
+    /// A GET against the registry (with basic auth if configured): `(status, body)`.
+    /// Non-2xx answers are returned, not errors; only transport failures are errors.
+    pub fn get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        self.get_with_auth(
+            path,
+            self.credentials
+                .as_ref()
+                .map(|(u, p)| (u.as_str(), p.as_str())),
+        )
+    }
+
+    /// A GET with explicit credentials (or none), e.g. to check that auth is enforced.
+    pub fn get_with_auth(&self, path: &str, auth: Option<(&str, &str)>) -> Result<(u16, Vec<u8>)> {
+        let url = format!("{}{}", self.url(), path);
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build();
+        let mut req = agent.get(&url);
+        if let Some((u, p)) = auth {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            req = req.set("Authorization", &format!("Basic {token}"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(anyhow::Error::new(e)).with_context(|| format!("GET {url}")),
+        };
+        let status = resp.status();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut resp.into_reader(), &mut body)
+            .with_context(|| format!("reading the body of GET {url}"))?;
+        Ok((status, body))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.child.kill();
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().to_path_buf();
+            if let Err(e) = util::cleanup_dir(&path) {
+                eprintln!("beam-tests: cleaning up registry dir: {e:#}");
+                // Keep TempDir from deleting through a mount.
+                let _ = dir.keep();
+            }
+        }
+    }
+}
+
+/// Parses `127.0.0.1 - - [date] "GET /path HTTP/1.1" 200 123 "referer" "agent"`.
+fn parse_access_line(line: &str) -> Option<AccessEntry> {
+    let start = line.find("] \"")? + 3;
+    let rest = &line[start..];
+    let end = rest.find('"')?;
+    let mut req = rest[..end].split(' ');
+    let method = req.next()?.to_string();
+    let path = req.next()?.to_string();
+    if !req.next()?.starts_with("HTTP/") {
+        return None;
+    }
+    let mut after = rest[end + 1..].split_whitespace();
+    let status = after.next()?.parse().ok()?;
+    let bytes = after.next().and_then(|b| b.parse().ok()).unwrap_or(0);
+    Some(AccessEntry {
+        method,
+        path,
+        status,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_combined_log_lines() {
+        let line = r#"127.0.0.1 - - [27/Nov/2025:02:40:00 +0000] "GET /v2/a/blobs/sha256:ab HTTP/1.1" 206 4096 "" "containerd/1.6""#;
+        let e = parse_access_line(line).unwrap();
+        assert_eq!(e.method, "GET");
+        assert_eq!(e.path, "/v2/a/blobs/sha256:ab");
+        assert_eq!(e.status, 206);
+        assert_eq!(e.bytes, 4096);
+        assert!(e.is_blob_get());
+        assert!(parse_access_line("time=\"...\" level=info msg=\"response completed\"").is_none());
+    }
+
+    #[test]
+    fn registry_starts_answers_and_stops() {
+        let reg = Registry::start().unwrap();
+        let pid = reg.pid();
+        let dir = reg.dir().to_path_buf();
+        let (status, _) = reg.get("/v2/").unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            reg.access_log()
+                .iter()
+                .any(|e| e.path == "/v2/" && e.status == 200),
+            "{}",
+            reg.log()
+        );
+        drop(reg);
+        assert!(!crate::util::pid_alive(pid));
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn basic_auth_is_enforced() {
+        let reg = Registry::start_with_basic_auth("alice", "s3cret").unwrap();
+        assert_eq!(reg.get("/v2/").unwrap().0, 200);
+        assert_eq!(reg.get_with_auth("/v2/", None).unwrap().0, 401);
+        assert_eq!(
+            reg.get_with_auth("/v2/", Some(("alice", "wrong")))
+                .unwrap()
+                .0,
+            401
+        );
+    }
+}

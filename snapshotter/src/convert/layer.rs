@@ -6,6 +6,7 @@
 //! each other for Range merging), storing each distinct chunk once. Memory is bounded: at most
 //! `2 * workers + 2` chunks are in flight at any time, whatever the layer's size.
 
+use super::tar_stream::TarStream;
 use super::tree::{EntryMeta, Limits, TreeBuilder, TreeError};
 use crate::format::chunk::{self, ChunkDigest, CompressedChunk};
 use crate::format::index::{ChunkRecord, IndexBuilder, InodeKind};
@@ -15,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
+use tar_core::EntryType;
 
 /// Options of a layer conversion.
 #[derive(Debug, Clone)]
@@ -49,8 +51,8 @@ pub enum ConvertError {
     Index(#[from] crate::format::IndexError),
     #[error("chunk size {0} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
     ChunkSize(u32),
-    #[error("tar entry {path:?}: unsupported entry type {kind:?}")]
-    UnsupportedEntry { path: String, kind: tar::EntryType },
+    #[error("tar entry {path:?}: unsupported entry type {kind}")]
+    UnsupportedEntry { path: String, kind: String },
 }
 
 /// What a conversion produced, besides the chunk blob bytes written to the output.
@@ -290,214 +292,116 @@ fn read_tar<R: Read>(
     let mut file_seqs = Vec::new();
     let mut seq: u64 = 0;
     let cs = opts.chunk_size as usize;
-    {
-        let mut archive = tar::Archive::new(&mut *reader);
-        for entry in archive.entries().map_err(ConvertError::Tar)? {
-            let mut entry = entry.map_err(ConvertError::Tar)?;
-            stats.entries += 1;
-            let path = entry.path_bytes().into_owned();
-            let etype = entry.header().entry_type();
-            let mut meta = entry_meta(&mut entry, &path)?;
-            match etype {
-                tar::EntryType::Link => {
-                    let target =
-                        entry
-                            .link_name_bytes()
-                            .map(|c| c.into_owned())
-                            .ok_or_else(|| TreeError::Refused {
-                                path: String::from_utf8_lossy(&path).into_owned(),
-                                reason: "hard link without a target".into(),
-                            })?;
-                    tree.add_hardlink(&path, &target)?;
+    let mut stream = TarStream::new(&mut *reader);
+    while let Some(entry) = stream.next_entry().map_err(ConvertError::Tar)? {
+        stats.entries += 1;
+        let path = entry.path.clone();
+        let refuse = |reason: String| {
+            ConvertError::Tree(TreeError::Refused {
+                path: String::from_utf8_lossy(&path).into_owned(),
+                reason,
+            })
+        };
+        let id32 = |v: u64, what: &str| {
+            u32::try_from(v).map_err(|_| refuse(format!("{what} {v} does not fit 32 bits")))
+        };
+        let mut meta = EntryMeta {
+            kind: InodeKind::File,
+            mode: entry.mode & 0o7777,
+            uid: id32(entry.uid, "uid")?,
+            gid: id32(entry.gid, "gid")?,
+            mtime: entry.mtime,
+            mtime_nsec: entry.mtime_nsec,
+            size: 0,
+            rdev: entry.dev,
+            xattrs: entry.xattrs.clone(),
+        };
+        let link = || {
+            entry
+                .link_target
+                .clone()
+                .ok_or_else(|| refuse("link without a target".into()))
+        };
+        match entry.entry_type {
+            EntryType::Link => {
+                tree.add_hardlink(&path, &link()?)?;
+            }
+            EntryType::Regular | EntryType::Continuous | EntryType::GnuSparse => {
+                meta.size = entry.size;
+                let id = tree.add(&path, meta, None)?;
+                let first = seq;
+                send_chunks(&mut stream, entry.size, cs, &mut seq, jobs, permits)?;
+                // Whiteout markers are dropped by the tree (their chunks, if any, too).
+                if let Some(id) = id {
+                    file_seqs.push((id, first, seq - first));
+                    stats.files += 1;
+                    stats.file_bytes += entry.size;
                 }
-                tar::EntryType::Regular
-                | tar::EntryType::Continuous
-                | tar::EntryType::GNUSparse => {
-                    meta.kind = InodeKind::File;
-                    meta.size = entry.size();
-                    let id = tree.add(&path, meta.clone(), None)?;
-                    let first = seq;
-                    let mut remaining = meta.size;
-                    while remaining > 0 {
-                        let n = remaining.min(cs as u64) as usize;
-                        let mut buf = vec![0u8; n];
-                        entry.read_exact(&mut buf).map_err(ConvertError::Tar)?;
-                        remaining -= n as u64;
-                        permits.acquire();
-                        if jobs.send(Job { seq, data: buf }).is_err() {
-                            return Err(ConvertError::Write(io::Error::other(
-                                "chunk writer stopped",
-                            )));
-                        }
-                        seq += 1;
-                    }
-                    // Whiteout markers are dropped by the tree; their chunks (if any) are
-                    // harmless but a marker has no bytes in practice.
-                    if let Some(id) = id {
-                        file_seqs.push((id, first, seq - first));
-                        stats.files += 1;
-                        stats.file_bytes += meta.size;
-                    }
-                }
-                tar::EntryType::Directory => {
-                    meta.kind = InodeKind::Dir;
-                    tree.add(&path, meta, None)?;
-                }
-                tar::EntryType::Symlink => {
-                    meta.kind = InodeKind::Symlink;
-                    let target = entry
-                        .link_name_bytes()
-                        .map(|c| c.into_owned())
-                        .unwrap_or_default();
-                    tree.add(&path, meta, Some(target))?;
-                }
-                tar::EntryType::Char => {
-                    meta.kind = InodeKind::CharDev;
-                    tree.add(&path, meta, None)?;
-                }
-                tar::EntryType::Block => {
-                    meta.kind = InodeKind::BlockDev;
-                    tree.add(&path, meta, None)?;
-                }
-                tar::EntryType::Fifo => {
-                    meta.kind = InodeKind::Fifo;
-                    tree.add(&path, meta, None)?;
-                }
-                // Extension headers are consumed by the tar crate; anything else is refused.
-                tar::EntryType::XGlobalHeader => {}
-                other => {
-                    return Err(ConvertError::UnsupportedEntry {
-                        path: String::from_utf8_lossy(&path).into_owned(),
-                        kind: other,
-                    })
-                }
+            }
+            EntryType::Directory => {
+                meta.kind = InodeKind::Dir;
+                tree.add(&path, meta, None)?;
+            }
+            EntryType::Symlink => {
+                meta.kind = InodeKind::Symlink;
+                tree.add(&path, meta, Some(link()?))?;
+            }
+            EntryType::Char => {
+                meta.kind = InodeKind::CharDev;
+                tree.add(&path, meta, None)?;
+            }
+            EntryType::Block => {
+                meta.kind = InodeKind::BlockDev;
+                tree.add(&path, meta, None)?;
+            }
+            EntryType::Fifo => {
+                meta.kind = InodeKind::Fifo;
+                tree.add(&path, meta, None)?;
+            }
+            other => {
+                return Err(ConvertError::UnsupportedEntry {
+                    path: String::from_utf8_lossy(&path).into_owned(),
+                    kind: format!("{other:?}"),
+                })
             }
         }
     }
     // Drain the rest of the stream (tar padding) so the diff ID covers the whole layer.
-    io::copy(reader, &mut io::sink()).map_err(ConvertError::Tar)?;
+    stream.drain().map_err(ConvertError::Tar)?;
     stats.chunks_total = seq;
     Ok((tree, file_seqs, stats))
 }
 
-/// Decode an entry's metadata from its header and PAX records (which override the header:
-/// large ids, sub-second times, xattrs).
-fn entry_meta<R: Read>(entry: &mut tar::Entry<R>, path: &[u8]) -> Result<EntryMeta, ConvertError> {
-    let h = entry.header();
-    let bad = |what: &str, e: io::Error| {
-        ConvertError::Tree(TreeError::Refused {
-            path: String::from_utf8_lossy(path).into_owned(),
-            reason: format!("bad {what}: {e}"),
-        })
-    };
-    let mut meta = EntryMeta {
-        kind: InodeKind::File,
-        mode: h.mode().map_err(|e| bad("mode", e))? & 0o7777,
-        uid: h.uid().map_err(|e| bad("uid", e))? as u32,
-        gid: h.gid().map_err(|e| bad("gid", e))? as u32,
-        mtime: h.mtime().map_err(|e| bad("mtime", e))? as i64,
-        mtime_nsec: 0,
-        size: 0,
-        rdev: (
-            h.device_major().ok().flatten().unwrap_or(0),
-            h.device_minor().ok().flatten().unwrap_or(0),
-        ),
-        xattrs: BTreeMap::new(),
-    };
-    if let Some(pax) = entry.pax_extensions().map_err(ConvertError::Tar)? {
-        for ext in pax {
-            let ext = ext.map_err(ConvertError::Tar)?;
-            let key = ext.key_bytes();
-            let value = ext.value_bytes();
-            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                meta.xattrs.insert(name.to_vec(), value.to_vec());
-            } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
-                use base64::Engine;
-                let name = percent_decode(name);
-                let v = base64::engine::general_purpose::STANDARD_NO_PAD
-                    .decode(value.trim_ascii_end().trim_end_matches_eq())
-                    .map_err(|e| bad("LIBARCHIVE.xattr", io::Error::other(e)))?;
-                meta.xattrs.insert(name, v);
-            } else {
-                match key {
-                    b"uid" => {
-                        meta.uid = parse_u32(value)
-                            .ok_or_else(|| bad("pax uid", io::Error::other("not a number")))?
-                    }
-                    b"gid" => {
-                        meta.gid = parse_u32(value)
-                            .ok_or_else(|| bad("pax gid", io::Error::other("not a number")))?
-                    }
-                    b"mtime" => {
-                        let (s, ns) = parse_pax_time(value)
-                            .ok_or_else(|| bad("pax mtime", io::Error::other("not a time")))?;
-                        meta.mtime = s;
-                        meta.mtime_nsec = ns;
-                    }
-                    _ => {}
-                }
-            }
+/// Cut `size` bytes of `r` into chunks and queue them for hashing and compression.
+fn send_chunks<R: Read>(
+    r: &mut R,
+    size: u64,
+    cs: usize,
+    seq: &mut u64,
+    jobs: &SyncSender<Job>,
+    permits: &Permits,
+) -> Result<(), ConvertError> {
+    let mut remaining = size;
+    while remaining > 0 {
+        let n = remaining.min(cs as u64) as usize;
+        let mut buf = vec![0u8; n];
+        r.read_exact(&mut buf).map_err(ConvertError::Tar)?;
+        remaining -= n as u64;
+        permits.acquire();
+        if jobs
+            .send(Job {
+                seq: *seq,
+                data: buf,
+            })
+            .is_err()
+        {
+            return Err(ConvertError::Write(io::Error::other(
+                "chunk writer stopped",
+            )));
         }
+        *seq += 1;
     }
-    Ok(meta)
-}
-
-trait TrimPadding {
-    fn trim_end_matches_eq(&self) -> &[u8];
-}
-impl TrimPadding for [u8] {
-    fn trim_end_matches_eq(&self) -> &[u8] {
-        let mut s = self;
-        while let [rest @ .., b'='] = s {
-            s = rest;
-        }
-        s
-    }
-}
-
-fn percent_decode(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'%' && i + 2 < s.len() {
-            if let Ok(b) = u8::from_str_radix(&String::from_utf8_lossy(&s[i + 1..i + 3]), 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    out
-}
-
-fn parse_u32(v: &[u8]) -> Option<u32> {
-    std::str::from_utf8(v).ok()?.trim().parse().ok()
-}
-
-/// A PAX time: `[-]seconds[.fraction]`.
-fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
-    let s = std::str::from_utf8(v).ok()?.trim();
-    let (secs, frac) = match s.split_once('.') {
-        Some((a, b)) => (a, b),
-        None => (s, ""),
-    };
-    let mut sec: i64 = secs.parse().ok()?;
-    let mut digits: String = frac.chars().take(9).collect();
-    if !digits.chars().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    while digits.len() < 9 {
-        digits.push('0');
-    }
-    let mut nsec: u32 = digits.parse().ok()?;
-    if secs.starts_with('-') && nsec > 0 {
-        // -1.5 means 1.5 s before the epoch: -2 s + 0.5 s.
-        sec -= 1;
-        nsec = 1_000_000_000 - nsec;
-    }
-    Some((sec, nsec))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -593,16 +497,5 @@ mod tests {
         let mut blob = Vec::new();
         let r = convert_layer(&tar[..20_000], &mut blob, &ConvertOptions::default(), None);
         assert!(r.is_err());
-    }
-
-    #[test]
-    fn pax_times_parse() {
-        assert_eq!(
-            parse_pax_time(b"1700000000.5"),
-            Some((1_700_000_000, 500_000_000))
-        );
-        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
-        assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
-        assert_eq!(parse_pax_time(b"x"), None);
     }
 }

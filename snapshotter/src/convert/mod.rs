@@ -4,6 +4,7 @@
 
 pub mod image;
 pub mod layer;
+pub mod tar_stream;
 pub mod tree;
 
 pub use layer::{convert_layer, ConvertOptions, ConvertStats, ConvertedLayer};

@@ -749,10 +749,8 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
                         }
                     }
                 }
-                InodeKind::Symlink => {
-                    if self.string(r.a, r.b).is_none() || r.b as u64 != r.size {
-                        return Err(bad("symlink target out of bounds".into()));
-                    }
+                InodeKind::Symlink if self.string(r.a, r.b).is_none() || r.b as u64 != r.size => {
+                    return Err(bad("symlink target out of bounds".into()));
                 }
                 _ => {}
             }

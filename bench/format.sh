@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install-deps.sh
 command -v strace >/dev/null || apt-get install -y -qq strace >/dev/null
-work=target/bench/python
+work=$(pwd)/target/bench/python
 if [ ! -f "$work/layers/layers.txt" ]; then
   rm -rf "$work"; mkdir -p "$work"
   bash tests/fixtures/make-python-layers.sh "$work/layers" >/dev/null

@@ -7,6 +7,7 @@
 //!   interface over both;
 //! - [`unpack`]: Beam layers back into a root filesystem.
 
+pub mod cache;
 pub mod convert;
 pub mod format;
 pub mod layout;

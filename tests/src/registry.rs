@@ -44,24 +44,34 @@ pub struct Registry {
     addr: String,
     log_path: PathBuf,
     credentials: Option<(String, String)>,
+    tls: bool,
 }
 
 impl Registry {
     /// Starts a registry without authentication.
     pub fn start() -> Result<Registry> {
-        Self::start_inner(None)
+        Self::start_inner(None, None)
+    }
+
+    /// Starts a registry serving HTTPS with the PEM certificate and key given (no auth).
+    /// `get` and the access-log helpers still work; readiness is a TCP connect.
+    pub fn start_with_tls(cert: &Path, key: &Path) -> Result<Registry> {
+        Self::start_inner(None, Some((cert.to_path_buf(), key.to_path_buf())))
     }
 
     /// Starts a registry that requires HTTP basic auth with `user`/`pass` (htpasswd, bcrypt).
     pub fn start_with_basic_auth(user: &str, pass: &str) -> Result<Registry> {
-        Self::start_inner(Some((user.to_string(), pass.to_string())))
+        Self::start_inner(Some((user.to_string(), pass.to_string())), None)
     }
 
-    fn start_inner(credentials: Option<(String, String)>) -> Result<Registry> {
+    fn start_inner(
+        credentials: Option<(String, String)>,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> Result<Registry> {
         // The free port can be taken by someone else before the registry binds it: retry.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::try_start(credentials.clone()) {
+            match Self::try_start(credentials.clone(), tls.clone()) {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     let text = format!("{e:#}");
@@ -75,7 +85,10 @@ impl Registry {
         Err(last_err.expect("at least one attempt"))
     }
 
-    fn try_start(credentials: Option<(String, String)>) -> Result<Registry> {
+    fn try_start(
+        credentials: Option<(String, String)>,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> Result<Registry> {
         let bin = util::tool_path(
             "BEAM_REGISTRY_BIN",
             "docker-registry",
@@ -97,6 +110,13 @@ impl Registry {
              \x20 headers:\n    X-Content-Type-Options: [nosniff]\n",
             data = data.display(),
         );
+        if let Some((cert, key)) = &tls {
+            config.push_str(&format!(
+                "\x20 tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
         if let Some((user, pass)) = &credentials {
             if user.contains(':') || user.contains('\n') {
                 bail!("registry user name {user:?} cannot contain ':' or a newline");
@@ -134,6 +154,7 @@ impl Registry {
             addr,
             log_path,
             credentials,
+            tls: tls.is_some(),
         };
         registry.wait_ready()?;
         Ok(registry)
@@ -147,6 +168,20 @@ impl Registry {
                     "docker-registry exited early ({status}); log tail:\n{}",
                     util::tail_file(&self.log_path, 40)
                 );
+            }
+            if self.tls {
+                if std::net::TcpStream::connect(&self.addr).is_ok() {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "docker-registry (TLS) at {} did not listen within {READY_TIMEOUT:?}; log tail:\n{}",
+                        self.addr,
+                        util::tail_file(&self.log_path, 40)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
             let last = match self.get("/v2/") {
                 Ok((200, _)) => return Ok(()),

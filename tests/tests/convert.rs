@@ -282,6 +282,13 @@ fn every_tar_special_case_round_trips_through_an_oci_layout() -> Result<()> {
     let image = format!("oci:{}:special", layout.display());
     // Small chunks so that files span several chunks.
     beam_ok(&["convert", "--chunk-size", "65536", &image])?;
+    // Conversion streams: 4 GiB of sparse-file content passed through within 512 MiB. The
+    // largest resident size of any child this test process has waited for bounds beam's.
+    let max_rss_kib = children_max_rss_kib();
+    ensure!(
+        max_rss_kib < 512 * 1024,
+        "a child (beam convert or a fixture tool) peaked at {max_rss_kib} KiB"
+    );
     assert_round_trip(&image, &[], &layers, work.path())?;
     Ok(())
 }
@@ -438,4 +445,167 @@ fn get_manifest(reg: &Registry, repo: &str, reference: &str) -> Result<(u16, Vec
         Err(ureq::Error::Status(code, _)) => Ok((code, Vec::new())),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Peak resident set size, in KiB, of the largest child process waited for so far.
+fn children_max_rss_kib() -> i64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the pointer it is given, which points to
+    // zero-initialised memory of the right size.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage failed");
+    // SAFETY: getrusage returned 0, so it filled the struct.
+    unsafe { usage.assume_init() }.ru_maxrss
+}
+
+#[test]
+fn credentials_come_from_the_docker_config() -> Result<()> {
+    util::require_root()?;
+    let work = tempfile::tempdir()?;
+    let tar = work.path().join("busybox.tar");
+    script("make-busybox-layer.sh", &[&tar])?;
+    let layout = work.path().join("layout");
+    oci_layout::build(&layout, "v1", &[LayerSpec::new(&tar, Compression::Gzip)])?;
+    let reg = Registry::start_with_basic_auth("beam", "s3cret-pass")?;
+    let image = format!("{}/private/busybox:v1", reg.addr());
+    let src = format!("oci:{}:v1", layout.display());
+
+    // No credentials: a clear refusal, and the password of another registry never leaks.
+    let empty = work.path().join("empty-docker");
+    std::fs::create_dir_all(&empty)?;
+    std::fs::write(empty.join("config.json"), "{}")?;
+    let out = beam_with_env(&["convert", "--plain-http", &src, &image], &empty)?;
+    ensure!(!out.status.success(), "push without credentials succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    ensure!(
+        err.contains("401") || err.contains("unauthorized") || err.contains("authentication"),
+        "unclear error: {err}"
+    );
+
+    // Basic auth from $DOCKER_CONFIG/config.json.
+    let cfg = work.path().join("docker");
+    std::fs::create_dir_all(&cfg)?;
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode("beam:s3cret-pass");
+    std::fs::write(
+        cfg.join("config.json"),
+        serde_json::to_vec(&serde_json::json!({"auths": {reg.addr(): {"auth": auth}}}))?,
+    )?;
+    let out = beam_with_env(&["convert", "--plain-http", &src, &image], &cfg)?;
+    ensure!(
+        out.status.success(),
+        "convert with credentials failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !all.contains("s3cret-pass"),
+        "the password appears in beam's output"
+    );
+    let out = beam_with_env(&["inspect", "--plain-http", &image], &cfg)?;
+    ensure!(out.status.success(), "inspect with credentials failed");
+    Ok(())
+}
+
+fn beam_with_env(args: &[&str], docker_config: &Path) -> Result<Output> {
+    let bin = util::cargo_bin("beam")?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env("BEAM_LOG", "debug")
+        .env("DOCKER_CONFIG", docker_config);
+    util::output_with_timeout(&mut cmd, Duration::from_secs(300))
+}
+
+#[test]
+fn https_registry_with_a_custom_ca() -> Result<()> {
+    util::require_root()?;
+    let work = tempfile::tempdir()?;
+    let d = work.path();
+    // A private CA and a server certificate for 127.0.0.1 signed by it.
+    let openssl = |args: &[&str]| -> Result<()> {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args).current_dir(d);
+        util::run_checked(&mut cmd, Duration::from_secs(60))?;
+        Ok(())
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=beam-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ])?;
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ])?;
+    let reg = Registry::start_with_tls(&d.join("server.pem"), &d.join("server.key"))?;
+
+    let tar = d.join("busybox.tar");
+    script("make-busybox-layer.sh", &[&tar])?;
+    let layout = d.join("layout");
+    oci_layout::build(&layout, "v1", &[LayerSpec::new(&tar, Compression::Gzip)])?;
+    let src = format!("oci:{}:v1", layout.display());
+    let image = format!("{}/tls/busybox:v1", reg.addr());
+
+    // Without the CA the certificate is refused; plain HTTP is never tried unasked.
+    let out = beam(&["convert", &src, &image])?;
+    ensure!(
+        !out.status.success(),
+        "an untrusted certificate was accepted"
+    );
+    let ca = d.join("ca.pem");
+    let ca = ca.to_str().context("utf-8")?;
+    beam_ok(&["convert", "--ca-file", ca, &src, &image])?;
+    let inspect = beam_ok(&["inspect", "--ca-file", ca, &image])?;
+    ensure!(
+        inspect.contains("artifact"),
+        "inspect over HTTPS: {inspect}"
+    );
+    Ok(())
 }

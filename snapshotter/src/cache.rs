@@ -1,0 +1,400 @@
+//! The local chunk cache: verified, uncompressed chunks on local disk, addressed by digest and
+//! shared by every layer and image on the node.
+//!
+//! Layout under the cache directory:
+//!
+//! ```text
+//! chunks/ab/abcdef…   one file per chunk, named by the sha256 of its bytes
+//! files/12/1234…      whole files assembled from cached chunks (FUSE passthrough backing)
+//! indexes/sha256-…    Beam index blobs, so a restarted daemon needs no network for metadata
+//! tmp/                writes in progress; emptied on open
+//! ```
+//!
+//! Invariants:
+//! - a chunk file appears under its name only by `rename` of a fully written temp file, so a
+//!   torn write is never visible under a digest name;
+//! - bytes are served from a chunk file only after this process has checked that file's
+//!   digest once (a crash after rename but before the data reached the disk, or a damaged
+//!   disk, is caught: the file is deleted and the chunk fetched again);
+//! - eviction removes the least recently written chunks that no mounted layer pins, until the
+//!   cache is under its budget.
+
+use crate::format::chunk::ChunkDigest;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters shown by `beam cache stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    pub files: u64,
+    pub file_bytes: u64,
+    pub indexes: u64,
+    pub index_bytes: u64,
+}
+
+impl CacheStats {
+    pub fn total_bytes(&self) -> u64 {
+        self.chunk_bytes + self.file_bytes + self.index_bytes
+    }
+}
+
+/// What a prune removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    pub removed_chunks: u64,
+    pub removed_files: u64,
+    pub freed_bytes: u64,
+}
+
+/// The chunk cache of one node.
+pub struct ChunkCache {
+    dir: PathBuf,
+    /// Size budget in bytes (chunks + assembled files); 0 = unlimited.
+    budget: u64,
+    used: AtomicU64,
+    tmp_seq: AtomicU64,
+    /// Chunks whose file this process has verified.
+    verified: Mutex<HashSet<ChunkDigest>>,
+    /// Pins by holder (a mounted layer): chunks eviction must keep.
+    pins: Mutex<HashMap<String, Arc<HashSet<ChunkDigest>>>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+fn hex2(d: &str) -> &str {
+    &d[..2]
+}
+
+impl ChunkCache {
+    /// Open (or create) the cache at `dir` with a byte budget (0 = unlimited).
+    pub fn open(dir: &Path, budget: u64) -> io::Result<Self> {
+        for sub in ["chunks", "files", "indexes", "tmp"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        // Writes that were in progress when a previous process died.
+        for e in fs::read_dir(dir.join("tmp"))? {
+            let _ = fs::remove_file(e?.path());
+        }
+        let cache = ChunkCache {
+            dir: dir.to_path_buf(),
+            budget,
+            used: AtomicU64::new(0),
+            tmp_seq: AtomicU64::new(0),
+            verified: Mutex::new(HashSet::new()),
+            pins: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        };
+        let s = cache.stats()?;
+        cache
+            .used
+            .store(s.chunk_bytes + s.file_bytes, Ordering::Relaxed);
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a chunk's file.
+    pub fn chunk_path(&self, d: &ChunkDigest) -> PathBuf {
+        let h = d.to_hex();
+        self.dir.join("chunks").join(hex2(&h)).join(&h)
+    }
+
+    /// Path of an assembled file named by `key` (hex).
+    pub fn file_path(&self, key: &str) -> PathBuf {
+        self.dir.join("files").join(hex2(key)).join(key)
+    }
+
+    /// Path of a cached index blob.
+    pub fn index_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("indexes").join(digest.replacen(':', "-", 1))
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.dir
+            .join("tmp")
+            .join(format!("{}-{n}", std::process::id()))
+    }
+
+    /// Atomically write `data` to `dest` (temp file + rename).
+    pub fn write_atomic(&self, dest: &Path, data: &[u8]) -> io::Result<()> {
+        let tmp = self.tmp_path();
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&tmp, dest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Whether a chunk is in the cache (not yet verified).
+    pub fn contains(&self, d: &ChunkDigest) -> bool {
+        self.verified.lock().expect("cache lock").contains(d) || self.chunk_path(d).exists()
+    }
+
+    /// Store a chunk whose bytes the caller has verified against `d`.
+    pub fn put(&self, d: &ChunkDigest, data: &[u8]) -> io::Result<()> {
+        let path = self.chunk_path(d);
+        if !path.exists() {
+            self.write_atomic(&path, data)?;
+            self.used.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        self.verified.lock().expect("cache lock").insert(*d);
+        Ok(())
+    }
+
+    /// Open a cached chunk, checking its digest the first time this process uses it. A chunk
+    /// that fails the check is deleted and reported missing.
+    pub fn open_chunk(&self, d: &ChunkDigest, len: usize) -> io::Result<Option<File>> {
+        let path = self.chunk_path(d);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        if !self.verified.lock().expect("cache lock").contains(d) {
+            let mut buf = vec![0u8; len];
+            let ok = f.read_exact_at(&mut buf, 0).is_ok()
+                && f.metadata()?.len() == len as u64
+                && ChunkDigest::of(&buf) == *d;
+            if !ok {
+                tracing::warn!(chunk = %d, "cached chunk is damaged; discarding it");
+                let _ = fs::remove_file(&path);
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            self.verified.lock().expect("cache lock").insert(*d);
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(f))
+    }
+
+    /// Read a whole cached chunk (verified), or `None` when it is not cached.
+    pub fn read_chunk(&self, d: &ChunkDigest, len: usize) -> io::Result<Option<Vec<u8>>> {
+        let Some(f) = self.open_chunk(d, len)? else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, 0)?;
+        Ok(Some(buf))
+    }
+
+    /// Cache hit and miss counts since open.
+    pub fn hit_miss(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Keep `chunks` from eviction while `holder` (a mounted layer) needs them.
+    pub fn pin(&self, holder: &str, chunks: HashSet<ChunkDigest>) {
+        self.pins
+            .lock()
+            .expect("pins lock")
+            .insert(holder.to_string(), Arc::new(chunks));
+    }
+
+    /// Drop `holder`'s pins.
+    pub fn unpin(&self, holder: &str) {
+        self.pins.lock().expect("pins lock").remove(holder);
+    }
+
+    fn pinned(&self) -> HashSet<ChunkDigest> {
+        let pins = self.pins.lock().expect("pins lock");
+        pins.values().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    /// Bytes used by chunks and assembled files (as tracked since open).
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Evict if over budget. Cheap when under it.
+    pub fn enforce_budget(&self) -> io::Result<PruneStats> {
+        if self.budget == 0 || self.used() <= self.budget {
+            return Ok(PruneStats::default());
+        }
+        self.prune(self.budget * 9 / 10)
+    }
+
+    /// Remove unpinned chunks and assembled files, oldest first, until at most `target` bytes
+    /// are used (`0` removes every unpinned entry).
+    pub fn prune(&self, target: u64) -> io::Result<PruneStats> {
+        let pinned = self.pinned();
+        let mut entries: Vec<(std::time::SystemTime, u64, PathBuf, bool)> = Vec::new();
+        for (sub, is_chunk) in [("chunks", true), ("files", false)] {
+            for shard in fs::read_dir(self.dir.join(sub))? {
+                let shard = shard?;
+                if !shard.file_type()?.is_dir() {
+                    continue;
+                }
+                for e in fs::read_dir(shard.path())? {
+                    let e = e?;
+                    let m = e.metadata()?;
+                    if is_chunk {
+                        let name = e.file_name();
+                        let digest = name
+                            .to_str()
+                            .and_then(|h| hex::decode(h).ok())
+                            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                            .map(ChunkDigest);
+                        if digest.is_some_and(|d| pinned.contains(&d)) {
+                            continue;
+                        }
+                    }
+                    entries.push((m.modified()?, m.len(), e.path(), is_chunk));
+                }
+            }
+        }
+        // Assembled files first (they can be rebuilt from chunks), then oldest.
+        entries.sort_by_key(|(t, _, _, is_chunk)| (*is_chunk, *t));
+        let mut stats = PruneStats::default();
+        let mut used = self.stats()?;
+        let mut total = used.chunk_bytes + used.file_bytes;
+        for (_, len, path, is_chunk) in entries {
+            if total <= target {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                total = total.saturating_sub(len);
+                stats.freed_bytes += len;
+                if is_chunk {
+                    stats.removed_chunks += 1;
+                    if let Some(d) = path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|h| hex::decode(h).ok())
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    {
+                        self.verified
+                            .lock()
+                            .expect("cache lock")
+                            .remove(&ChunkDigest(d));
+                    }
+                } else {
+                    stats.removed_files += 1;
+                }
+            }
+        }
+        used = self.stats()?;
+        self.used
+            .store(used.chunk_bytes + used.file_bytes, Ordering::Relaxed);
+        Ok(stats)
+    }
+
+    /// Walk the cache and count what is in it.
+    pub fn stats(&self) -> io::Result<CacheStats> {
+        let mut s = CacheStats::default();
+        for (sub, count, bytes) in [("chunks", 0usize, 0usize), ("files", 1, 1)] {
+            let _ = (count, bytes);
+            for shard in fs::read_dir(self.dir.join(sub))? {
+                let shard = shard?;
+                if !shard.file_type()?.is_dir() {
+                    continue;
+                }
+                for e in fs::read_dir(shard.path())? {
+                    let len = e?.metadata()?.len();
+                    if sub == "chunks" {
+                        s.chunks += 1;
+                        s.chunk_bytes += len;
+                    } else {
+                        s.files += 1;
+                        s.file_bytes += len;
+                    }
+                }
+            }
+        }
+        for e in fs::read_dir(self.dir.join("indexes"))? {
+            s.indexes += 1;
+            s.index_bytes += e?.metadata()?.len();
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_round_trip_and_damage_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 0).unwrap();
+        let data = b"hello chunk".to_vec();
+        let d = ChunkDigest::of(&data);
+        assert!(c.read_chunk(&d, data.len()).unwrap().is_none());
+        c.put(&d, &data).unwrap();
+        assert_eq!(c.read_chunk(&d, data.len()).unwrap().unwrap(), data);
+        // A new process (new cache object) must verify before serving.
+        std::fs::write(c.chunk_path(&d), b"hello chunK").unwrap();
+        let c2 = ChunkCache::open(dir.path(), 0).unwrap();
+        assert!(c2.read_chunk(&d, data.len()).unwrap().is_none());
+        assert!(!c2.chunk_path(&d).exists(), "damaged chunk is removed");
+    }
+
+    #[test]
+    fn leftover_temp_files_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 0).unwrap();
+        std::fs::write(dir.path().join("tmp/123-0"), b"torn").unwrap();
+        drop(c);
+        ChunkCache::open(dir.path(), 0).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn prune_keeps_pinned_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 0).unwrap();
+        let a = vec![1u8; 1000];
+        let b = vec![2u8; 1000];
+        let (da, db) = (ChunkDigest::of(&a), ChunkDigest::of(&b));
+        c.put(&da, &a).unwrap();
+        c.put(&db, &b).unwrap();
+        c.pin("layer-1", [da].into_iter().collect());
+        let s = c.prune(0).unwrap();
+        assert_eq!(s.removed_chunks, 1);
+        assert!(c.contains(&da));
+        assert!(!c.chunk_path(&db).exists());
+        c.unpin("layer-1");
+        c.prune(0).unwrap();
+        assert!(!c.chunk_path(&da).exists());
+        assert_eq!(c.stats().unwrap().chunks, 0);
+    }
+
+    #[test]
+    fn budget_evicts_down_to_ninety_percent() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 5000).unwrap();
+        for i in 0..10u8 {
+            let data = vec![i; 1000];
+            c.put(&ChunkDigest::of(&data), &data).unwrap();
+        }
+        assert_eq!(c.used(), 10_000);
+        c.enforce_budget().unwrap();
+        assert!(c.used() <= 4500, "used {}", c.used());
+    }
+}

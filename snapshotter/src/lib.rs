@@ -9,8 +9,11 @@
 
 pub mod cache;
 pub mod convert;
+pub mod fetch;
 pub mod format;
+pub mod fs;
 pub mod layout;
+pub mod mount;
 pub mod oci;
 pub mod remote;
 pub mod store;

@@ -25,6 +25,8 @@ pub struct RemoteOptions {
     pub plain_http_hosts: Vec<String>,
     /// PEM files of extra CAs to trust.
     pub ca_files: Vec<PathBuf>,
+    /// Mirror hosts tried in order before the origin for blob reads.
+    pub mirrors: Vec<String>,
 }
 
 impl RemoteOptions {
@@ -86,6 +88,19 @@ impl Registry {
         Ok(Registry {
             client: Client::new(config),
         })
+    }
+
+    /// The underlying client (for the fetcher's Range requests).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Make sure credentials for `r`'s registry are known to the client.
+    pub(crate) async fn ensure_login(&self, r: &Reference) {
+        let registry = r.resolve_registry();
+        self.client
+            .store_auth_if_needed(registry, &docker_auth(registry))
+            .await;
     }
 
     /// Make sure credentials for `r`'s registry are known to the client.

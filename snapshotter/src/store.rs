@@ -53,6 +53,7 @@ pub struct Store {
     pub location: Location,
     registry: Option<Arc<Registry>>,
     layout: Option<Layout>,
+    mirrors: Vec<String>,
 }
 
 /// A resolved image manifest (one platform).
@@ -71,6 +72,7 @@ impl Store {
                 registry: Some(Arc::new(Registry::new(opts)?)),
                 layout: None,
                 location,
+                mirrors: opts.mirrors.clone(),
             }),
             Location::Layout { dir, .. } => {
                 let layout = if create {
@@ -82,6 +84,7 @@ impl Store {
                     registry: None,
                     layout: Some(layout),
                     location,
+                    mirrors: Vec::new(),
                 })
             }
         }
@@ -289,6 +292,36 @@ impl Store {
             _ => unreachable!(),
         }
         Ok(desc)
+    }
+
+    /// Where the blob `desc` can be read by byte range: the registry (mirrors first, then the
+    /// origin) or the layout's blob file.
+    pub fn range_source(&self, desc: &Descriptor) -> Result<Arc<dyn crate::fetch::RangeSource>> {
+        match self.parts() {
+            (Some((_, r)), _) => {
+                let mut locations: Vec<Reference> = self
+                    .mirrors
+                    .iter()
+                    .map(|m| {
+                        Reference::with_digest(
+                            m.clone(),
+                            r.repository().to_string(),
+                            desc.digest.clone(),
+                        )
+                    })
+                    .collect();
+                locations.push(remote::with_digest(r, &desc.digest));
+                Ok(Arc::new(crate::fetch::RegistryBlob {
+                    registry: self.registry.clone().expect("registry store"),
+                    locations,
+                    digest: desc.digest.clone(),
+                }))
+            }
+            (_, Some(l)) => Ok(Arc::new(crate::mount::LayoutBlob {
+                path: l.blob_path(&desc.digest)?,
+            })),
+            _ => unreachable!(),
+        }
     }
 
     /// Make artifact `desc` findable from `subject`.

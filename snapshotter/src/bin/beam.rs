@@ -32,6 +32,9 @@ struct RegistryFlags {
     /// Trust this PEM CA certificate for HTTPS registries (repeatable).
     #[arg(long = "ca-file", value_name = "FILE")]
     ca_files: Vec<PathBuf>,
+    /// Read blobs from this mirror host first (repeatable, tried in order, then the origin).
+    #[arg(long = "mirror", value_name = "HOST[:PORT]")]
+    mirrors: Vec<String>,
 }
 
 impl RegistryFlags {
@@ -40,6 +43,7 @@ impl RegistryFlags {
             plain_http: self.plain_http,
             plain_http_hosts: self.plain_http_hosts.clone(),
             ca_files: self.ca_files.clone(),
+            mirrors: self.mirrors.clone(),
         }
         .with_env()
     }
@@ -74,11 +78,77 @@ enum Command {
         /// Directory to create (must be empty).
         dir: PathBuf,
     },
+    /// Mount a converted image read-only at DIR, lazily; IMAGE@LAYER_DIGEST mounts one layer.
+    /// Runs until Ctrl-C or SIGTERM, then unmounts.
+    Mount {
+        #[command(flatten)]
+        registry: RegistryFlags,
+        /// Do not fetch the rest of the layers in the background.
+        #[arg(long)]
+        no_background_fetch: bool,
+        /// Serve every read from the daemon (no FUSE passthrough for cached files).
+        #[arg(long)]
+        no_passthrough: bool,
+        #[command(flatten)]
+        cache: CacheFlags,
+        /// Give up on a chunk after this many seconds (reads then fail with EIO).
+        #[arg(long, default_value_t = 60.0)]
+        fetch_deadline: f64,
+        /// Concurrent Range requests for reads (foreground) and background fetch.
+        #[arg(long, default_value_t = 8)]
+        fetch_concurrency: usize,
+        #[arg(long, default_value_t = 2)]
+        background_concurrency: usize,
+        /// FUSE threads per layer.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Where per-layer mountpoints are made.
+        #[arg(long, default_value = "/run/beam/mounts")]
+        work_dir: PathBuf,
+        /// Image (`host[:port]/repo:tag` or `oci:DIR[:TAG]`), optionally `@LAYER_DIGEST`.
+        image: String,
+        dir: PathBuf,
+    },
+    /// The local chunk cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Show an image's Beam conversion: artifact, layers, chunk counts.
     Inspect {
         #[command(flatten)]
         registry: RegistryFlags,
         image: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct CacheFlags {
+    /// Chunk cache directory.
+    #[arg(long, env = "BEAM_CACHE_DIR", default_value = "/var/lib/beam/cache")]
+    cache_dir: PathBuf,
+    /// Cache size budget in bytes; 0 = unlimited. Chunks no mounted layer needs are evicted
+    /// beyond it.
+    #[arg(long, default_value_t = 0)]
+    cache_budget: u64,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Chunks, files and indexes in the cache, and their sizes.
+    Stats {
+        #[command(flatten)]
+        cache: CacheFlags,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove cached chunks, oldest first, down to `--to` bytes (default: everything). A
+    /// running `beam mount` fetches again what it needs.
+    Prune {
+        #[command(flatten)]
+        cache: CacheFlags,
+        #[arg(long, default_value_t = 0)]
+        to: u64,
     },
 }
 
@@ -199,6 +269,120 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Mount {
+            registry,
+            no_background_fetch,
+            no_passthrough,
+            cache,
+            fetch_deadline,
+            fetch_concurrency,
+            background_concurrency,
+            threads,
+            work_dir,
+            image,
+            dir,
+        } => {
+            let opts = registry.options();
+            let (store, layer) = resolve_mount_target(&image, &opts).await?;
+            let chunk_cache = std::sync::Arc::new(
+                beam::cache::ChunkCache::open(&cache.cache_dir, cache.cache_budget)
+                    .with_context(|| format!("opening cache {}", cache.cache_dir.display()))?,
+            );
+            let fetcher = std::sync::Arc::new(beam::fetch::Fetcher::new(
+                chunk_cache,
+                beam::fetch::FetchOptions {
+                    deadline: std::time::Duration::from_secs_f64(fetch_deadline),
+                    attempt_timeout: std::time::Duration::from_secs_f64(
+                        (fetch_deadline / 2.0).clamp(1.0, 20.0),
+                    ),
+                    foreground_concurrency: fetch_concurrency,
+                    background_concurrency,
+                    ..Default::default()
+                },
+            ));
+            let mopts = beam::mount::MountOptions {
+                background_fetch: !no_background_fetch,
+                passthrough: !no_passthrough,
+                threads,
+                work_dir,
+            };
+            let mounted =
+                beam::mount::mount_image(&store, fetcher.clone(), &dir, layer.as_deref(), &mopts)
+                    .await?;
+            println!(
+                "mounted {} ({} layers) at {}",
+                image,
+                mounted.layers.len(),
+                dir.display()
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tokio::task::block_in_place(move || drop(mounted));
+            let c = &fetcher.counters;
+            use std::sync::atomic::Ordering::Relaxed;
+            eprintln!(
+                "unmounted {}; fetched {} bytes in {} requests ({} chunks, {} retries, {} corrupt answers discarded)",
+                dir.display(),
+                c.bytes.load(Relaxed),
+                c.requests.load(Relaxed),
+                c.chunks.load(Relaxed),
+                c.retries.load(Relaxed),
+                c.corrupt.load(Relaxed),
+            );
+            Ok(())
+        }
+        Command::Cache { command } => match command {
+            CacheCommand::Stats { cache, json } => {
+                let c = beam::cache::ChunkCache::open(&cache.cache_dir, cache.cache_budget)?;
+                let s = c.stats()?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "dir": cache.cache_dir,
+                            "chunks": s.chunks, "chunk_bytes": s.chunk_bytes,
+                            "files": s.files, "file_bytes": s.file_bytes,
+                            "indexes": s.indexes, "index_bytes": s.index_bytes,
+                            "total_bytes": s.total_bytes(),
+                        })
+                    );
+                } else {
+                    println!("cache     {}", cache.cache_dir.display());
+                    println!(
+                        "chunks    {} ({:.1} MB)",
+                        s.chunks,
+                        s.chunk_bytes as f64 / 1e6
+                    );
+                    println!(
+                        "files     {} ({:.1} MB, passthrough backing)",
+                        s.files,
+                        s.file_bytes as f64 / 1e6
+                    );
+                    println!(
+                        "indexes   {} ({:.1} MB)",
+                        s.indexes,
+                        s.index_bytes as f64 / 1e6
+                    );
+                    println!("total     {:.1} MB", s.total_bytes() as f64 / 1e6);
+                }
+                Ok(())
+            }
+            CacheCommand::Prune { cache, to } => {
+                let c = beam::cache::ChunkCache::open(&cache.cache_dir, cache.cache_budget)?;
+                let p = c.prune(to)?;
+                println!(
+                    "removed {} chunks and {} files, freed {:.1} MB",
+                    p.removed_chunks,
+                    p.removed_files,
+                    p.freed_bytes as f64 / 1e6
+                );
+                Ok(())
+            }
+        },
         Command::Inspect { registry, image } => {
             let store = Store::open(Location::parse(&image)?, &registry.options(), false)?;
             let m = store.platform_manifest().await?;
@@ -228,4 +412,26 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `IMAGE` or `IMAGE@LAYER_DIGEST`: when the part after the last `@` is the digest of one of
+/// the image's layers, mount that layer alone; otherwise the whole string names the image.
+async fn resolve_mount_target(
+    image: &str,
+    opts: &RemoteOptions,
+) -> Result<(Store, Option<String>)> {
+    if let Some((base, digest)) = image.rsplit_once('@') {
+        if beam::oci::is_sha256_digest(digest) {
+            if let Ok(loc) = Location::parse(base) {
+                if let Ok(store) = Store::open(loc, opts, false) {
+                    if let Ok(m) = store.platform_manifest().await {
+                        if m.manifest.layers.iter().any(|l| l.digest == digest) {
+                            return Ok((store, Some(digest.to_string())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok((Store::open(Location::parse(image)?, opts, false)?, None))
 }

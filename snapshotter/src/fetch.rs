@@ -1,0 +1,556 @@
+//! Fetching chunks on demand: Range requests to the registry, verification, the cache, and
+//! the rules that keep it fast and safe.
+//!
+//! - **One fetch per chunk**, however many readers wait on it: the first asker fetches, the
+//!   others wait for its result (single flight, keyed by chunk digest, across all layers).
+//! - **Adjacent missing chunks are merged** into one Range request (up to
+//!   [`FetchOptions::max_request_bytes`]).
+//! - **Bounded concurrency**, with separate budgets for reads a process is blocked on
+//!   (foreground) and for background fetch, so background work never takes the slots
+//!   foreground reads need.
+//! - **Never serve a byte that does not match its digest**: each chunk is decompressed and
+//!   checked when it arrives; a mismatch is refetched; a chunk that keeps failing gives an
+//!   error after [`FetchOptions::deadline`], never a hang.
+//! - Retries with exponential backoff and jitter on 5xx, truncated bodies, connection errors
+//!   and timeouts; every attempt has a timeout.
+
+use crate::cache::ChunkCache;
+use crate::format::chunk::{self, ChunkDigest};
+use crate::format::index::ChunkRecord;
+use crate::remote::Registry;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use oci_client::Reference;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Semaphore};
+
+/// Why a range or chunk could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("registry request failed: {0}")]
+    Remote(String),
+    #[error("registry sent {got} bytes for a {want}-byte range")]
+    Truncated { got: u64, want: u64 },
+    #[error("chunk {0} failed verification")]
+    Corrupt(String),
+    #[error("gave up on chunk {chunk} after {secs:.1}s: {last}")]
+    Deadline {
+        chunk: String,
+        secs: f64,
+        last: String,
+    },
+    #[error("local cache: {0}")]
+    Cache(String),
+}
+
+/// Where a layer's chunk blob can be read by byte range.
+pub trait RangeSource: Send + Sync + 'static {
+    /// `len` bytes at `offset` of the chunk blob.
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, FetchError>>;
+    /// A name for logs (never includes credentials).
+    fn describe(&self) -> String;
+}
+
+/// A chunk blob in a registry, with mirrors tried in order before the origin.
+pub struct RegistryBlob {
+    pub registry: Arc<Registry>,
+    /// Mirrors first, origin last; same repository and digest on each.
+    pub locations: Vec<Reference>,
+    pub digest: String,
+}
+
+impl RangeSource for RegistryBlob {
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, FetchError>> {
+        let registry = self.registry.clone();
+        let locations = self.locations.clone();
+        let digest = self.digest.clone();
+        Box::pin(async move {
+            let mut last = FetchError::Remote("no registry location".into());
+            for r in &locations {
+                match registry.blob_range(r, &digest, offset, len).await {
+                    Ok(b) => return Ok(b),
+                    Err(e) => {
+                        tracing::debug!(location = %r, "range fetch failed: {e}");
+                        last = e;
+                    }
+                }
+            }
+            Err(last)
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self.locations.last() {
+            Some(r) => format!("{}/{}@{}", r.registry(), r.repository(), self.digest),
+            None => self.digest.clone(),
+        }
+    }
+}
+
+/// Tuning of the fetcher.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Give up on a chunk after this long (then reads get EIO).
+    pub deadline: Duration,
+    /// Timeout of one Range request.
+    pub attempt_timeout: Duration,
+    /// Largest merged Range request.
+    pub max_request_bytes: u64,
+    /// Concurrent requests for reads a process waits on.
+    pub foreground_concurrency: usize,
+    /// Concurrent requests of background fetch.
+    pub background_concurrency: usize,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            deadline: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(20),
+            max_request_bytes: 8 << 20,
+            foreground_concurrency: 8,
+            background_concurrency: 2,
+        }
+    }
+}
+
+/// Counters, for metrics, `beam cache stats` and tests.
+#[derive(Debug, Default)]
+pub struct FetchCounters {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+    pub chunks: AtomicU64,
+    pub retries: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// A chunk to make present: its record and where its layer's blob is.
+#[derive(Clone)]
+pub struct ChunkRef {
+    pub rec: ChunkRecord,
+    pub source: Arc<dyn RangeSource>,
+}
+
+type Waiters = Vec<oneshot::Sender<Result<(), FetchError>>>;
+
+/// Fetches chunks into the cache. One per process.
+pub struct Fetcher {
+    pub cache: Arc<ChunkCache>,
+    opts: FetchOptions,
+    inflight: Mutex<HashMap<ChunkDigest, Waiters>>,
+    foreground: Semaphore,
+    background: Semaphore,
+    pub counters: FetchCounters,
+}
+
+impl Fetcher {
+    pub fn new(cache: Arc<ChunkCache>, opts: FetchOptions) -> Self {
+        Fetcher {
+            cache,
+            foreground: Semaphore::new(opts.foreground_concurrency.max(1)),
+            background: Semaphore::new(opts.background_concurrency.max(1)),
+            opts,
+            inflight: Mutex::new(HashMap::new()),
+            counters: FetchCounters::default(),
+        }
+    }
+
+    pub fn options(&self) -> &FetchOptions {
+        &self.opts
+    }
+
+    /// Make every chunk of `chunks` present in the cache (fetching those that are missing),
+    /// or fail with the first error. `background` selects the background budget.
+    pub async fn ensure(&self, chunks: &[ChunkRef], background: bool) -> Result<(), FetchError> {
+        let mut mine: Vec<ChunkRef> = Vec::new();
+        let mut waits = Vec::new();
+        {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            for c in chunks {
+                if self.cache.contains(&c.rec.digest) {
+                    continue;
+                }
+                match inflight.get_mut(&c.rec.digest) {
+                    Some(w) => {
+                        let (tx, rx) = oneshot::channel();
+                        w.push(tx);
+                        waits.push(rx);
+                    }
+                    None => {
+                        if mine.iter().any(|m| m.rec.digest == c.rec.digest) {
+                            continue;
+                        }
+                        inflight.insert(c.rec.digest, Vec::new());
+                        mine.push(c.clone());
+                    }
+                }
+            }
+        }
+        let mut result = Ok(());
+        if !mine.is_empty() {
+            mine.sort_by_key(|c| (Arc::as_ptr(&c.source) as *const () as usize, c.rec.offset));
+            let runs = self.runs(mine);
+            let futs = runs.into_iter().map(|run| self.fetch_run(run, background));
+            for r in futures_util::future::join_all(futs).await {
+                if let Err(e) = r {
+                    result = Err(e);
+                }
+            }
+        }
+        for w in waits {
+            match w.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(FetchError::Remote("fetch abandoned".into())),
+            }
+        }
+        result
+    }
+
+    /// Group chunks (sorted by source, then offset) into contiguous runs of one source.
+    fn runs(&self, chunks: Vec<ChunkRef>) -> Vec<Vec<ChunkRef>> {
+        let mut runs: Vec<Vec<ChunkRef>> = Vec::new();
+        for c in chunks {
+            if let Some(run) = runs.last_mut() {
+                let last = run.last().expect("runs are never empty");
+                let start = run[0].rec.offset;
+                let end = last.rec.offset + last.rec.stored_len as u64;
+                if Arc::ptr_eq(&last.source, &c.source)
+                    && c.rec.offset == end
+                    && end + c.rec.stored_len as u64 - start <= self.opts.max_request_bytes
+                {
+                    run.push(c);
+                    continue;
+                }
+            }
+            runs.push(vec![c]);
+        }
+        runs
+    }
+
+    /// Fetch one run with retries until the deadline, store its chunks, wake their waiters.
+    async fn fetch_run(&self, run: Vec<ChunkRef>, background: bool) -> Result<(), FetchError> {
+        let result = self.fetch_run_inner(&run, background).await;
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        for c in &run {
+            if let Some(waiters) = inflight.remove(&c.rec.digest) {
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        }
+        if result.is_err() {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn fetch_run_inner(&self, run: &[ChunkRef], background: bool) -> Result<(), FetchError> {
+        let start = run[0].rec.offset;
+        let last = &run[run.len() - 1].rec;
+        let len = last.offset + last.stored_len as u64 - start;
+        let source = run[0].source.clone();
+        let began = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let sem = if background {
+                &self.background
+            } else {
+                &self.foreground
+            };
+            let outcome = {
+                let _permit = sem.acquire().await.expect("semaphore never closed");
+                self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                match tokio::time::timeout(self.opts.attempt_timeout, source.read_range(start, len))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(FetchError::Remote(format!(
+                        "no answer within {:?}",
+                        self.opts.attempt_timeout
+                    ))),
+                }
+            };
+            let err = match outcome {
+                Ok(bytes) => {
+                    self.counters
+                        .bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    match self.store_run(run, start, &bytes) {
+                        Ok(()) => return Ok(()),
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            if matches!(err, FetchError::Cache(_)) {
+                return Err(err);
+            }
+            let elapsed = began.elapsed();
+            if elapsed + backoff >= self.opts.deadline {
+                tracing::warn!(
+                    source = %source.describe(),
+                    offset = start,
+                    len,
+                    attempt,
+                    "giving up: {err}"
+                );
+                return Err(FetchError::Deadline {
+                    chunk: run[0].rec.digest.to_string(),
+                    secs: elapsed.as_secs_f64(),
+                    last: err.to_string(),
+                });
+            }
+            tracing::info!(
+                source = %source.describe(),
+                offset = start,
+                len,
+                attempt,
+                "retrying in {backoff:?}: {err}"
+            );
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            // Jitter: 50% to 100% of the backoff.
+            let jitter = fastrand::f64() * 0.5 + 0.5;
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Verify and store each chunk of a fetched run. Nothing of a chunk that fails
+    /// verification is stored.
+    fn store_run(&self, run: &[ChunkRef], start: u64, bytes: &[u8]) -> Result<(), FetchError> {
+        for c in run {
+            let from = (c.rec.offset - start) as usize;
+            let to = from + c.rec.stored_len as usize;
+            let Some(stored) = bytes.get(from..to) else {
+                return Err(FetchError::Truncated {
+                    got: bytes.len() as u64,
+                    want: to as u64,
+                });
+            };
+            let data = chunk::decode(stored, c.rec.uncompressed_len as usize, &c.rec.digest)
+                .map_err(|e| {
+                    self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("discarding fetched chunk: {e}");
+                    FetchError::Corrupt(c.rec.digest.to_string())
+                })?;
+            self.cache
+                .put(&c.rec.digest, &data)
+                .map_err(|e| FetchError::Cache(e.to_string()))?;
+            self.counters.chunks.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.cache.enforce_budget() {
+            tracing::warn!("cache eviction failed: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// A registry-backed range read, used by [`RegistryBlob`].
+impl Registry {
+    /// `len` bytes at `offset` of blob `digest` in `r`'s repository, by HTTP Range.
+    pub async fn blob_range(
+        &self,
+        r: &Reference,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, FetchError> {
+        self.ensure_login(r).await;
+        let resp = self
+            .client()
+            .pull_blob_stream_partial(r, digest, offset, Some(len))
+            .await
+            .map_err(|e| FetchError::Remote(format!("{e}")))?;
+        let (mut stream, skip) = match resp {
+            oci_client::client::BlobResponse::Partial(s) => (s, 0u64),
+            // A registry that ignores Range sends the whole blob: skip to the range.
+            oci_client::client::BlobResponse::Full(s) => (s, offset),
+        };
+        let mut out = bytes::BytesMut::with_capacity(len as usize);
+        let mut to_skip = skip;
+        while let Some(piece) = stream.next().await {
+            let mut piece = piece.map_err(|e| FetchError::Remote(format!("reading body: {e}")))?;
+            if to_skip > 0 {
+                let k = to_skip.min(piece.len() as u64) as usize;
+                let _ = piece.split_to(k);
+                to_skip -= k as u64;
+            }
+            let room = len as usize - out.len();
+            out.extend_from_slice(&piece[..piece.len().min(room)]);
+            if out.len() as u64 == len {
+                break;
+            }
+        }
+        if (out.len() as u64) < len {
+            return Err(FetchError::Truncated {
+                got: out.len() as u64,
+                want: len,
+            });
+        }
+        Ok(out.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory blob that counts requests and can fail or corrupt the first answers.
+    struct MemBlob {
+        data: Vec<u8>,
+        requests: Mutex<Vec<(u64, u64)>>,
+        fail_first: AtomicU64,
+        corrupt_first: AtomicU64,
+        delay: Duration,
+    }
+
+    impl RangeSource for MemBlob {
+        fn read_range(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> BoxFuture<'static, Result<Bytes, FetchError>> {
+            self.requests.lock().unwrap().push((offset, len));
+            let fail = self
+                .fail_first
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let corrupt = self
+                .corrupt_first
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let mut b = self.data[offset as usize..(offset + len) as usize].to_vec();
+            if corrupt {
+                b[0] ^= 0xff;
+            }
+            let delay = self.delay;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                if fail {
+                    return Err(FetchError::Remote("HTTP 500".into()));
+                }
+                Ok(Bytes::from(b))
+            })
+        }
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+    }
+
+    fn setup(
+        n: usize,
+        delay: Duration,
+    ) -> (tempfile::TempDir, Arc<MemBlob>, Vec<ChunkRef>, Vec<Vec<u8>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = Vec::new();
+        let mut recs = Vec::new();
+        let mut plain = Vec::new();
+        for i in 0..n {
+            let chunk: Vec<u8> = (0..4096u32)
+                .map(|j| ((j * (i as u32 + 3)) % 251) as u8)
+                .collect();
+            let c = chunk::compress(&chunk);
+            recs.push(ChunkRecord {
+                digest: c.digest,
+                offset: data.len() as u64,
+                stored_len: c.stored.len() as u32,
+                uncompressed_len: c.uncompressed_len,
+            });
+            data.extend_from_slice(&c.stored);
+            plain.push(chunk);
+        }
+        let blob = Arc::new(MemBlob {
+            data,
+            requests: Mutex::new(Vec::new()),
+            fail_first: AtomicU64::new(0),
+            corrupt_first: AtomicU64::new(0),
+            delay,
+        });
+        let src: Arc<dyn RangeSource> = blob.clone();
+        let refs = recs
+            .into_iter()
+            .map(|rec| ChunkRef {
+                rec,
+                source: src.clone(),
+            })
+            .collect();
+        (dir, blob, refs, plain)
+    }
+
+    fn fetcher(dir: &std::path::Path, deadline: Duration) -> Arc<Fetcher> {
+        let cache = Arc::new(ChunkCache::open(dir, 0).unwrap());
+        Arc::new(Fetcher::new(
+            cache,
+            FetchOptions {
+                deadline,
+                attempt_timeout: Duration::from_secs(2),
+                ..FetchOptions::default()
+            },
+        ))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn adjacent_chunks_are_one_request_and_concurrent_readers_share_it() {
+        let (dir, blob, refs, plain) = setup(5, Duration::from_millis(100));
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let f = f.clone();
+            let refs = refs.clone();
+            tasks.push(tokio::spawn(async move { f.ensure(&refs, false).await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(blob.requests.lock().unwrap().len(), 1, "one merged request");
+        for (r, p) in refs.iter().zip(&plain) {
+            assert_eq!(
+                &f.cache.read_chunk(&r.rec.digest, p.len()).unwrap().unwrap(),
+                p
+            );
+        }
+        // Present chunks are not fetched again.
+        f.ensure(&refs, false).await.unwrap();
+        assert_eq!(blob.requests.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn corrupt_answers_are_refetched_and_never_stored() {
+        let (dir, blob, refs, plain) = setup(2, Duration::ZERO);
+        blob.corrupt_first.store(2, Ordering::SeqCst);
+        let f = fetcher(dir.path(), Duration::from_secs(10));
+        f.ensure(&refs, false).await.unwrap();
+        assert_eq!(blob.requests.lock().unwrap().len(), 3);
+        assert_eq!(f.counters.corrupt.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            &f.cache
+                .read_chunk(&refs[0].rec.digest, 4096)
+                .unwrap()
+                .unwrap(),
+            &plain[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn persistent_failure_ends_at_the_deadline() {
+        let (dir, blob, refs, _) = setup(1, Duration::ZERO);
+        blob.fail_first.store(u64::MAX, Ordering::SeqCst);
+        let f = fetcher(dir.path(), Duration::from_millis(600));
+        let t = Instant::now();
+        let e = f.ensure(&refs, false).await.unwrap_err();
+        assert!(matches!(e, FetchError::Deadline { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        assert!(!f.cache.contains(&refs[0].rec.digest));
+        // And it works once the source is healthy again.
+        blob.fail_first.store(0, Ordering::SeqCst);
+        f.ensure(&refs, false).await.unwrap();
+    }
+}

@@ -1,0 +1,508 @@
+//! The read-only FUSE filesystem of one Beam layer.
+//!
+//! Metadata (lookup, getattr, readdir, readlink, xattrs) is answered from the index alone, with
+//! no network. Inode numbers are the index's (stable for a layer, derived from its tree), so a
+//! successor daemon could serve the same connection. A read maps to chunks; chunks in the cache
+//! are served at once from the FUSE thread; missing ones are fetched on the async runtime and
+//! the reply is sent from there, so one slow fetch never blocks other readers. Once every chunk
+//! of a file is cached, `open` hands the kernel a backing file (FUSE passthrough): reads then
+//! cost what a local read costs.
+//!
+//! OCI whiteouts appear as character devices 0/0 and opaque directories carry
+//! `trusted.overlay.opaque=y`, which is how overlayfs expects them in a lower layer.
+
+use crate::cache::ChunkCache;
+use crate::fetch::{ChunkRef, Fetcher, RangeSource};
+use crate::format::index::{IndexReader, InodeKind, InodeRecord};
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The layer never changes: the kernel may cache names and attributes for long.
+const TTL: Duration = Duration::from_secs(3600);
+const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+
+/// A layer's index, shared between the filesystem and background fetch.
+pub type SharedIndex = Arc<IndexReader<Vec<u8>>>;
+
+/// Counters of one mounted layer.
+#[derive(Debug, Default)]
+pub struct LayerCounters {
+    pub reads: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub passthrough_opens: AtomicU64,
+}
+
+/// The filesystem of one layer.
+pub struct LayerFs {
+    pub index: SharedIndex,
+    pub source: Arc<dyn RangeSource>,
+    pub fetcher: Arc<Fetcher>,
+    rt: tokio::runtime::Handle,
+    passthrough_wanted: bool,
+    passthrough: AtomicBool,
+    /// One backing id per inode, shared by its opens (a second backing id for an inode that
+    /// is already open fails with EIO), dropped when the last open is released.
+    backing_by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
+    backing_by_fh: Mutex<HashMap<u64, Arc<BackingId>>>,
+    next_fh: AtomicU64,
+    pub counters: Arc<LayerCounters>,
+}
+
+impl LayerFs {
+    pub fn new(
+        index: SharedIndex,
+        source: Arc<dyn RangeSource>,
+        fetcher: Arc<Fetcher>,
+        rt: tokio::runtime::Handle,
+        passthrough: bool,
+    ) -> Self {
+        LayerFs {
+            index,
+            source,
+            fetcher,
+            rt,
+            passthrough_wanted: passthrough,
+            passthrough: AtomicBool::new(false),
+            backing_by_ino: Mutex::new(HashMap::new()),
+            backing_by_fh: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            counters: Arc::new(LayerCounters::default()),
+        }
+    }
+
+    fn cache(&self) -> &ChunkCache {
+        &self.fetcher.cache
+    }
+
+    fn attr(&self, r: &InodeRecord) -> FileAttr {
+        let kind = file_type(r.kind);
+        let (maj, min) = r.rdev();
+        let t = if r.mtime >= 0 {
+            UNIX_EPOCH + Duration::new(r.mtime as u64, r.mtime_nsec)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(r.mtime.unsigned_abs())
+        };
+        FileAttr {
+            ino: INodeNo(r.ino),
+            size: r.size,
+            blocks: r.size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind,
+            perm: r.mode as u16,
+            nlink: r.nlink,
+            uid: r.uid,
+            gid: r.gid,
+            rdev: nix::sys::stat::makedev(maj as u64, min as u64) as u32,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// The chunks covering `[offset, offset + size)` of a file.
+    fn chunks_for(&self, r: &InodeRecord, offset: u64, size: u64) -> Vec<(u32, ChunkRef)> {
+        let cs = self.index.chunk_size() as u64;
+        if size == 0 || offset >= r.size {
+            return Vec::new();
+        }
+        let end = (offset + size).min(r.size);
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        (first..=last)
+            .filter_map(|i| {
+                let c = self.index.file_chunk(r, i as u32)?;
+                let rec = self.index.chunk(c).ok()?;
+                Some((
+                    i as u32,
+                    ChunkRef {
+                        rec,
+                        source: self.source.clone(),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Copy `[offset, offset+size)` of a file out of cached chunks. `None` when a chunk is
+    /// missing (evicted or found damaged meanwhile).
+    fn read_cached(
+        cache: &ChunkCache,
+        cs: u64,
+        file_size: u64,
+        chunks: &[(u32, ChunkRef)],
+        offset: u64,
+        size: u64,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let end = (offset + size).min(file_size);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        for (i, c) in chunks {
+            let chunk_start = *i as u64 * cs;
+            let from = offset.max(chunk_start) - chunk_start;
+            let to = end.min(chunk_start + c.rec.uncompressed_len as u64) - chunk_start;
+            let Some(f) = cache.open_chunk(&c.rec.digest, c.rec.uncompressed_len as usize)? else {
+                return Ok(None);
+            };
+            let at = out.len();
+            out.resize(at + (to - from) as usize, 0);
+            f.read_exact_at(&mut out[at..], from)?;
+        }
+        Ok(Some(out))
+    }
+
+    /// The backing file of a wholly cached file, assembled from its chunks when first needed.
+    fn backing_file(&self, r: &InodeRecord) -> std::io::Result<Option<std::fs::File>> {
+        let chunks = self.chunks_for(r, 0, r.size);
+        if chunks
+            .iter()
+            .any(|(_, c)| !self.cache().contains(&c.rec.digest))
+        {
+            return Ok(None);
+        }
+        let key = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(r.size.to_le_bytes());
+            for (_, c) in &chunks {
+                h.update(c.rec.digest.0);
+            }
+            hex::encode(h.finalize())
+        };
+        let path = self.cache().file_path(&key);
+        if !path.exists() {
+            let cs = self.index.chunk_size() as u64;
+            let Some(data) = Self::read_cached(self.cache(), cs, r.size, &chunks, 0, r.size)?
+            else {
+                return Ok(None);
+            };
+            self.cache().write_atomic(&path, &data)?;
+        }
+        Ok(Some(std::fs::File::open(&path)?))
+    }
+}
+
+fn file_type(k: InodeKind) -> FileType {
+    match k {
+        InodeKind::File => FileType::RegularFile,
+        InodeKind::Dir => FileType::Directory,
+        InodeKind::Symlink => FileType::Symlink,
+        InodeKind::CharDev | InodeKind::Whiteout => FileType::CharDevice,
+        InodeKind::BlockDev => FileType::BlockDevice,
+        InodeKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        if self.passthrough_wanted {
+            // Depth 1 keeps overlayfs stackable on top of this mount.
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                self.passthrough.store(true, Ordering::Relaxed);
+            } else {
+                tracing::info!("kernel offers no FUSE passthrough; serving reads from the daemon");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.index.lookup(parent.0, name.as_bytes()) {
+            Ok(Some(ino)) => match self.index.inode(ino) {
+                Ok(r) => reply.entry(&TTL, &self.attr(&r), Generation(0)),
+                Err(_) => reply.error(Errno::EIO),
+            },
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(_) => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.index.inode(ino.0) {
+            Ok(r) => reply.attr(&TTL, &self.attr(&r)),
+            Err(_) => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.index.inode(ino.0) {
+            Ok(r) if r.kind == InodeKind::Symlink => reply.data(self.index.symlink_target(&r)),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(_) => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        let r = match self.index.inode(ino.0) {
+            Ok(r) => r,
+            Err(_) => return reply.error(Errno::ENOENT),
+        };
+        if self.passthrough.load(Ordering::Relaxed) && r.kind == InodeKind::File && r.size > 0 {
+            let existing = self
+                .backing_by_ino
+                .lock()
+                .expect("backing lock")
+                .get(&ino.0)
+                .and_then(Weak::upgrade);
+            let id = match existing {
+                Some(id) => Some(id),
+                None => match self.backing_file(&r) {
+                    Ok(Some(file)) => match reply.open_backing(&file) {
+                        Ok(id) => {
+                            let id = Arc::new(id);
+                            self.backing_by_ino
+                                .lock()
+                                .expect("backing lock")
+                                .insert(ino.0, Arc::downgrade(&id));
+                            Some(id)
+                        }
+                        Err(e) => {
+                            tracing::debug!(ino = ino.0, "no passthrough: {e}");
+                            None
+                        }
+                    },
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::debug!(ino = ino.0, "no backing file: {e}");
+                        None
+                    }
+                },
+            };
+            if let Some(id) = id {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.backing_by_fh
+                    .lock()
+                    .expect("backing lock")
+                    .insert(fh, id.clone());
+                self.counters
+                    .passthrough_opens
+                    .fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &id);
+                return;
+            }
+        }
+        // File handles carry no state: any daemon can serve them.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = match self.index.inode(ino.0) {
+            Ok(r) if r.kind == InodeKind::File => r,
+            Ok(_) => return reply.error(Errno::EISDIR),
+            Err(_) => return reply.error(Errno::ENOENT),
+        };
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        let chunks = self.chunks_for(&r, offset, size as u64);
+        let cs = self.index.chunk_size() as u64;
+        if chunks
+            .iter()
+            .all(|(_, c)| self.cache().contains(&c.rec.digest))
+        {
+            if let Ok(Some(data)) =
+                Self::read_cached(self.cache(), cs, r.size, &chunks, offset, size as u64)
+            {
+                self.counters
+                    .bytes_read
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.data(&data);
+                return;
+            }
+        }
+        let fetcher = self.fetcher.clone();
+        let counters = self.counters.clone();
+        self.rt.spawn(async move {
+            let refs: Vec<ChunkRef> = chunks.iter().map(|(_, c)| c.clone()).collect();
+            // Two tries: a chunk evicted or found damaged between fetch and read is fetched
+            // once more.
+            for _ in 0..2 {
+                if let Err(e) = fetcher.ensure(&refs, false).await {
+                    tracing::warn!(ino = ino.0, offset, size, "read failed: {e}");
+                    counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                    reply.error(Errno::EIO);
+                    return;
+                }
+                let cache = fetcher.cache.clone();
+                let chunks = chunks.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    Self::read_cached(&cache, cs, r.size, &chunks, offset, size as u64)
+                })
+                .await;
+                match read {
+                    Ok(Ok(Some(data))) => {
+                        counters
+                            .bytes_read
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        reply.data(&data);
+                        return;
+                    }
+                    Ok(Ok(None)) => continue,
+                    _ => break,
+                }
+            }
+            counters.read_errors.fetch_add(1, Ordering::Relaxed);
+            reply.error(Errno::EIO);
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.backing_by_fh
+            .lock()
+            .expect("backing lock")
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.index.inode(ino.0) {
+            Ok(r) if r.kind == InodeKind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(_) => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = match self.index.inode(ino.0) {
+            Ok(r) if r.kind == InodeKind::Dir => r,
+            Ok(_) => return reply.error(Errno::ENOTDIR),
+            Err(_) => return reply.error(Errno::ENOENT),
+        };
+        // Offsets: 1 = ".", 2 = "..", 3 + i = entry i. Stable across calls.
+        let mut next = offset;
+        loop {
+            let full = match next {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(INodeNo(r.parent), 2, FileType::Directory, ".."),
+                n => {
+                    let i = (n - 2) as u32;
+                    let Some((name, child)) = self.index.dirent(&r, i) else {
+                        break;
+                    };
+                    let kind = self
+                        .index
+                        .inode(child)
+                        .map(|c| file_type(c.kind))
+                        .unwrap_or(FileType::RegularFile);
+                    reply.add(INodeNo(child), n + 1, kind, OsStr::from_bytes(name))
+                }
+            };
+            if full {
+                break;
+            }
+            next += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.index.blob_size().div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.index.inode_count(), 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = match self.index.inode(ino.0) {
+            Ok(r) => r,
+            Err(_) => return reply.error(Errno::ENOENT),
+        };
+        let name = name.as_bytes();
+        if name == OPAQUE_XATTR && r.is_opaque() {
+            return xattr_reply(b"y", size, reply);
+        }
+        match self.index.xattrs(&r).find(|(k, _)| *k == name) {
+            Some((_, v)) => xattr_reply(v, size, reply),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = match self.index.inode(ino.0) {
+            Ok(r) => r,
+            Err(_) => return reply.error(Errno::ENOENT),
+        };
+        let mut names = Vec::new();
+        for (k, _) in self.index.xattrs(&r) {
+            names.extend_from_slice(k);
+            names.push(0);
+        }
+        if r.is_opaque() {
+            names.extend_from_slice(OPAQUE_XATTR);
+            names.push(0);
+        }
+        xattr_reply(&names, size, reply);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+}
+
+/// Time of an inode as a `SystemTime` (for tests and tools).
+pub fn mtime_of(r: &InodeRecord) -> SystemTime {
+    UNIX_EPOCH + Duration::new(r.mtime.max(0) as u64, r.mtime_nsec)
+}

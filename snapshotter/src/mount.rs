@@ -1,0 +1,369 @@
+//! Mounting a converted image lazily: one FUSE mount per Beam layer, stacked with overlayfs
+//! the way a container runtime stacks layers, and background fetch of the rest.
+//!
+//! Used by `beam mount` (outside containerd, for debugging and tests) and, later, by
+//! beam-snapshotter. Whatever this module mounts it unmounts: dropping a [`MountedImage`]
+//! unmounts the overlay first, then each layer, and removes the mountpoints it made.
+
+use crate::cache::ChunkCache;
+use crate::fetch::{ChunkRef, FetchError, Fetcher, RangeSource};
+use crate::format::index::{IndexReader, InodeKind};
+use crate::fs::{LayerCounters, LayerFs, SharedIndex};
+use crate::oci::BeamLayer;
+use crate::store::Store;
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Fetch the rest of each layer in the background after mounting.
+    pub background_fetch: bool,
+    /// Use FUSE passthrough for wholly cached files where the kernel allows it.
+    pub passthrough: bool,
+    /// FUSE worker threads per layer.
+    pub threads: usize,
+    /// Where per-layer mountpoints are made.
+    pub work_dir: PathBuf,
+}
+
+/// A chunk blob in an OCI image layout, read by file offset.
+pub struct LayoutBlob {
+    pub path: PathBuf,
+}
+
+impl RangeSource for LayoutBlob {
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, FetchError>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let f =
+                    std::fs::File::open(&path).map_err(|e| FetchError::Remote(e.to_string()))?;
+                let mut buf = vec![0u8; len as usize];
+                let n = f
+                    .read_at(&mut buf, offset)
+                    .map_err(|e| FetchError::Remote(e.to_string()))?;
+                if (n as u64) < len {
+                    return Err(FetchError::Truncated {
+                        got: n as u64,
+                        want: len,
+                    });
+                }
+                Ok(Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| FetchError::Remote(e.to_string()))?
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// One mounted layer.
+pub struct MountedLayer {
+    pub layer: BeamLayer,
+    pub mountpoint: PathBuf,
+    pub index: SharedIndex,
+    pub counters: Arc<LayerCounters>,
+    session: Option<fuser::BackgroundSession>,
+    stop: Arc<AtomicBool>,
+    owns_mountpoint: bool,
+    cache: Arc<ChunkCache>,
+}
+
+impl Drop for MountedLayer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.umount_and_join() {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), "unmounting layer: {e}");
+            }
+        }
+        self.cache.unpin(&self.mountpoint.display().to_string());
+        if self.owns_mountpoint {
+            let _ = std::fs::remove_dir(&self.mountpoint);
+        }
+    }
+}
+
+/// A mounted image: its layers, bottom first, and the overlay stacking them (if more than one).
+pub struct MountedImage {
+    pub target: PathBuf,
+    pub layers: Vec<MountedLayer>,
+    overlay: bool,
+    work_dir: Option<PathBuf>,
+}
+
+impl MountedImage {
+    /// Unmount everything (also done on drop).
+    pub fn unmount(mut self) -> Result<()> {
+        self.unmount_overlay()
+    }
+
+    fn unmount_overlay(&mut self) -> Result<()> {
+        if self.overlay {
+            self.overlay = false;
+            nix::mount::umount2(&self.target, nix::mount::MntFlags::empty())
+                .or_else(|_| nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH))
+                .with_context(|| format!("unmounting {}", self.target.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MountedImage {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_overlay() {
+            tracing::warn!("{e:#}");
+        }
+        // Top layer first.
+        while let Some(l) = self.layers.pop() {
+            drop(l);
+        }
+        if let Some(w) = &self.work_dir {
+            let _ = std::fs::remove_dir(w);
+        }
+    }
+}
+
+/// Read a layer's index: from the cache when there, else from the store (then cached).
+async fn load_index(store: &Store, cache: &ChunkCache, layer: &BeamLayer) -> Result<SharedIndex> {
+    let path = cache.index_path(&layer.index.digest);
+    if let Ok(bytes) = std::fs::read(&path) {
+        if crate::oci::sha256_digest(&bytes) == layer.index.digest {
+            let r = IndexReader::new(bytes).with_context(|| {
+                format!("index {} of layer {}", layer.index.digest, layer.source)
+            })?;
+            return Ok(Arc::new(r));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let bytes = store
+        .blob_bytes(&layer.index, crate::format::index::MAX_INDEX_LEN as u64)
+        .await
+        .with_context(|| format!("fetching index of layer {}", layer.source))?;
+    cache
+        .write_atomic(&path, &bytes)
+        .with_context(|| format!("caching index {}", layer.index.digest))?;
+    let r = IndexReader::new(bytes)
+        .with_context(|| format!("index {} of layer {}", layer.index.digest, layer.source))?;
+    Ok(Arc::new(r))
+}
+
+/// Mount one layer's filesystem at `mountpoint`.
+pub fn mount_layer(
+    layer: BeamLayer,
+    index: SharedIndex,
+    source: Arc<dyn RangeSource>,
+    fetcher: Arc<Fetcher>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    owns_mountpoint: bool,
+) -> Result<MountedLayer> {
+    let rt = tokio::runtime::Handle::current();
+    let fs = LayerFs::new(
+        index.clone(),
+        source.clone(),
+        fetcher.clone(),
+        rt.clone(),
+        opts.passthrough,
+    );
+    let counters = fs.counters.clone();
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName(format!("beam:{}", &layer.source)),
+        fuser::MountOption::Subtype("beam".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    let session = fuser::spawn_mount(fs, mountpoint, &config).with_context(|| {
+        format!(
+            "mounting layer {} at {}",
+            layer.source,
+            mountpoint.display()
+        )
+    })?;
+    let digests: HashSet<_> = (0..index.chunk_count())
+        .filter_map(|i| index.chunk(i).ok().map(|c| c.digest))
+        .collect();
+    fetcher
+        .cache
+        .pin(&mountpoint.display().to_string(), digests);
+    let stop = Arc::new(AtomicBool::new(false));
+    if opts.background_fetch {
+        let (index, fetcher, stop) = (index.clone(), fetcher.clone(), stop.clone());
+        rt.spawn(async move { background_fetch(index, source, fetcher, stop).await });
+    }
+    Ok(MountedLayer {
+        layer,
+        mountpoint: mountpoint.to_path_buf(),
+        index,
+        counters,
+        session: Some(session),
+        stop,
+        owns_mountpoint,
+        cache: fetcher.cache.clone(),
+    })
+}
+
+/// Fetch every chunk of a layer at background priority: first the chunks of the files in the
+/// recorded prefetch list, then the rest in blob order (merged into large requests).
+pub async fn background_fetch(
+    index: SharedIndex,
+    source: Arc<dyn RangeSource>,
+    fetcher: Arc<Fetcher>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut order: Vec<u64> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for ino in index.prefetch() {
+        if let Ok(r) = index.inode(ino) {
+            if r.kind == InodeKind::File {
+                for c in index.file_chunks(&r) {
+                    if seen.insert(c) {
+                        order.push(c);
+                    }
+                }
+            }
+        }
+    }
+    for c in 0..index.chunk_count() {
+        if seen.insert(c) {
+            order.push(c);
+        }
+    }
+    let max = fetcher.options().max_request_bytes;
+    let mut batch: Vec<ChunkRef> = Vec::new();
+    let mut batch_bytes = 0u64;
+    for c in order {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(rec) = index.chunk(c) else { continue };
+        if fetcher.cache.contains(&rec.digest) {
+            continue;
+        }
+        batch_bytes += rec.stored_len as u64;
+        batch.push(ChunkRef {
+            rec,
+            source: source.clone(),
+        });
+        if batch_bytes >= max {
+            if let Err(e) = fetcher.ensure(&batch, true).await {
+                tracing::info!("background fetch: {e}; will retry on demand");
+            }
+            batch.clear();
+            batch_bytes = 0;
+        }
+    }
+    if !batch.is_empty() && !stop.load(Ordering::Relaxed) {
+        if let Err(e) = fetcher.ensure(&batch, true).await {
+            tracing::info!("background fetch: {e}; will retry on demand");
+        }
+    }
+    tracing::debug!(source = %source.describe(), "background fetch done");
+}
+
+/// Mount the image at `store` read-only at `target`: every layer lazily, stacked with
+/// overlayfs (a single layer is mounted at `target` directly). With `only_layer`, mount that
+/// one layer (digest of the original layer) alone at `target`.
+pub async fn mount_image(
+    store: &Store,
+    fetcher: Arc<Fetcher>,
+    target: &Path,
+    only_layer: Option<&str>,
+    opts: &MountOptions,
+) -> Result<MountedImage> {
+    let m = store.platform_manifest().await?;
+    let Some((artifact, layers)) = store.find_beam(&m.desc.digest).await? else {
+        bail!(
+            "{} ({}) has no Beam conversion; run `beam convert` first",
+            store.location,
+            m.desc.digest
+        );
+    };
+    let layers: Vec<BeamLayer> = match only_layer {
+        Some(d) => {
+            let l = layers
+                .into_iter()
+                .find(|l| l.source == d || l.diff_id == d)
+                .with_context(|| format!("artifact {artifact} has no layer {d}"))?;
+            vec![l]
+        }
+        None => layers,
+    };
+    if layers.is_empty() {
+        bail!("{} has no layers", m.desc.digest);
+    }
+    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    let direct = layers.len() == 1;
+    let work_dir = if direct {
+        None
+    } else {
+        let w = opts
+            .work_dir
+            .join(format!("{}-{}", std::process::id(), fastrand::u32(..)));
+        std::fs::create_dir_all(&w).with_context(|| format!("creating {}", w.display()))?;
+        Some(w)
+    };
+    let mut image = MountedImage {
+        target: target.to_path_buf(),
+        layers: Vec::new(),
+        overlay: false,
+        work_dir: work_dir.clone(),
+    };
+    for (i, l) in layers.into_iter().enumerate() {
+        let index = load_index(store, &fetcher.cache, &l).await?;
+        if index.blob_size() != l.chunks.size {
+            bail!(
+                "layer {}: index expects a {}-byte chunk blob, descriptor says {}",
+                l.source,
+                index.blob_size(),
+                l.chunks.size
+            );
+        }
+        let source = store.range_source(&l.chunks)?;
+        let (mp, owns) = match &work_dir {
+            Some(w) => {
+                let mp = w.join(format!("layer-{i}"));
+                std::fs::create_dir_all(&mp)?;
+                (mp, true)
+            }
+            None => (target.to_path_buf(), false),
+        };
+        let mounted = mount_layer(l, index, source, fetcher.clone(), &mp, opts, owns)?;
+        image.layers.push(mounted);
+    }
+    if !direct {
+        // overlayfs: the first lowerdir is the top layer.
+        let lower: Vec<String> = image
+            .layers
+            .iter()
+            .rev()
+            .map(|l| l.mountpoint.display().to_string())
+            .collect();
+        let data = format!("lowerdir={}", lower.join(":"));
+        nix::mount::mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            nix::mount::MsFlags::MS_RDONLY,
+            Some(data.as_str()),
+        )
+        .with_context(|| format!("mounting overlay at {} ({data})", target.display()))?;
+        image.overlay = true;
+    }
+    Ok(image)
+}

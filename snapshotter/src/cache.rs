@@ -78,9 +78,23 @@ impl ChunkCache {
         for sub in ["chunks", "files", "indexes", "tmp"] {
             fs::create_dir_all(dir.join(sub))?;
         }
-        // Writes that were in progress when a previous process died.
+        // Writes that were in progress when a process died. Temp names start with the
+        // writer's pid; another live process (a running `beam mount` while `beam cache stats`
+        // runs) keeps its own.
         for e in fs::read_dir(dir.join("tmp"))? {
-            let _ = fs::remove_file(e?.path());
+            let e = e?;
+            let pid = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            let alive = pid.is_some_and(|p| {
+                p != std::process::id() as i32
+                    && nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
+            });
+            if !alive {
+                let _ = fs::remove_file(e.path());
+            }
         }
         let cache = ChunkCache {
             dir: dir.to_path_buf(),

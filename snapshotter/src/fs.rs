@@ -30,6 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The layer never changes: the kernel may cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+/// File handle of opens served by the daemon (not passthrough).
+const CACHED_FH: u64 = 0;
 
 /// A layer's index, shared between the filesystem and background fetch.
 pub type SharedIndex = Arc<IndexReader<Vec<u8>>>;
@@ -55,6 +57,9 @@ pub struct LayerFs {
     /// is already open fails with EIO), dropped when the last open is released.
     backing_by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
     backing_by_fh: Mutex<HashMap<u64, Arc<BackingId>>>,
+    /// Opens in the kernel's caching mode, per inode: while any is open, the kernel refuses
+    /// a passthrough open of that inode (ETXTBSY), so none is attempted.
+    cached_opens: Mutex<HashMap<u64, u32>>,
     next_fh: AtomicU64,
     pub counters: Arc<LayerCounters>,
 }
@@ -76,6 +81,7 @@ impl LayerFs {
             passthrough: AtomicBool::new(false),
             backing_by_ino: Mutex::new(HashMap::new()),
             backing_by_fh: Mutex::new(HashMap::new()),
+            cached_opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             counters: Arc::new(LayerCounters::default()),
         }
@@ -264,7 +270,17 @@ impl Filesystem for LayerFs {
             Ok(r) => r,
             Err(_) => return reply.error(Errno::ENOENT),
         };
-        if self.passthrough.load(Ordering::Relaxed) && r.kind == InodeKind::File && r.size > 0 {
+        let busy_cached = self
+            .cached_opens
+            .lock()
+            .expect("open lock")
+            .get(&ino.0)
+            .is_some_and(|n| *n > 0);
+        if self.passthrough.load(Ordering::Relaxed)
+            && r.kind == InodeKind::File
+            && r.size > 0
+            && !busy_cached
+        {
             let existing = self
                 .backing_by_ino
                 .lock()
@@ -304,12 +320,22 @@ impl Filesystem for LayerFs {
                 self.counters
                     .passthrough_opens
                     .fetch_add(1, Ordering::Relaxed);
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &id);
+                // The kernel accepts no caching flags with FOPEN_PASSTHROUGH (EINVAL).
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
                 return;
             }
         }
-        // File handles carry no state: any daemon can serve them.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        if r.kind == InodeKind::File {
+            *self
+                .cached_opens
+                .lock()
+                .expect("open lock")
+                .entry(ino.0)
+                .or_insert(0) += 1;
+        }
+        // The handle only tells release which kind of open it was: reads need no state, so
+        // any daemon can serve them.
+        reply.opened(FileHandle(CACHED_FH), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
@@ -384,17 +410,27 @@ impl Filesystem for LayerFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.backing_by_fh
-            .lock()
-            .expect("backing lock")
-            .remove(&fh.0);
+        if fh.0 == CACHED_FH {
+            let mut opens = self.cached_opens.lock().expect("open lock");
+            if let Some(n) = opens.get_mut(&ino.0) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    opens.remove(&ino.0);
+                }
+            }
+        } else {
+            self.backing_by_fh
+                .lock()
+                .expect("backing lock")
+                .remove(&fh.0);
+        }
         reply.ok();
     }
 

@@ -74,6 +74,8 @@ pub struct DiffOptions {
     pub compare_mtime_nsec: bool,
     /// Ignore link counts.
     pub ignore_nlink: bool,
+    /// Ignore the link counts of directories only (overlayfs reports 1 for merged ones).
+    pub ignore_dir_nlink: bool,
     /// Ignore hard-link structure ([`Entry::hardlink_to`]).
     pub ignore_hardlinks: bool,
     /// Ignore the `security.selinux` xattr.
@@ -315,7 +317,8 @@ pub fn diff(
         if ea.rdev != eb.rdev {
             out.push(format!("{p}: device {:?} != {:?}", ea.rdev, eb.rdev));
         }
-        if !opts.ignore_nlink && ea.nlink != eb.nlink {
+        let dir_nlink_ignored = opts.ignore_dir_nlink && ea.kind == FileType::Dir;
+        if !opts.ignore_nlink && !dir_nlink_ignored && ea.nlink != eb.nlink {
             out.push(format!("{p}: nlink {} != {}", ea.nlink, eb.nlink));
         }
         if !opts.ignore_hardlinks && ea.hardlink_to != eb.hardlink_to {

@@ -1,0 +1,487 @@
+//! `beam mount`: the lazy FUSE mount of converted images, against a real registry behind a
+//! recording, fault-injecting proxy (every byte Beam fetches is counted there).
+
+use anyhow::{ensure, Context, Result};
+use beam_tests::beam::{self, BeamMount};
+use beam_tests::oci_layout;
+use beam_tests::tree::{self, DiffOptions};
+use beam_tests::util;
+use beam_tests::{Compression, Fault, LayerSpec, Proxy, Registry};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn script(name: &str, args: &[&Path]) -> Result<()> {
+    let mut cmd = Command::new("bash");
+    cmd.arg(util::fixture_script(name)?).args(args);
+    util::run_checked(&mut cmd, Duration::from_secs(1200))?;
+    Ok(())
+}
+
+fn layers_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let list = std::fs::read_to_string(dir.join("layers.txt"))?;
+    Ok(list
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| dir.join(l.trim()))
+        .collect())
+}
+
+/// Deterministic incompressible bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A layer tar of `files` (path, contents).
+fn write_tar(path: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    let mut b = tar::Builder::new(std::fs::File::create(path)?);
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, name, &data[..])?;
+    }
+    b.finish()?;
+    Ok(())
+}
+
+struct Env {
+    work: tempfile::TempDir,
+    _reg: Registry,
+    proxy: Proxy,
+}
+
+impl Env {
+    fn new() -> Result<Env> {
+        util::require_root()?;
+        let reg = Registry::start()?;
+        let proxy = Proxy::start(&reg.addr())?;
+        Ok(Env {
+            work: tempfile::tempdir()?,
+            _reg: reg,
+            proxy,
+        })
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.work.path().join(p)
+    }
+
+    /// Build `layers` into an image, push it (with the original) through Beam and convert.
+    fn image(&self, name: &str, layers: &[PathBuf], extra: &[&str]) -> Result<String> {
+        let specs: Vec<LayerSpec> = layers
+            .iter()
+            .map(|p| LayerSpec::new(p, Compression::Gzip))
+            .collect();
+        let layout = self.path(&format!("layout-{name}"));
+        oci_layout::build(&layout, "v1", &specs)?;
+        let image = format!("{}/{name}:v1", self.proxy.addr());
+        let src = format!("oci:{}:v1", layout.display());
+        let mut args = vec!["convert", "--plain-http"];
+        args.extend_from_slice(extra);
+        args.push(&src);
+        args.push(&image);
+        beam::ok(&args)?;
+        Ok(image)
+    }
+
+    fn mount(&self, image: &str, target: &str, cache: &str, flags: &[&str]) -> Result<BeamMount> {
+        let mut all = vec!["--plain-http"];
+        all.extend_from_slice(flags);
+        BeamMount::start(
+            &all,
+            image,
+            &self.path(target),
+            &self.path(cache),
+            &self.path(&format!("{target}-work")),
+        )
+    }
+
+    /// Bytes of blob GETs (Range or not) for `digest` answered since the last clear.
+    fn range_requests(&self) -> Vec<(u64, u64)> {
+        self.proxy
+            .blob_requests()
+            .iter()
+            .filter_map(|r| r.range)
+            .collect()
+    }
+}
+
+/// The digest of the chunk blob of the single layer of `image` (from `beam convert --json`).
+fn chunk_blob_of(json: &str) -> Result<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    Ok((
+        v[0]["layers"][0]["chunks"]
+            .as_str()
+            .context("chunks")?
+            .to_string(),
+        v[0]["layers"][0]["index"]
+            .as_str()
+            .context("index")?
+            .to_string(),
+    ))
+}
+
+#[test]
+fn python_rootfs_reads_through_the_lazy_mount_equal_the_source() -> Result<()> {
+    let env = Env::new()?;
+    let layers_dir = env.path("layers");
+    script("make-python-layers.sh", &[&layers_dir])?;
+    let layers = layers_in(&layers_dir)?;
+    let image = env.image("python", &layers, &[])?;
+
+    // Reference: beam unpack of the same image.
+    let unpacked = env.path("unpacked");
+    beam::ok(&[
+        "unpack",
+        "--plain-http",
+        &image,
+        unpacked.to_str().context("utf-8")?,
+    ])?;
+
+    let m = env.mount(&image, "mnt", "cache", &["--no-background-fetch"])?;
+    // Stat of everything fetches nothing but indexes.
+    env.proxy.clear();
+    let mut n = 0;
+    for e in walk(&m.target)? {
+        std::fs::symlink_metadata(&e)?;
+        n += 1;
+    }
+    ensure!(n > 1000, "walked only {n} entries");
+    ensure!(
+        env.range_requests().is_empty(),
+        "stat fetched file data: {:?}",
+        env.range_requests()
+    );
+
+    // A program runs from the lazy mount.
+    let out = Command::new("chroot")
+        .arg(&m.target)
+        .args(["/usr/bin/python3", "-c", "print(6 * 7)"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).trim() == "42");
+
+    // Every file, byte for byte, and every attribute and xattr, as beam unpack has them.
+    let lazy = tree::snapshot(&m.target)?;
+    let reference = tree::snapshot(&unpacked)?;
+    tree::assert_same_with(
+        &lazy,
+        &reference,
+        &DiffOptions {
+            ignore_root: true,
+            // overlayfs reports 1 link for merged directories.
+            ignore_dir_nlink: true,
+            ..DiffOptions::default()
+        },
+    );
+    m.stop()?;
+    Ok(())
+}
+
+#[test]
+fn special_layers_appear_through_overlay_as_unpack_has_them() -> Result<()> {
+    util::require_root()?;
+    let work = tempfile::tempdir()?;
+    let layers_dir = work.path().join("layers");
+    script("make-special-layers.sh", &[&layers_dir])?;
+    let layers = layers_in(&layers_dir)?;
+    let specs: Vec<LayerSpec> = layers
+        .iter()
+        .map(|p| LayerSpec::new(p, Compression::Gzip))
+        .collect();
+    let layout = work.path().join("layout");
+    oci_layout::build(&layout, "special", &specs)?;
+    let image = format!("oci:{}:special", layout.display());
+    beam::ok(&["convert", "--chunk-size", "65536", &image])?;
+    let unpacked = work.path().join("unpacked");
+    beam::ok(&["unpack", &image, unpacked.to_str().context("utf-8")?])?;
+    let m = BeamMount::start(
+        &[],
+        &image,
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &work.path().join("mnt-work"),
+    )?;
+    let lazy = tree::snapshot(&m.target)?;
+    let reference = tree::snapshot(&unpacked)?;
+    // overlayfs keeps trusted.overlay.* xattrs of lower layers to itself.
+    let strip = |t: &std::collections::BTreeMap<Vec<u8>, tree::Entry>| {
+        let mut t = t.clone();
+        for e in t.values_mut() {
+            e.xattrs.retain(|k, _| !k.starts_with(b"trusted.overlay."));
+        }
+        t
+    };
+    tree::assert_same_with(
+        &strip(&lazy),
+        &strip(&reference),
+        &DiffOptions {
+            ignore_root: true,
+            // overlayfs reports 1 link for merged directories.
+            ignore_dir_nlink: true,
+            ..DiffOptions::default()
+        },
+    );
+    m.stop()?;
+    Ok(())
+}
+
+#[test]
+fn reads_fetch_only_the_chunks_they_need_once() -> Result<()> {
+    let env = Env::new()?;
+    // A 200 MiB layer of incompressible files, 1 MiB each, plus a few small ones.
+    let mut files: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| (format!("big/file-{i:03}"), noise(i, 1 << 20)))
+        .collect();
+    files.push(("small/hello.txt".into(), noise(999, 10_000)));
+    files.push(("small/shared.bin".into(), noise(1000, 3 << 20)));
+    let tar = env.path("big.tar");
+    write_tar(&tar, &files)?;
+    let specs = [LayerSpec::new(&tar, Compression::Gzip)];
+    let layout = env.path("layout-big");
+    oci_layout::build(&layout, "v1", &specs)?;
+    let image = format!("{}/big:v1", env.proxy.addr());
+    let json = beam::ok(&[
+        "convert",
+        "--plain-http",
+        "--json",
+        &format!("oci:{}:v1", layout.display()),
+        &image,
+    ])?;
+    let (chunks_blob, index_blob) = chunk_blob_of(&json)?;
+
+    let m = env.mount(&image, "mnt", "cache", &["--no-background-fetch"])?;
+    env.proxy.clear();
+    // One small file: at most that file's bytes (a chunk never spans files).
+    let small = std::fs::read(m.target.join("small/hello.txt"))?;
+    ensure!(small == files[200].1, "small file content differs");
+    let ranges = env.proxy.range_requests_for(&chunks_blob);
+    let fetched: u64 = ranges.iter().map(|(a, b)| b - a + 1).sum();
+    ensure!(
+        ranges.len() == 1 && fetched <= 10_000,
+        "reading a 10 kB file fetched {fetched} bytes in {ranges:?}"
+    );
+    ensure!(
+        env.proxy.blob_requests_for(&index_blob).is_empty(),
+        "the index was fetched again"
+    );
+
+    // 32 threads reading the same 3 MiB file: each chunk fetched once.
+    env.proxy.clear();
+    let path = m.target.join("small/shared.bin");
+    let handles: Vec<_> = (0..32)
+        .map(|_| {
+            let p = path.clone();
+            std::thread::spawn(move || std::fs::read(p))
+        })
+        .collect();
+    for h in handles {
+        let data = h.join().expect("reader thread")?;
+        ensure!(data == files[201].1, "concurrent read returned wrong bytes");
+    }
+    let ranges = env.proxy.range_requests_for(&chunks_blob);
+    let fetched: u64 = ranges.iter().map(|(a, b)| b - a + 1).sum();
+    ensure!(
+        fetched == 3 << 20,
+        "32 readers of a 3 MiB file fetched {fetched} bytes in {} requests: {ranges:?}",
+        ranges.len()
+    );
+    let mut starts: Vec<u64> = ranges.iter().map(|r| r.0).collect();
+    starts.sort();
+    starts.dedup();
+    ensure!(
+        starts.len() == ranges.len(),
+        "a range was fetched twice: {ranges:?}"
+    );
+    m.stop()?;
+
+    // Restarted on the same cache: nothing fetched for data it had (not even the index).
+    env.proxy.clear();
+    let m = env.mount(&image, "mnt", "cache", &["--no-background-fetch"])?;
+    ensure!(std::fs::read(m.target.join("small/shared.bin"))? == files[201].1);
+    ensure!(std::fs::read(m.target.join("small/hello.txt"))? == files[200].1);
+    let blob_gets = env.proxy.blob_requests();
+    ensure!(
+        blob_gets.is_empty(),
+        "a restart fetched again: {blob_gets:?}"
+    );
+    m.stop()?;
+
+    // A second image sharing files with the first fetches only the new chunks.
+    let tar2 = env.path("second.tar");
+    write_tar(
+        &tar2,
+        &[
+            ("copy/shared.bin".into(), files[201].1.clone()),
+            ("new/only-here.bin".into(), noise(4242, 700_000)),
+        ],
+    )?;
+    let layout2 = env.path("layout-second");
+    oci_layout::build(&layout2, "v1", &[LayerSpec::new(&tar2, Compression::Gzip)])?;
+    let image2 = format!("{}/second:v1", env.proxy.addr());
+    let json2 = beam::ok(&[
+        "convert",
+        "--plain-http",
+        "--json",
+        &format!("oci:{}:v1", layout2.display()),
+        &image2,
+    ])?;
+    let (chunks2, _) = chunk_blob_of(&json2)?;
+    env.proxy.clear();
+    let m = env.mount(&image2, "mnt2", "cache", &["--no-background-fetch"])?;
+    ensure!(std::fs::read(m.target.join("copy/shared.bin"))? == files[201].1);
+    ensure!(
+        env.proxy.range_requests_for(&chunks2).is_empty(),
+        "shared chunks were fetched again"
+    );
+    std::fs::read(m.target.join("new/only-here.bin"))?;
+    let fetched: u64 = env
+        .proxy
+        .range_requests_for(&chunks2)
+        .iter()
+        .map(|(a, b)| b - a + 1)
+        .sum();
+    ensure!(fetched == 700_000, "new file fetched {fetched} bytes");
+    m.stop()?;
+    Ok(())
+}
+
+#[test]
+fn registry_faults_never_serve_wrong_bytes_and_reads_recover() -> Result<()> {
+    let env = Env::new()?;
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("f{i}"), noise(77 + i, 600_000)))
+        .collect();
+    let tar = env.path("faults.tar");
+    write_tar(&tar, &files)?;
+    let image = env.image("faults", &[tar], &["--chunk-size", "262144"])?;
+    let m = env.mount(
+        &image,
+        "mnt",
+        "cache",
+        &["--no-background-fetch", "--fetch-deadline", "4"],
+    )?;
+
+    // 500s, then success: the read succeeds with the right bytes.
+    env.proxy.set_fault(Fault::times(2, Fault::Status(500)));
+    ensure!(
+        std::fs::read(m.target.join("f0"))? == files[0].1,
+        "f0 after 500s"
+    );
+    // Wrong bytes: never served, refetched.
+    env.proxy.set_fault(Fault::times(1, Fault::CorruptBody));
+    ensure!(
+        std::fs::read(m.target.join("f1"))? == files[1].1,
+        "f1 after corrupt answer"
+    );
+    // Truncated ranges.
+    env.proxy.set_fault(Fault::times(1, Fault::TruncateBody));
+    ensure!(
+        std::fs::read(m.target.join("f2"))? == files[2].1,
+        "f2 after truncation"
+    );
+    // Corrupt forever: EIO after the deadline, not a hang, and no wrong byte.
+    env.proxy.set_fault(Fault::CorruptBody);
+    let t = Instant::now();
+    let r = std::fs::read(m.target.join("f3"));
+    let took = t.elapsed();
+    ensure!(r.is_err(), "a read of always-corrupt data succeeded");
+    ensure!(
+        r.unwrap_err().raw_os_error() == Some(libc::EIO) && took < Duration::from_secs(20),
+        "expected EIO within the deadline, took {took:?}"
+    );
+    // Registry gone mid-read: EIO after the deadline; back again: the read succeeds.
+    env.proxy.set_fault(Fault::None);
+    env.proxy.set_down(true);
+    let r = std::fs::read(m.target.join("f4"));
+    ensure!(r.is_err(), "read succeeded with the registry down");
+    env.proxy.set_down(false);
+    ensure!(
+        std::fs::read(m.target.join("f4"))? == files[4].1,
+        "f4 after the registry came back"
+    );
+    ensure!(
+        std::fs::read(m.target.join("f3"))? == files[3].1,
+        "f3 after the fault cleared"
+    );
+    let log = m.stop()?;
+    ensure!(
+        log.contains("corrupt answers discarded"),
+        "no summary: {log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn background_fetch_makes_the_layer_independent_of_the_registry() -> Result<()> {
+    let env = Env::new()?;
+    let files: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("d/f{i}"), noise(500 + i, 300_000)))
+        .collect();
+    let tar = env.path("bg.tar");
+    write_tar(&tar, &files)?;
+    let image = env.image("bg", &[tar], &[])?;
+    let m = env.mount(&image, "mnt", "cache", &["--fetch-deadline", "3"])?;
+    let cache = env.path("cache");
+    let done = util::wait_for(
+        || {
+            beam::ok(&[
+                "cache",
+                "stats",
+                "--json",
+                "--cache-dir",
+                cache.to_str().unwrap_or(""),
+            ])
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["chunk_bytes"].as_u64())
+            .is_some_and(|b| b >= 20 * 300_000)
+        },
+        Duration::from_secs(60),
+    );
+    ensure!(done, "background fetch did not complete");
+    env.proxy.set_down(true);
+    for (name, data) in &files {
+        ensure!(
+            std::fs::read(m.target.join(name))? == *data,
+            "{name} differs"
+        );
+    }
+    env.proxy.set_down(false);
+    m.stop()?;
+    Ok(())
+}
+
+/// Every path under `root` (not following symlinks).
+fn walk(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let p = e.path();
+            if e.file_type()?.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    Ok(out)
+}

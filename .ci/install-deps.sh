@@ -3,7 +3,7 @@
 # Idempotent; safe to run twice.
 set -euo pipefail
 PKGS=(protobuf-compiler docker-registry skopeo umoci busybox-static fuse3 containerd runc
-      tar gzip zstd attr libcap2-bin xz-utils python3 curl jq iproute2 ca-certificates)
+      tar gzip zstd attr libcap2-bin xz-utils python3 curl jq iproute2 ca-certificates bc openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -62,6 +62,28 @@ pub struct LayerFs {
     cached_opens: Mutex<HashMap<u64, u32>>,
     next_fh: AtomicU64,
     pub counters: Arc<LayerCounters>,
+    /// When recording (`beam record`): regular files in the order they were first opened.
+    pub recorder: Option<Arc<AccessRecorder>>,
+}
+
+/// First-open order of a layer's files, for prefetch lists.
+#[derive(Debug, Default)]
+pub struct AccessRecorder {
+    inner: Mutex<(Vec<u64>, std::collections::HashSet<u64>)>,
+}
+
+impl AccessRecorder {
+    fn note(&self, ino: u64) {
+        let mut g = self.inner.lock().expect("recorder lock");
+        if g.1.insert(ino) {
+            g.0.push(ino);
+        }
+    }
+
+    /// Inode numbers in first-open order.
+    pub fn order(&self) -> Vec<u64> {
+        self.inner.lock().expect("recorder lock").0.clone()
+    }
 }
 
 impl LayerFs {
@@ -84,6 +106,7 @@ impl LayerFs {
             cached_opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             counters: Arc::new(LayerCounters::default()),
+            recorder: None,
         }
     }
 
@@ -270,6 +293,11 @@ impl Filesystem for LayerFs {
             Ok(r) => r,
             Err(_) => return reply.error(Errno::ENOENT),
         };
+        if let Some(rec) = &self.recorder {
+            if r.kind == InodeKind::File {
+                rec.note(r.ino);
+            }
+        }
         let busy_cached = self
             .cached_opens
             .lock()
@@ -431,6 +459,17 @@ impl Filesystem for LayerFs {
                 .expect("backing lock")
                 .remove(&fh.0);
         }
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 

@@ -15,6 +15,7 @@ pub mod fs;
 pub mod layout;
 pub mod mount;
 pub mod oci;
+pub mod record;
 pub mod remote;
 pub mod store;
 pub mod unpack;

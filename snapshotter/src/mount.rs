@@ -8,7 +8,7 @@
 use crate::cache::ChunkCache;
 use crate::fetch::{ChunkRef, FetchError, Fetcher, RangeSource};
 use crate::format::index::{IndexReader, InodeKind};
-use crate::fs::{LayerCounters, LayerFs, SharedIndex};
+use crate::fs::{AccessRecorder, LayerCounters, LayerFs, SharedIndex};
 use crate::oci::BeamLayer;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
@@ -30,6 +30,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// Where per-layer mountpoints are made.
     pub work_dir: PathBuf,
+    /// Record each layer's file access order (for `beam record`).
+    pub record: bool,
 }
 
 /// A chunk blob in an OCI image layout, read by file offset.
@@ -73,6 +75,7 @@ pub struct MountedLayer {
     pub mountpoint: PathBuf,
     pub index: SharedIndex,
     pub counters: Arc<LayerCounters>,
+    pub recorder: Option<Arc<AccessRecorder>>,
     session: Option<fuser::BackgroundSession>,
     stop: Arc<AtomicBool>,
     owns_mountpoint: bool,
@@ -169,13 +172,15 @@ pub fn mount_layer(
     owns_mountpoint: bool,
 ) -> Result<MountedLayer> {
     let rt = tokio::runtime::Handle::current();
-    let fs = LayerFs::new(
+    let mut fs = LayerFs::new(
         index.clone(),
         source.clone(),
         fetcher.clone(),
         rt.clone(),
         opts.passthrough,
     );
+    let recorder = opts.record.then(|| Arc::new(AccessRecorder::default()));
+    fs.recorder = recorder.clone();
     let counters = fs.counters.clone();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -211,6 +216,7 @@ pub fn mount_layer(
         mountpoint: mountpoint.to_path_buf(),
         index,
         counters,
+        recorder,
         session: Some(session),
         stop,
         owns_mountpoint,
@@ -239,6 +245,9 @@ pub async fn background_fetch(
             }
         }
     }
+    // The recorded files go first, in a batch of their own (a batch is fetched in offset
+    // order, which would otherwise mix them with the rest).
+    let recorded = order.len();
     for c in 0..index.chunk_count() {
         if seen.insert(c) {
             order.push(c);
@@ -247,9 +256,16 @@ pub async fn background_fetch(
     let max = fetcher.options().max_request_bytes;
     let mut batch: Vec<ChunkRef> = Vec::new();
     let mut batch_bytes = 0u64;
-    for c in order {
+    for (n, c) in order.into_iter().enumerate() {
         if stop.load(Ordering::Relaxed) {
             return;
+        }
+        if n == recorded && !batch.is_empty() {
+            if let Err(e) = fetcher.ensure(&batch, true).await {
+                tracing::info!("background fetch: {e}; will retry on demand");
+            }
+            batch.clear();
+            batch_bytes = 0;
         }
         let Ok(rec) = index.chunk(c) else { continue };
         if fetcher.cache.contains(&rec.digest) {

@@ -337,9 +337,12 @@ impl Store {
     /// The Beam artifact of image manifest `subject`, if it was converted: the artifact's
     /// digest and its layers. The newest usable artifact wins when there are several.
     pub async fn find_beam(&self, subject: &str) -> Result<Option<(String, Vec<oci::BeamLayer>)>> {
-        let refs = self.referrers(subject).await?;
+        let mut refs = self.referrers(subject).await?;
+        // Newest first, and artifacts with a recorded prefetch list before those without.
+        refs.reverse();
+        refs.sort_by_key(|d| !d.annotations.contains_key("dev.beam.prefetch"));
         let mut last_err = None;
-        for d in refs.iter().rev() {
+        for d in refs.iter() {
             if d.artifact_type.as_deref() != Some(oci::ARTIFACT_TYPE) {
                 continue;
             }

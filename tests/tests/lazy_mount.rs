@@ -485,3 +485,80 @@ fn walk(root: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
+
+#[test]
+fn recorded_access_order_leads_background_fetch() -> Result<()> {
+    let env = Env::new()?;
+    let bb = env.path("busybox.tar");
+    script("make-busybox-layer.sh", &[&bb])?;
+    // 50 incompressible files of 100,000 bytes: each is one raw chunk, in tar order, so file
+    // fNN sits at offset NN * 100,000 of the chunk blob.
+    let files: Vec<(String, Vec<u8>)> = (0..50)
+        .map(|i| (format!("data/f{i:02}"), noise(3000 + i, 100_000)))
+        .collect();
+    let data = env.path("data.tar");
+    write_tar(&data, &files)?;
+    let layout = env.path("layout-rec");
+    oci_layout::build(
+        &layout,
+        "v1",
+        &[
+            LayerSpec::new(&bb, Compression::Gzip),
+            LayerSpec::new(&data, Compression::Gzip),
+        ],
+    )?;
+    let image = format!("{}/rec:v1", env.proxy.addr());
+    let json = beam::ok(&[
+        "convert",
+        "--plain-http",
+        "--json",
+        &format!("oci:{}:v1", layout.display()),
+        &image,
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    let data_chunks = v[0]["layers"][1]["chunks"]
+        .as_str()
+        .context("chunks")?
+        .to_string();
+
+    let cache = env.path("rec-cache");
+    let out = beam::ok(&[
+        "record",
+        "--plain-http",
+        "--cache-dir",
+        cache.to_str().context("utf-8")?,
+        "--work-dir",
+        env.path("rec-work").to_str().context("utf-8")?,
+        &image,
+        "--",
+        "/bin/cat",
+        "/data/f40",
+    ])?;
+    ensure!(out.contains("recorded"), "record said: {out}");
+    let inspect = beam::ok(&["inspect", "--plain-http", &image])?;
+    ensure!(
+        inspect.contains("1 files to prefetch"),
+        "the data layer should list f40 for prefetch: {inspect}"
+    );
+
+    // A fresh node: background fetch starts with f40.
+    env.proxy.clear();
+    let m = env.mount(
+        &image,
+        "mnt",
+        "fresh-cache",
+        &["--background-concurrency", "1"],
+    )?;
+    let got = util::wait_for(
+        || env.proxy.range_requests_for(&data_chunks).len() >= 2,
+        Duration::from_secs(60),
+    );
+    ensure!(got, "background fetch did not start");
+    let ranges = env.proxy.range_requests_for(&data_chunks);
+    ensure!(
+        ranges[0] == (4_000_000, 4_099_999),
+        "first background request should be f40's chunk: {ranges:?}"
+    );
+    m.stop()?;
+    Ok(())
+}

@@ -109,6 +109,23 @@ enum Command {
         image: String,
         dir: PathBuf,
     },
+    /// Run CMD chrooted into a lazy mount of IMAGE, record the order in which it opens files,
+    /// and publish a Beam artifact whose prefetch lists follow that order.
+    Record {
+        #[command(flatten)]
+        registry: RegistryFlags,
+        #[command(flatten)]
+        cache: CacheFlags,
+        /// Stop the workload after this many seconds (what it opened so far is kept).
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        #[arg(long, default_value = "/run/beam/mounts")]
+        work_dir: PathBuf,
+        image: String,
+        /// The workload, after `--`.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// The local chunk cache.
     Cache {
         #[command(subcommand)]
@@ -160,6 +177,11 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // SAFETY: restoring the default SIGPIPE action before any thread starts, so that
+    // `beam ... | head` ends quietly like other command-line tools instead of panicking.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -305,6 +327,7 @@ async fn run(cli: Cli) -> Result<()> {
                 passthrough: !no_passthrough,
                 threads,
                 work_dir,
+                record: false,
             };
             let mounted =
                 beam::mount::mount_image(&store, fetcher.clone(), &dir, layer.as_deref(), &mopts)
@@ -332,6 +355,48 @@ async fn run(cli: Cli) -> Result<()> {
                 c.chunks.load(Relaxed),
                 c.retries.load(Relaxed),
                 c.corrupt.load(Relaxed),
+            );
+            Ok(())
+        }
+        Command::Record {
+            registry,
+            cache,
+            timeout,
+            work_dir,
+            image,
+            cmd,
+        } => {
+            let store = Store::open(Location::parse(&image)?, &registry.options(), false)?;
+            let chunk_cache = std::sync::Arc::new(
+                beam::cache::ChunkCache::open(&cache.cache_dir, cache.cache_budget)
+                    .with_context(|| format!("opening cache {}", cache.cache_dir.display()))?,
+            );
+            let fetcher = std::sync::Arc::new(beam::fetch::Fetcher::new(
+                chunk_cache,
+                beam::fetch::FetchOptions::default(),
+            ));
+            let r = beam::record::record(
+                &store,
+                fetcher,
+                &cmd,
+                std::time::Duration::from_secs_f64(timeout),
+                &work_dir,
+            )
+            .await?;
+            println!(
+                "recorded {} files ({} per layer) -> Beam artifact {}{}",
+                r.files_per_layer.iter().sum::<usize>(),
+                r.files_per_layer
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                r.artifact.digest,
+                match r.exit_code {
+                    Some(0) => String::new(),
+                    Some(c) => format!(" (workload exited with {c})"),
+                    None => " (workload stopped at the timeout)".into(),
+                }
             );
             Ok(())
         }
@@ -398,12 +463,13 @@ async fn run(cli: Cli) -> Result<()> {
                 let r = beam::format::IndexReader::new(idx)
                     .with_context(|| format!("index of layer {}", l.source))?;
                 println!(
-                    "layer {}\n  index {} ({} bytes, {} inodes, chunk size {})\n  chunks {} ({} bytes, {} unique chunks)",
+                    "layer {}\n  index {} ({} bytes, {} inodes, chunk size {}, {} files to prefetch)\n  chunks {} ({} bytes, {} unique chunks)",
                     l.source,
                     l.index.digest,
                     l.index.size,
                     r.inode_count(),
                     r.chunk_size(),
+                    r.prefetch().count(),
                     l.chunks.digest,
                     l.chunks.size,
                     r.chunk_count()

@@ -949,9 +949,49 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
     }
 }
 
+/// The same index with its prefetch list replaced by `inos` (in order; unknown or repeated
+/// inode numbers are dropped). Everything else stays byte for byte.
+pub fn with_prefetch(bytes: &[u8], inos: &[u64]) -> Result<Vec<u8>, IndexError> {
+    let r = IndexReader::new(bytes)?;
+    let at = r.sections[SEC_PREFETCH].offset;
+    let mut out = bytes[..at].to_vec();
+    let mut seen = std::collections::HashSet::new();
+    let mut n = 0u64;
+    for &ino in inos {
+        if ino >= 1 && ino <= r.inode_count() && seen.insert(ino) {
+            out.extend_from_slice(&(ino as u32).to_le_bytes());
+            n += 1;
+        }
+    }
+    let len_at = 40 + SEC_PREFETCH * 16;
+    out[len_at..len_at + 8].copy_from_slice(&(n * PREFETCH_LEN as u64).to_le_bytes());
+    out[CHECKSUM_AT..CHECKSUM_AT + 32].fill(0);
+    let sum: [u8; 32] = Sha256::digest(&out).into();
+    out[CHECKSUM_AT..CHECKSUM_AT + 32].copy_from_slice(&sum);
+    IndexReader::new(&out[..])?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetch_lists_can_be_replaced() {
+        let bytes = sample().encode().unwrap();
+        let out = with_prefetch(&bytes, &[4, 2, 4, 99, 0]).unwrap();
+        let r = IndexReader::new(&out[..]).unwrap();
+        assert_eq!(r.prefetch().collect::<Vec<_>>(), vec![4, 2]);
+        assert_eq!(r.inode_count(), 6);
+        let again = with_prefetch(&out, &[3]).unwrap();
+        assert_eq!(
+            IndexReader::new(&again[..])
+                .unwrap()
+                .prefetch()
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+    }
 
     fn digest(n: u8) -> ChunkDigest {
         ChunkDigest([n; 32])

@@ -1,0 +1,130 @@
+//! `beam record`: run a workload on a lazy mount of an image, note the order in which it first
+//! opens each file, and publish a Beam artifact whose indexes carry that order as their
+//! prefetch list. Background fetch then starts with those files, so the next start of the same
+//! workload finds them cached or in flight.
+//!
+//! The chunk blobs are reused as they are; only the index blobs (whose prefetch section
+//! changes) and the artifact manifest are new. The new artifact is marked
+//! `dev.beam.prefetch=recorded` and preferred by readers.
+
+use crate::fetch::Fetcher;
+use crate::format::index::with_prefetch;
+use crate::mount::{mount_image, MountOptions};
+use crate::oci::{self, BeamLayer, Descriptor};
+use crate::store::Store;
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Annotation marking an artifact whose indexes carry a recorded prefetch list.
+pub const ANNOTATION_PREFETCH: &str = "dev.beam.prefetch";
+
+/// What a recording produced.
+#[derive(Debug)]
+pub struct Recorded {
+    pub artifact: Descriptor,
+    /// Files recorded per layer, bottom first.
+    pub files_per_layer: Vec<usize>,
+    pub exit_code: Option<i32>,
+}
+
+/// Mount `store`'s image, run `cmd` chrooted into it (killed after `timeout`), and publish the
+/// recorded artifact.
+pub async fn record(
+    store: &Store,
+    fetcher: Arc<Fetcher>,
+    cmd: &[String],
+    timeout: Duration,
+    work_dir: &std::path::Path,
+) -> Result<Recorded> {
+    if cmd.is_empty() {
+        bail!("no command to record");
+    }
+    let target = tempfile::Builder::new()
+        .prefix("beam-record-")
+        .tempdir()
+        .context("creating a mount target")?;
+    let opts = MountOptions {
+        background_fetch: false,
+        passthrough: false,
+        threads: 4,
+        work_dir: work_dir.to_path_buf(),
+        record: true,
+    };
+    let mounted = mount_image(store, fetcher, target.path(), None, &opts).await?;
+    let mut child = tokio::process::Command::new("chroot")
+        .arg(target.path())
+        .args(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the workload (chroot)")?;
+    let exit_code = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => status?.code(),
+        Err(_) => {
+            tracing::info!("workload still running after {timeout:?}; stopping it");
+            child.kill().await.ok();
+            None
+        }
+    };
+    let recorded: Vec<(BeamLayer, Vec<u8>, Vec<u64>)> = mounted
+        .layers
+        .iter()
+        .map(|l| {
+            (
+                l.layer.clone(),
+                l.index.as_bytes().to_vec(),
+                l.recorder.as_ref().map(|r| r.order()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let chunk_size = mounted
+        .layers
+        .first()
+        .map(|l| l.index.chunk_size())
+        .unwrap_or(crate::format::DEFAULT_CHUNK_SIZE);
+    tokio::task::block_in_place(move || drop(mounted));
+
+    let m = store.platform_manifest().await?;
+    let mut layers = Vec::new();
+    let mut files_per_layer = Vec::new();
+    for (layer, index, order) in recorded {
+        let new_index = with_prefetch(&index, &order)
+            .with_context(|| format!("index of layer {}", layer.source))?;
+        let size = new_index.len() as u64;
+        let digest = store.put_blob_bytes(new_index).await?;
+        files_per_layer.push(order.len());
+        layers.push(BeamLayer {
+            index: Descriptor::new(oci::MEDIA_TYPE_INDEX, digest, size),
+            ..layer
+        });
+    }
+    let mut subject = m.desc.clone();
+    subject.annotations.clear();
+    subject.platform = None;
+    let mut artifact = oci::artifact_manifest(subject.clone(), &layers, chunk_size);
+    artifact
+        .annotations
+        .insert(ANNOTATION_PREFETCH.into(), "recorded".into());
+    store.put_blob_bytes(oci::EMPTY_CONFIG.to_vec()).await?;
+    let desc = store
+        .put_manifest(
+            serde_json::to_vec(&artifact)?,
+            oci::MEDIA_TYPE_OCI_MANIFEST,
+            None,
+            Some(oci::ARTIFACT_TYPE),
+        )
+        .await?;
+    let mut referrer = desc.clone();
+    referrer
+        .annotations
+        .insert(oci::ANNOTATION_CHUNK_SIZE.into(), chunk_size.to_string());
+    referrer
+        .annotations
+        .insert(ANNOTATION_PREFETCH.into(), "recorded".into());
+    store.add_referrer(&subject.digest, &referrer).await?;
+    Ok(Recorded {
+        artifact: desc,
+        files_per_layer,
+        exit_code,
+    })
+}

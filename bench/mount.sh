@@ -82,9 +82,10 @@ start_mount() {
   for _ in $(seq 600); do grep -q "^mounted " "$scratch/mount.out" && return 0; kill -0 "$mount_pid" 2>/dev/null || break; sleep 0.05; done
   cat "$scratch/mount.err" >&2; return 1
 }
+# stop_mount: SIGTERM, wait; the bytes it fetched go to $scratch/fetched.
 stop_mount() {
   kill "$mount_pid"; wait "$mount_pid" 2>/dev/null || true; mount_pid=
-  grep -oE "fetched [0-9]+ bytes" "$scratch/mount.err" | grep -oE "[0-9]+" || echo 0
+  { grep -oE "fetched [0-9]+ bytes" "$scratch/mount.err" | grep -oE "[0-9]+" || echo 0; } > "$scratch/fetched"
 }
 
 {
@@ -105,17 +106,17 @@ for i in $(seq "$RUNS"); do
   start_mount "$reg/big:v1" "$scratch/mnt" "$scratch/cache" --no-background-fetch
   drop_caches; t0=$(now); cat "$scratch/mnt/data/big.bin" > /dev/null; t1=$(now)
   cold_t+=("$(echo "$t1 - $t0" | bc -l)")
-  stop_mount > /dev/null
+  stop_mount
   # Warm, passthrough (the backing file is assembled by the first open of a cached file).
   start_mount "$reg/big:v1" "$scratch/mnt" "$scratch/cache" --no-background-fetch
   cat "$scratch/mnt/data/big.bin" > /dev/null
   drop_caches; t0=$(now); cat "$scratch/mnt/data/big.bin" > /dev/null; t1=$(now)
   warm_pt+=("$(echo "$t1 - $t0" | bc -l)")
-  stop_mount > /dev/null
+  stop_mount
   start_mount "$reg/big:v1" "$scratch/mnt" "$scratch/cache" --no-background-fetch --no-passthrough
   drop_caches; t0=$(now); cat "$scratch/mnt/data/big.bin" > /dev/null; t1=$(now)
   warm_nopt+=("$(echo "$t1 - $t0" | bc -l)")
-  stop_mount > /dev/null
+  stop_mount
   mount -t overlay overlay -o "lowerdir=$scratch/big:$scratch/ovl-lower2" "$scratch/ovl"
   drop_caches; t0=$(now); cat "$scratch/ovl/data/big.bin" > /dev/null; t1=$(now)
   ovl_t+=("$(echo "$t1 - $t0" | bc -l)")
@@ -152,7 +153,7 @@ for i in $(seq "$RUNS"); do
   drop_caches; t0=$(now); find "$scratch/mnt" -printf '%s %m %u\n' > /dev/null; t1=$(now)
   lazy_t+=("$(echo "$t1 - $t0" | bc -l)")
 done
-stop_mount > /dev/null
+stop_mount
 a=$(printf '%s\n' "${native_t[@]}" | median); b=$(printf '%s\n' "${lazy_t[@]}" | median)
 awk -v a="$a" -v b="$b" 'BEGIN { printf "3. find+stat, 50k files: beam mount %.3f s, native %.3f s: %.2fx the native time\n", b, a, b/a }'
 
@@ -171,7 +172,8 @@ for cs in 65536 131072 262144 524288 1048576 2097152 4194304; do
     start_mount "$reg/py-$cs:v1" "$scratch/mnt" "$scratch/cache" --no-background-fetch
     drop_caches; t0=$(now); chroot "$scratch/mnt" /usr/bin/python3 -c 'print(1)' > /dev/null; t1=$(now)
     times+=("$(echo "$t1 - $t0" | bc -l)")
-    bytes+=("$(stop_mount)")
+    stop_mount
+    bytes+=("$(cat "$scratch/fetched")")
   done
   bm=$(printf '%s\n' "${bytes[@]}" | median); tm=$(printf '%s\n' "${times[@]}" | median)
   awk -v cs="$cs" -v b="$bm" -v g="$gzsize" -v t="$tm" 'BEGIN { printf "   %5d KiB  %8.2f MB   %6.1f%%            %.3f s\n", cs/1024, b/1e6, 100*b/g, t }'

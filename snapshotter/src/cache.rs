@@ -66,7 +66,12 @@ pub struct ChunkCache {
     pins: Mutex<HashMap<String, Arc<HashSet<ChunkDigest>>>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Recently opened chunk files, so that reads served by the daemon need no open(2) each.
+    open_files: Mutex<HashMap<ChunkDigest, Arc<File>>>,
 }
+
+/// Most chunk files kept open.
+const MAX_OPEN_FILES: usize = 256;
 
 fn hex2(d: &str) -> &str {
     &d[..2]
@@ -105,6 +110,7 @@ impl ChunkCache {
             pins: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            open_files: Mutex::new(HashMap::new()),
         };
         let s = cache.stats()?;
         cache
@@ -175,7 +181,11 @@ impl ChunkCache {
 
     /// Open a cached chunk, checking its digest the first time this process uses it. A chunk
     /// that fails the check is deleted and reported missing.
-    pub fn open_chunk(&self, d: &ChunkDigest, len: usize) -> io::Result<Option<File>> {
+    pub fn open_chunk(&self, d: &ChunkDigest, len: usize) -> io::Result<Option<Arc<File>>> {
+        if let Some(f) = self.open_files.lock().expect("cache lock").get(d) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(f.clone()));
+        }
         let path = self.chunk_path(d);
         let f = match File::open(&path) {
             Ok(f) => f,
@@ -199,6 +209,12 @@ impl ChunkCache {
             self.verified.lock().expect("cache lock").insert(*d);
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
+        let f = Arc::new(f);
+        let mut open = self.open_files.lock().expect("cache lock");
+        if open.len() >= MAX_OPEN_FILES {
+            open.clear();
+        }
+        open.insert(*d, f.clone());
         Ok(Some(f))
     }
 
@@ -290,6 +306,7 @@ impl ChunkCache {
                 break;
             }
             if fs::remove_file(&path).is_ok() {
+                self.open_files.lock().expect("cache lock").clear();
                 total = total.saturating_sub(len);
                 stats.freed_bytes += len;
                 if is_chunk {

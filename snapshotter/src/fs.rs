@@ -64,7 +64,12 @@ pub struct LayerFs {
     pub counters: Arc<LayerCounters>,
     /// When recording (`beam record`): regular files in the order they were first opened.
     pub recorder: Option<Arc<AccessRecorder>>,
+    /// End of the last read per inode, to detect sequential reading.
+    last_read_end: Mutex<HashMap<u64, u64>>,
 }
+
+/// How far ahead a sequential reader's chunks are fetched.
+const READAHEAD_BYTES: u64 = 4 << 20;
 
 /// First-open order of a layer's files, for prefetch lists.
 #[derive(Debug, Default)]
@@ -107,6 +112,7 @@ impl LayerFs {
             next_fh: AtomicU64::new(1),
             counters: Arc::new(LayerCounters::default()),
             recorder: None,
+            last_read_end: Mutex::new(HashMap::new()),
         }
     }
 
@@ -385,6 +391,32 @@ impl Filesystem for LayerFs {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         let chunks = self.chunks_for(&r, offset, size as u64);
         let cs = self.index.chunk_size() as u64;
+        let sequential = {
+            let mut last = self.last_read_end.lock().expect("read lock");
+            let seq = last.get(&ino.0) == Some(&offset);
+            last.insert(ino.0, offset + size as u64);
+            seq
+        };
+        if sequential {
+            // A sequential reader will want the next chunks: start fetching them now, without
+            // making this read wait for them.
+            let from = chunks
+                .last()
+                .map(|(i, _)| (*i as u64 + 1) * cs)
+                .unwrap_or(r.size);
+            let ahead: Vec<ChunkRef> = self
+                .chunks_for(&r, from, READAHEAD_BYTES)
+                .into_iter()
+                .map(|(_, c)| c)
+                .filter(|c| !self.cache().contains(&c.rec.digest))
+                .collect();
+            if !ahead.is_empty() {
+                let fetcher = self.fetcher.clone();
+                self.rt.spawn(async move {
+                    let _ = fetcher.ensure(&ahead, false).await;
+                });
+            }
+        }
         if chunks
             .iter()
             .all(|(_, c)| self.cache().contains(&c.rec.digest))

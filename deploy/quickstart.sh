@@ -105,7 +105,7 @@ mkdir -p "$scratch/lazy"
 "$beam" mount --plain-http --no-background-fetch --cache-dir "$scratch/cache" --work-dir "$scratch/work" \
   "$image" "$scratch/lazy" > "$scratch/mount.out" 2> "$scratch/mount.err" &
 mount_pid=$!
-until grep -q "^mounted " "$scratch/mount.out"; do
+until grep -q "^mounted " "$scratch/mount.out" 2>/dev/null; do
   kill -0 "$mount_pid" 2>/dev/null || { cat "$scratch/mount.err"; exit 1; }; sleep 0.02
 done
 lazy_out=$(chroot "$scratch/lazy" /usr/bin/python3 -c 'print("hello from python")')

@@ -104,6 +104,9 @@ pub struct FetchOptions {
     pub foreground_concurrency: usize,
     /// Concurrent requests of background fetch.
     pub background_concurrency: usize,
+    /// Cap on background fetch bandwidth, bytes per second (`None`: no cap). Reads a process
+    /// waits on are never capped.
+    pub background_bytes_per_sec: Option<u64>,
 }
 
 impl Default for FetchOptions {
@@ -114,6 +117,7 @@ impl Default for FetchOptions {
             max_request_bytes: 8 << 20,
             foreground_concurrency: 8,
             background_concurrency: 2,
+            background_bytes_per_sec: None,
         }
     }
 }
@@ -283,6 +287,15 @@ impl Fetcher {
                     self.counters
                         .bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if background {
+                        if let Some(rate) = self.opts.background_bytes_per_sec.filter(|r| *r > 0) {
+                            // Pace background fetch: this request's bytes at the capped rate.
+                            tokio::time::sleep(Duration::from_secs_f64(
+                                bytes.len() as f64 / rate as f64,
+                            ))
+                            .await;
+                        }
+                    }
                     match self.store_run(run, start, &bytes) {
                         Ok(()) => return Ok(()),
                         Err(e) => e,

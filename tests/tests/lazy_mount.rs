@@ -562,3 +562,81 @@ fn recorded_access_order_leads_background_fetch() -> Result<()> {
     m.stop()?;
     Ok(())
 }
+
+#[test]
+fn mirrors_are_tried_first_and_the_origin_backs_them_up() -> Result<()> {
+    let env = Env::new()?;
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("m/f{i}"), noise(900 + i, 200_000)))
+        .collect();
+    let tar = env.path("mirror.tar");
+    write_tar(&tar, &files)?;
+    let image = env.image("mirrored", &[tar], &[])?;
+    // A second proxy in front of the same registry plays the mirror.
+    let mirror = Proxy::start(&env.proxy.upstream())?;
+    let m = env.mount(
+        &image,
+        "mnt",
+        "cache",
+        &[
+            "--no-background-fetch",
+            "--fetch-deadline",
+            "5",
+            "--mirror",
+            &mirror.addr(),
+        ],
+    )?;
+    env.proxy.clear();
+    ensure!(std::fs::read(m.target.join("m/f0"))? == files[0].1);
+    ensure!(
+        !mirror.blob_requests().is_empty() && env.range_requests().is_empty(),
+        "the read did not go to the mirror (mirror {:?}, origin {:?})",
+        mirror.blob_requests(),
+        env.range_requests()
+    );
+    // The mirror fails: the origin serves.
+    mirror.set_down(true);
+    ensure!(std::fs::read(m.target.join("m/f1"))? == files[1].1);
+    ensure!(!env.range_requests().is_empty(), "the origin was not used");
+    m.stop()?;
+    Ok(())
+}
+
+#[test]
+fn one_layer_can_be_mounted_alone() -> Result<()> {
+    let env = Env::new()?;
+    let a = env.path("a.tar");
+    let b = env.path("b.tar");
+    write_tar(&a, &[("only-in-a".into(), b"A".to_vec())])?;
+    write_tar(&b, &[("only-in-b".into(), b"B".to_vec())])?;
+    let specs = [
+        LayerSpec::new(&a, Compression::Gzip),
+        LayerSpec::new(&b, Compression::Gzip),
+    ];
+    let layout = env.path("layout-two");
+    let built = oci_layout::build_with_config(&layout, "v1", &specs, &Default::default())?;
+    let image = format!("{}/two:v1", env.proxy.addr());
+    beam::ok(&[
+        "convert",
+        "--plain-http",
+        &format!("oci:{}:v1", layout.display()),
+        &image,
+    ])?;
+    let (layer_b, ..) = &built.layers[1];
+    let m = env.mount(
+        &format!("{image}@{layer_b}"),
+        "mnt",
+        "cache",
+        &["--no-background-fetch"],
+    )?;
+    ensure!(std::fs::read(m.target.join("only-in-b"))? == b"B");
+    ensure!(
+        !m.target.join("only-in-a").exists(),
+        "layer a is visible in a one-layer mount"
+    );
+    m.stop()?;
+    let m = env.mount(&image, "mnt", "cache", &["--no-background-fetch"])?;
+    ensure!(m.target.join("only-in-a").exists() && m.target.join("only-in-b").exists());
+    m.stop()?;
+    Ok(())
+}

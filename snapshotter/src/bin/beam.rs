@@ -99,6 +99,9 @@ enum Command {
         fetch_concurrency: usize,
         #[arg(long, default_value_t = 2)]
         background_concurrency: usize,
+        /// Cap background fetch at this many bytes per second (reads are never capped).
+        #[arg(long)]
+        background_rate: Option<u64>,
         /// FUSE threads per layer.
         #[arg(long, default_value_t = 4)]
         threads: usize,
@@ -299,6 +302,7 @@ async fn run(cli: Cli) -> Result<()> {
             fetch_deadline,
             fetch_concurrency,
             background_concurrency,
+            background_rate,
             threads,
             work_dir,
             image,
@@ -319,6 +323,7 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                     foreground_concurrency: fetch_concurrency,
                     background_concurrency,
+                    background_bytes_per_sec: background_rate,
                     ..Default::default()
                 },
             ));

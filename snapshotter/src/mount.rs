@@ -302,14 +302,7 @@ pub async fn mount_image(
     only_layer: Option<&str>,
     opts: &MountOptions,
 ) -> Result<MountedImage> {
-    let m = store.platform_manifest().await?;
-    let Some((artifact, layers)) = store.find_beam(&m.desc.digest).await? else {
-        bail!(
-            "{} ({}) has no Beam conversion; run `beam convert` first",
-            store.location,
-            m.desc.digest
-        );
-    };
+    let (m, artifact, layers) = store.beam_image().await?;
     let layers: Vec<BeamLayer> = match only_layer {
         Some(d) => {
             let l = layers

@@ -334,6 +334,31 @@ impl Store {
         }
     }
 
+    /// The image manifest of this platform and its Beam conversion (artifact digest and layers,
+    /// which must match the manifest's layers one for one), or an error saying to convert.
+    pub async fn beam_image(&self) -> Result<(ResolvedManifest, String, Vec<oci::BeamLayer>)> {
+        let m = self.platform_manifest().await?;
+        let Some((artifact, layers)) = self.find_beam(&m.desc.digest).await? else {
+            bail!(
+                "{} ({}) has no Beam conversion; run `beam convert` first",
+                self.location,
+                m.desc.digest
+            );
+        };
+        if layers.len() != m.manifest.layers.len()
+            || layers
+                .iter()
+                .zip(&m.manifest.layers)
+                .any(|(b, o)| b.source != o.digest)
+        {
+            bail!(
+                "Beam artifact {artifact} does not match the layers of {}",
+                m.desc.digest
+            );
+        }
+        Ok((m, artifact, layers))
+    }
+
     /// The Beam artifact of image manifest `subject`, if it was converted: the artifact's
     /// digest and its layers. The newest usable artifact wins when there are several.
     pub async fn find_beam(&self, subject: &str) -> Result<Option<(String, Vec<oci::BeamLayer>)>> {

@@ -30,26 +30,8 @@ pub struct UnpackStats {
 /// Unpack the Beam conversion of the image at `store` into `dir` (created if missing; must be
 /// empty).
 pub async fn unpack_image(store: &Store, dir: &Path) -> Result<UnpackStats> {
-    let m = store.platform_manifest().await?;
-    let Some((artifact, layers)) = store.find_beam(&m.desc.digest).await? else {
-        bail!(
-            "{} ({}) has no Beam conversion; run `beam convert` first",
-            store.location,
-            m.desc.digest
-        );
-    };
+    let (_, artifact, layers) = store.beam_image().await?;
     tracing::info!(%artifact, layers = layers.len(), "unpacking Beam layers");
-    if layers.len() != m.manifest.layers.len()
-        || layers
-            .iter()
-            .zip(&m.manifest.layers)
-            .any(|(b, o)| b.source != o.digest)
-    {
-        bail!(
-            "Beam artifact {artifact} does not match the layers of {}",
-            m.desc.digest
-        );
-    }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if fs::read_dir(dir)?.next().is_some() {
         bail!("{} is not empty", dir.display());

@@ -515,6 +515,32 @@ pub fn run_checked(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     Ok(out)
 }
 
+/// Run `tests/fixtures/NAME ARGS...` with bash (20 minutes at most), failing with its output.
+pub fn run_fixture(name: &str, args: &[&Path]) -> Result<()> {
+    let mut cmd = Command::new("bash");
+    cmd.arg(fixture_script(name)?).args(args);
+    run_checked(&mut cmd, Duration::from_secs(1200))?;
+    Ok(())
+}
+
+/// The layer tars listed in DIR/layers.txt (as the fixture scripts write it), bottom first.
+pub fn layers_listed_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let list = std::fs::read_to_string(dir.join("layers.txt"))
+        .with_context(|| format!("reading {}/layers.txt", dir.display()))?;
+    Ok(list
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let p = PathBuf::from(l.trim());
+            if p.is_absolute() {
+                p
+            } else {
+                dir.join(p)
+            }
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

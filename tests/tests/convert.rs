@@ -5,6 +5,7 @@
 //! type, mode, owner, size, mtime, xattrs, link target, device numbers and content digest.
 
 use anyhow::{ensure, Context, Result};
+use beam_tests::beam::{ok as beam_ok, run as beam};
 use beam_tests::oci_layout::{self, ImageConfig};
 use beam_tests::tree::{self, DiffOptions};
 use beam_tests::util;
@@ -12,48 +13,6 @@ use beam_tests::{Compression, Containerd, LayerSpec, Registry};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-
-fn beam(args: &[&str]) -> Result<Output> {
-    let bin = util::cargo_bin("beam")?;
-    let mut cmd = Command::new(bin);
-    cmd.args(args).env("BEAM_LOG", "info");
-    util::output_with_timeout(&mut cmd, Duration::from_secs(900))
-}
-
-fn beam_ok(args: &[&str]) -> Result<String> {
-    let out = beam(args)?;
-    ensure!(
-        out.status.success(),
-        "beam {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn script(name: &str, args: &[&Path]) -> Result<()> {
-    let mut cmd = Command::new("bash");
-    cmd.arg(util::fixture_script(name)?).args(args);
-    util::run_checked(&mut cmd, Duration::from_secs(1200))?;
-    Ok(())
-}
-
-/// Layer tars listed in DIR/layers.txt, bottom first.
-fn layers_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let list = std::fs::read_to_string(dir.join("layers.txt"))?;
-    Ok(list
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let p = PathBuf::from(l.trim());
-            if p.is_absolute() {
-                p
-            } else {
-                dir.join(p)
-            }
-        })
-        .collect())
-}
 
 /// Unpack `image` with beam and compare with GNU tar's extraction of `layers`.
 fn assert_round_trip(image: &str, extra: &[&str], layers: &[PathBuf], work: &Path) -> Result<()> {
@@ -67,7 +26,7 @@ fn assert_round_trip(image: &str, extra: &[&str], layers: &[PathBuf], work: &Pat
     beam_ok(&args)?;
     let mut ref_args: Vec<&Path> = vec![&want];
     ref_args.extend(layers.iter().map(|p| p.as_path()));
-    script("reference-extract.sh", &ref_args)?;
+    util::run_fixture("reference-extract.sh", &ref_args)?;
     let a = tree::snapshot(&got)?;
     let b = tree::snapshot(&want)?;
     // Directory times are changed by whiteouts applied at different moments in the two
@@ -98,7 +57,7 @@ fn busybox_converts_in_place_and_the_original_still_runs() -> Result<()> {
     util::require_root()?;
     let work = tempfile::tempdir()?;
     let tar = work.path().join("busybox.tar");
-    script("make-busybox-layer.sh", &[&tar])?;
+    util::run_fixture("make-busybox-layer.sh", &[&tar])?;
     let layout = work.path().join("layout");
     let built = oci_layout::build_with_config(
         &layout,
@@ -243,8 +202,8 @@ fn python_rootfs_from_debian_packages_round_trips_through_a_registry() -> Result
     util::require_root()?;
     let work = tempfile::tempdir()?;
     let layers_dir = work.path().join("layers");
-    script("make-python-layers.sh", &[&layers_dir])?;
-    let layers = layers_in(&layers_dir)?;
+    util::run_fixture("make-python-layers.sh", &[&layers_dir])?;
+    let layers = util::layers_listed_in(&layers_dir)?;
     ensure!(layers.len() >= 3, "expected several layers, got {layers:?}");
     // One of each compression.
     let specs: Vec<LayerSpec> = layers
@@ -271,8 +230,8 @@ fn every_tar_special_case_round_trips_through_an_oci_layout() -> Result<()> {
     util::require_root()?;
     let work = tempfile::tempdir()?;
     let layers_dir = work.path().join("layers");
-    script("make-special-layers.sh", &[&layers_dir])?;
-    let layers = layers_in(&layers_dir)?;
+    util::run_fixture("make-special-layers.sh", &[&layers_dir])?;
+    let layers = util::layers_listed_in(&layers_dir)?;
     let specs: Vec<LayerSpec> = layers
         .iter()
         .map(|p| LayerSpec::new(p, Compression::Gzip))
@@ -318,7 +277,7 @@ fn hostile_and_corrupt_inputs_give_clear_errors() -> Result<()> {
 
     // A chunk blob altered after conversion is never unpacked.
     let tar = work.path().join("ok.tar");
-    script("make-busybox-layer.sh", &[&tar])?;
+    util::run_fixture("make-busybox-layer.sh", &[&tar])?;
     let layout = work.path().join("layout-ok");
     oci_layout::build(&layout, "ok", &[LayerSpec::new(&tar, Compression::Gzip)])?;
     let image = format!("oci:{}:ok", layout.display());
@@ -463,7 +422,7 @@ fn credentials_come_from_the_docker_config() -> Result<()> {
     util::require_root()?;
     let work = tempfile::tempdir()?;
     let tar = work.path().join("busybox.tar");
-    script("make-busybox-layer.sh", &[&tar])?;
+    util::run_fixture("make-busybox-layer.sh", &[&tar])?;
     let layout = work.path().join("layout");
     oci_layout::build(&layout, "v1", &[LayerSpec::new(&tar, Compression::Gzip)])?;
     let reg = Registry::start_with_basic_auth("beam", "s3cret-pass")?;
@@ -587,7 +546,7 @@ fn https_registry_with_a_custom_ca() -> Result<()> {
     let reg = Registry::start_with_tls(&d.join("server.pem"), &d.join("server.key"))?;
 
     let tar = d.join("busybox.tar");
-    script("make-busybox-layer.sh", &[&tar])?;
+    util::run_fixture("make-busybox-layer.sh", &[&tar])?;
     let layout = d.join("layout");
     oci_layout::build(&layout, "v1", &[LayerSpec::new(&tar, Compression::Gzip)])?;
     let src = format!("oci:{}:v1", layout.display());

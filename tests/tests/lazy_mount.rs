@@ -11,22 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn script(name: &str, args: &[&Path]) -> Result<()> {
-    let mut cmd = Command::new("bash");
-    cmd.arg(util::fixture_script(name)?).args(args);
-    util::run_checked(&mut cmd, Duration::from_secs(1200))?;
-    Ok(())
-}
-
-fn layers_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let list = std::fs::read_to_string(dir.join("layers.txt"))?;
-    Ok(list
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| dir.join(l.trim()))
-        .collect())
-}
-
 /// Deterministic incompressible bytes.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -138,8 +122,8 @@ fn chunk_blob_of(json: &str) -> Result<(String, String)> {
 fn python_rootfs_reads_through_the_lazy_mount_equal_the_source() -> Result<()> {
     let env = Env::new()?;
     let layers_dir = env.path("layers");
-    script("make-python-layers.sh", &[&layers_dir])?;
-    let layers = layers_in(&layers_dir)?;
+    util::run_fixture("make-python-layers.sh", &[&layers_dir])?;
+    let layers = util::layers_listed_in(&layers_dir)?;
     let image = env.image("python", &layers, &[])?;
 
     // Reference: beam unpack of the same image.
@@ -200,8 +184,8 @@ fn special_layers_appear_through_overlay_as_unpack_has_them() -> Result<()> {
     util::require_root()?;
     let work = tempfile::tempdir()?;
     let layers_dir = work.path().join("layers");
-    script("make-special-layers.sh", &[&layers_dir])?;
-    let layers = layers_in(&layers_dir)?;
+    util::run_fixture("make-special-layers.sh", &[&layers_dir])?;
+    let layers = util::layers_listed_in(&layers_dir)?;
     let specs: Vec<LayerSpec> = layers
         .iter()
         .map(|p| LayerSpec::new(p, Compression::Gzip))
@@ -490,7 +474,7 @@ fn walk(root: &Path) -> Result<Vec<PathBuf>> {
 fn recorded_access_order_leads_background_fetch() -> Result<()> {
     let env = Env::new()?;
     let bb = env.path("busybox.tar");
-    script("make-busybox-layer.sh", &[&bb])?;
+    util::run_fixture("make-busybox-layer.sh", &[&bb])?;
     // 50 incompressible files of 100,000 bytes: each is one raw chunk, in tar order, so file
     // fNN sits at offset NN * 100,000 of the chunk blob.
     let files: Vec<(String, Vec<u8>)> = (0..50)

@@ -654,9 +654,28 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
         let ndirents = self.count(SEC_DIRENTS);
         let nrefs = self.count(SEC_REFS);
         let nxattrs = self.count(SEC_XATTRS);
+        // Each inode's dirents, refs and xattrs must start where the previous inode's ended
+        // (as the encoder writes them): ranges can then neither overlap nor be shared, and
+        // validation stays linear in the index size whatever the input.
+        let (mut next_dirent, mut next_ref, mut next_xattr) = (0u64, 0u64, 0u64);
         for ino in 1..=inodes {
             let r = self.inode(ino)?;
             let bad = |reason: String| IndexError::BadInode { ino, reason };
+            if r.xattr_first as u64 != next_xattr {
+                return Err(bad("xattr records out of order".into()));
+            }
+            next_xattr += r.xattr_count as u64;
+            match r.kind {
+                InodeKind::Dir if r.a as u64 != next_dirent => {
+                    return Err(bad("directory entries out of order".into()))
+                }
+                InodeKind::Dir => next_dirent += r.b as u64,
+                InodeKind::File if r.a as u64 != next_ref => {
+                    return Err(bad("chunk refs out of order".into()))
+                }
+                InodeKind::File => next_ref += r.b as u64,
+                _ => {}
+            }
             if r.mode > 0o7777 {
                 return Err(bad(format!("mode {:o} has file-type bits", r.mode)));
             }
@@ -754,6 +773,12 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
                 }
                 _ => {}
             }
+        }
+        if next_dirent != ndirents || next_ref != nrefs || next_xattr != nxattrs {
+            return Err(IndexError::BadInode {
+                ino: inodes,
+                reason: "records not owned by any inode".into(),
+            });
         }
         for i in 0..self.count(SEC_PREFETCH) {
             let ino = u32_at(self.record(SEC_PREFETCH, i), 0) as u64;
@@ -1173,6 +1198,19 @@ mod tests {
         b[strings_at + off + 1] = b'.';
         reseal(&mut b);
         assert!(IndexReader::new(&b).is_err());
+    }
+
+    /// Directories sharing one range of entries (K x M validation work) are refused outright.
+    #[test]
+    fn shared_record_ranges_are_refused() {
+        let good = sample().encode().unwrap();
+        let r = IndexReader::new(&good).unwrap();
+        let d = r.lookup_path(b"d").unwrap().unwrap();
+        let at = HEADER_LEN + (d as usize - 1) * INODE_LEN;
+        let mut b = good.clone();
+        b[at + 44..at + 48].copy_from_slice(&0u32.to_le_bytes());
+        reseal(&mut b);
+        assert!(matches!(IndexReader::new(&b), Err(IndexError::BadInode { .. })));
     }
 
     #[test]

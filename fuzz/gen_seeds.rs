@@ -1,0 +1,176 @@
+//! Writes the seed corpus: a few valid indexes made with `IndexBuilder`, each checked by the
+//! same decode-and-walk the fuzz targets run.
+//!
+//! Usage: gen_seeds [DIR]   (default: fuzz/seeds, relative to the working directory)
+
+use beam::format::index::{ChunkRecord, IndexBuilder, InodeKind, Node};
+use beam::format::ChunkDigest;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+fn chunk(n: u8, offset: u64, stored_len: u32, uncompressed_len: u32) -> ChunkRecord {
+    ChunkRecord {
+        digest: ChunkDigest([n; 32]),
+        offset,
+        stored_len,
+        uncompressed_len,
+    }
+}
+
+fn builder(chunk_size: u32, nodes: Vec<Node>, chunks: Vec<ChunkRecord>) -> IndexBuilder {
+    let blob_size = chunks
+        .iter()
+        .map(|c| c.offset + c.stored_len as u64)
+        .max()
+        .unwrap_or(0);
+    IndexBuilder {
+        chunk_size,
+        blob_size,
+        nodes,
+        chunks,
+        prefetch: Vec::new(),
+    }
+}
+
+/// Just the root directory.
+fn root_only() -> IndexBuilder {
+    builder(4096, vec![Node::new(InodeKind::Dir, 0o755)], Vec::new())
+}
+
+/// The tree of the reader's own unit test: root/{a (file, 2 chunks, xattr), d (opaque)/{b
+/// (hard link of a), l -> ../a, w (whiteout)}, dev (char 1/3)}, with a prefetch list.
+fn sample() -> IndexBuilder {
+    let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
+    let mut file = Node::new(InodeKind::File, 0o4755);
+    file.size = 4096 + 10;
+    file.chunks = vec![0, 1];
+    file.uid = 1000;
+    file.xattrs
+        .insert(b"security.capability".to_vec(), vec![1, 2, 3]);
+    nodes.push(file); // 1
+    let mut d = Node::new(InodeKind::Dir, 0o1777);
+    d.opaque = true;
+    nodes.push(d); // 2
+    let mut l = Node::new(InodeKind::Symlink, 0o777);
+    l.target = b"../a".to_vec();
+    nodes.push(l); // 3
+    nodes.push(Node::new(InodeKind::Whiteout, 0)); // 4
+    let mut dev = Node::new(InodeKind::CharDev, 0o666);
+    dev.rdev = (1, 3);
+    nodes.push(dev); // 5
+    nodes[0].children.insert(b"a".to_vec(), 1);
+    nodes[0].children.insert(b"d".to_vec(), 2);
+    nodes[0].children.insert(b"dev".to_vec(), 5);
+    nodes[2].children.insert(b"b".to_vec(), 1);
+    nodes[2].children.insert(b"l".to_vec(), 3);
+    nodes[2].children.insert(b"w".to_vec(), 4);
+    let mut b = builder(
+        4096,
+        nodes,
+        vec![chunk(1, 0, 50, 4096), chunk(2, 50, 10, 10)],
+    );
+    b.prefetch = vec![3, 1];
+    b
+}
+
+/// Every inode kind, several xattrs, a deep directory chain, shared chunks.
+fn every_kind() -> IndexBuilder {
+    let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
+    let add = |nodes: &mut Vec<Node>, parent: usize, name: &[u8], node: Node| -> usize {
+        nodes.push(node);
+        let id = nodes.len() - 1;
+        nodes[parent].children.insert(name.to_vec(), id);
+        id
+    };
+    let mut etc = Node::new(InodeKind::Dir, 0o755);
+    etc.xattrs.insert(b"user.a".to_vec(), b"1".to_vec());
+    etc.xattrs.insert(b"user.b".to_vec(), Vec::new());
+    etc.xattrs
+        .insert(b"trusted.overlay.opaque".to_vec(), b"y".to_vec());
+    let etc = add(&mut nodes, 0, b"etc", etc);
+    let mut passwd = Node::new(InodeKind::File, 0o644);
+    passwd.size = 3 * 4096;
+    passwd.chunks = vec![0, 0, 0];
+    passwd.mtime = 1_700_000_000;
+    passwd.mtime_nsec = 123;
+    let passwd = add(&mut nodes, etc, b"passwd", passwd);
+    nodes[0].children.insert(b"passwd-link".to_vec(), passwd);
+    let mut empty = Node::new(InodeKind::File, 0o600);
+    empty.uid = 65534;
+    empty.gid = 65534;
+    add(&mut nodes, etc, b"empty", empty);
+    let mut tail = Node::new(InodeKind::File, 0o755);
+    tail.size = 4096 + 1;
+    tail.chunks = vec![0, 1];
+    add(&mut nodes, 0, b"tail", tail);
+    let mut blk = Node::new(InodeKind::BlockDev, 0o660);
+    blk.rdev = (8, 1);
+    add(&mut nodes, 0, b"sda1", blk);
+    add(&mut nodes, 0, b"fifo", Node::new(InodeKind::Fifo, 0o644));
+    add(&mut nodes, etc, b"gone", Node::new(InodeKind::Whiteout, 0));
+    let mut deep = 0;
+    for i in 0..8u8 {
+        let mut d = Node::new(InodeKind::Dir, 0o700);
+        d.opaque = i % 3 == 0;
+        deep = add(&mut nodes, deep, &[b'd', b'0' + i], d);
+    }
+    let mut abs = Node::new(InodeKind::Symlink, 0o777);
+    abs.target = b"/etc/passwd".to_vec();
+    add(&mut nodes, deep, b"abs", abs);
+    let mut long = Node::new(InodeKind::Symlink, 0o777);
+    long.target = vec![b'x'; 300];
+    add(&mut nodes, deep, &[b'n'; 255], long);
+    let mut b = builder(
+        4096,
+        nodes,
+        vec![chunk(7, 0, 100, 4096), chunk(8, 100, 1, 1)],
+    );
+    b.prefetch = vec![passwd, 0, deep];
+    b
+}
+
+/// A wide directory (binary search over many entries) and a large chunk size.
+fn wide() -> IndexBuilder {
+    let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
+    let mut chunks = Vec::new();
+    for i in 0..40u32 {
+        let mut f = Node::new(InodeKind::File, 0o644);
+        f.size = 1000 + i as u64;
+        f.chunks = vec![i];
+        chunks.push(chunk(i as u8, i as u64 * 2000, 1000 + i, 1000 + i));
+        nodes.push(f);
+        let id = nodes.len() - 1;
+        nodes[0]
+            .children
+            .insert(format!("file-{i:03}").into_bytes(), id);
+    }
+    let mut b = builder(1 << 20, nodes, chunks);
+    b.prefetch = (1..=40).rev().collect();
+    b
+}
+
+fn main() {
+    let dir = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("fuzz/seeds"));
+    std::fs::create_dir_all(&dir).expect("create seed directory");
+    let seeds: BTreeMap<&str, IndexBuilder> = [
+        ("root-only", root_only()),
+        ("sample", sample()),
+        ("every-kind", every_kind()),
+        ("wide", wide()),
+    ]
+    .into_iter()
+    .collect();
+    for (name, b) in seeds {
+        let bytes = b.encode().expect("encode seed");
+        assert!(
+            beam_fuzz::decode_and_walk(&bytes),
+            "seed {name} is not accepted by the reader"
+        );
+        let path = dir.join(format!("{name}.idx"));
+        std::fs::write(&path, &bytes).expect("write seed");
+        println!("{} ({} bytes)", path.display(), bytes.len());
+    }
+}

@@ -1210,7 +1210,10 @@ mod tests {
         let mut b = good.clone();
         b[at + 44..at + 48].copy_from_slice(&0u32.to_le_bytes());
         reseal(&mut b);
-        assert!(matches!(IndexReader::new(&b), Err(IndexError::BadInode { .. })));
+        assert!(matches!(
+            IndexReader::new(&b),
+            Err(IndexError::BadInode { .. })
+        ));
     }
 
     #[test]

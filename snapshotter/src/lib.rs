@@ -17,5 +17,6 @@ pub mod mount;
 pub mod oci;
 pub mod record;
 pub mod remote;
+pub mod snapshot;
 pub mod store;
 pub mod unpack;

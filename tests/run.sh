@@ -10,4 +10,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 bash .ci/install-deps.sh
 cargo build --workspace --bins
-cargo test --workspace --no-fail-fast -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --lib --bins --tests --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$rc"

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod convert;
+pub mod daemon;
 pub mod fetch;
 pub mod format;
 pub mod fs;

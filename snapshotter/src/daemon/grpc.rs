@@ -1,0 +1,176 @@
+//! containerd's snapshots API over gRPC: the only module that sees the `containerd-snapshots`
+//! crate's types (tonic 0.9 / prost 0.11). It maps requests onto [`Snapshots`] and errors
+//! onto gRPC codes; everything else in Beam uses its own types.
+
+use crate::snapshot::{Info, Kind, Mount, SnapshotError, Snapshots};
+use containerd_snapshots as cs;
+use cs::tonic::Status;
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// The service containerd's proxy plugin talks to.
+pub struct SnapshotService {
+    pub snapshots: Arc<Snapshots>,
+}
+
+fn status(e: SnapshotError) -> Status {
+    match e {
+        SnapshotError::NotFound(_) => Status::not_found(e.to_string()),
+        SnapshotError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        SnapshotError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        SnapshotError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+        SnapshotError::Internal(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn to_cs_info(i: Info) -> cs::Info {
+    cs::Info {
+        kind: match i.kind {
+            Kind::View => cs::Kind::View,
+            Kind::Active => cs::Kind::Active,
+            Kind::Committed => cs::Kind::Committed,
+        },
+        name: i.name,
+        parent: i.parent,
+        labels: i.labels.into_iter().collect(),
+        created_at: i.created,
+        updated_at: i.updated,
+    }
+}
+
+fn to_pb_mounts(m: Vec<Mount>) -> Vec<cs::api::types::Mount> {
+    m.into_iter()
+        .map(|m| cs::api::types::Mount {
+            r#type: m.kind,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
+        .collect()
+}
+
+fn labels(l: HashMap<String, String>) -> BTreeMap<String, String> {
+    l.into_iter().collect()
+}
+
+/// Run blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SnapshotError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
+        .map_err(status)
+}
+
+type InfoStream = Pin<Box<dyn futures_util::Stream<Item = Result<cs::Info, Status>> + Send>>;
+
+#[cs::tonic::async_trait]
+impl cs::Snapshotter for SnapshotService {
+    type Error = Status;
+
+    async fn stat(&self, key: String) -> Result<cs::Info, Status> {
+        let s = self.snapshots.clone();
+        blocking(move || s.stat(&key)).await.map(to_cs_info)
+    }
+
+    async fn update(
+        &self,
+        info: cs::Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<cs::Info, Status> {
+        let s = self.snapshots.clone();
+        blocking(move || {
+            s.update(
+                &info.name,
+                labels(info.labels),
+                &fieldpaths.unwrap_or_default(),
+            )
+        })
+        .await
+        .map(to_cs_info)
+    }
+
+    async fn usage(&self, key: String) -> Result<cs::Usage, Status> {
+        let s = self.snapshots.clone();
+        let u = blocking(move || s.usage(&key)).await?;
+        Ok(cs::Usage {
+            inodes: u.inodes,
+            size: u.size,
+        })
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<cs::api::types::Mount>, Status> {
+        let s = self.snapshots.clone();
+        blocking(move || s.mounts(&key)).await.map(to_pb_mounts)
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        l: HashMap<String, String>,
+    ) -> Result<Vec<cs::api::types::Mount>, Status> {
+        let s = self.snapshots.clone();
+        blocking(move || s.create(Kind::Active, &key, &parent, labels(l)))
+            .await
+            .map(to_pb_mounts)
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        l: HashMap<String, String>,
+    ) -> Result<Vec<cs::api::types::Mount>, Status> {
+        let s = self.snapshots.clone();
+        blocking(move || s.create(Kind::View, &key, &parent, labels(l)))
+            .await
+            .map(to_pb_mounts)
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        l: HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let s = self.snapshots.clone();
+        blocking(move || s.commit(&name, &key, labels(l))).await
+    }
+
+    async fn remove(&self, key: String) -> Result<(), Status> {
+        let s = self.snapshots.clone();
+        blocking(move || s.remove(&key)).await
+    }
+
+    async fn clear(&self) -> Result<(), Status> {
+        let s = self.snapshots.clone();
+        blocking(move || s.cleanup().map(|_| ())).await
+    }
+
+    type InfoStream = InfoStream;
+
+    async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<InfoStream, Status> {
+        let s = self.snapshots.clone();
+        let infos = blocking(move || s.list(&filters)).await?;
+        Ok(Box::pin(futures_util::stream::iter(
+            infos.into_iter().map(|i| Ok(to_cs_info(i))),
+        )))
+    }
+}
+
+/// Serve the snapshots API on the unix socket `listener` until `shutdown` resolves.
+pub async fn serve(
+    service: SnapshotService,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    cs::tonic::transport::Server::builder()
+        .add_service(cs::server(Arc::new(service)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

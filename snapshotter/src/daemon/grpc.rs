@@ -2,6 +2,9 @@
 //! crate's types (tonic 0.9 / prost 0.11). It maps requests onto [`Snapshots`] and errors
 //! onto gRPC codes; everything else in Beam uses its own types.
 
+// The trait fixes the error type to tonic's `Status`, which is large.
+#![allow(clippy::result_large_err)]
+
 use crate::snapshot::{Info, Kind, Mount, SnapshotError, Snapshots};
 use containerd_snapshots as cs;
 use cs::tonic::Status;

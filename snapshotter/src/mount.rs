@@ -138,7 +138,11 @@ impl Drop for MountedImage {
 }
 
 /// Read a layer's index: from the cache when there, else from the store (then cached).
-async fn load_index(store: &Store, cache: &ChunkCache, layer: &BeamLayer) -> Result<SharedIndex> {
+pub async fn load_index(
+    store: &Store,
+    cache: &ChunkCache,
+    layer: &BeamLayer,
+) -> Result<SharedIndex> {
     let path = cache.index_path(&layer.index.digest);
     if let Ok(bytes) = std::fs::read(&path) {
         if crate::oci::sha256_digest(&bytes) == layer.index.digest {

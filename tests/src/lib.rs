@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod oci_layout;
 pub mod proxy;
 pub mod registry;
+pub mod snapshots_client;
 pub mod tree;
 pub mod util;
 

@@ -208,3 +208,219 @@ fn has_file(root: &Path, name: &str) -> Result<bool> {
         .context("find")?;
     Ok(!out.stdout.is_empty())
 }
+
+mod remote {
+    use super::*;
+    use beam_tests::beam;
+    use beam_tests::snapshots_client::SnapshotsClient;
+    use beam_tests::Proxy;
+    use std::collections::HashMap;
+
+    const TARGET: &str = "containerd.io/snapshot.ref";
+    const IMAGE: &str = "containerd.io/snapshot/cri.image-ref";
+    const MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+    const LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+
+    fn start_daemon(root: &Path, socket: &Path, log: &Path) -> Result<ChildGuard> {
+        let (out, err) = util::log_stdio(log)?;
+        let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
+        cmd.arg("--root")
+            .arg(root)
+            .arg("--address")
+            .arg(socket)
+            .args([
+                "--plain-http",
+                "--no-background-fetch",
+                "--fetch-deadline",
+                "10",
+            ])
+            .env("BEAM_LOG", "info,fuser=warn")
+            .stdout(out)
+            .stderr(err);
+        let _ = std::fs::remove_file(socket);
+        let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
+        ensure!(
+            util::wait_for(|| socket.exists(), Duration::from_secs(30)),
+            "beam-snapshotter did not start: {}",
+            util::tail_file(log, 30)
+        );
+        Ok(child)
+    }
+
+    fn mount_overlay(
+        mounts: &[containerd_snapshots::api::types::Mount],
+        target: &Path,
+    ) -> Result<()> {
+        let m = &mounts[0];
+        std::fs::create_dir_all(target)?;
+        let out = Command::new("mount")
+            .args(["-t", &m.r#type, &m.source])
+            .arg(target)
+            .args(["-o", &m.options.join(",")])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    fn umount(target: &Path) {
+        let _ = Command::new("umount").arg(target).status();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn converted_layers_are_committed_lazily_and_survive_a_daemon_kill() -> Result<()> {
+        util::require_root()?;
+        let work = tempfile::tempdir()?;
+        let bb = work.path().join("busybox.tar");
+        util::run_fixture("make-busybox-layer.sh", &[&bb])?;
+        let data = work.path().join("data.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&data)?);
+            let body = vec![7u8; 3 << 20];
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            b.append_data(&mut h, "data/sevens.bin", &body[..])?;
+            b.finish()?;
+        }
+        let layout = work.path().join("layout");
+        let built = oci_layout::build_with_config(
+            &layout,
+            "v1",
+            &[
+                LayerSpec::new(&bb, Compression::Gzip),
+                LayerSpec::new(&data, Compression::Gzip),
+            ],
+            &Default::default(),
+        )?;
+        let reg = Registry::start()?;
+        let proxy = Proxy::start(&reg.addr())?;
+        let image = format!("{}/lazy/bb:v1", proxy.addr());
+        beam::ok(&[
+            "convert",
+            "--plain-http",
+            &format!("oci:{}:v1", layout.display()),
+            &image,
+        ])?;
+        // An unconverted image for the fallback.
+        let plain = format!("{}/plain/bb:v1", proxy.addr());
+        oci_layout::push_with_skopeo(&layout, "v1", &plain)?;
+
+        let dir = util::short_tempdir()?;
+        let root = dir.path().join("root");
+        let socket = dir.path().join("beam.sock");
+        let log = dir.path().join("daemon.log");
+        let mut daemon = start_daemon(&root, &socket, &log)?;
+        let mut c = SnapshotsClient::connect(&socket).await?;
+        let labels_for = |i: usize, img: &str| -> HashMap<String, String> {
+            [
+                (TARGET, format!("layer-{i}")),
+                (IMAGE, img.to_string()),
+                (MANIFEST, built.manifest_digest.clone()),
+                (LAYER, built.layers[i].0.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+        };
+        proxy.clear();
+        let mut parent = String::new();
+        for i in 0..2 {
+            let e = c
+                .prepare(&format!("extract-{i}"), &parent, labels_for(i, &image))
+                .await
+                .expect_err("a converted layer must be committed by the snapshotter");
+            ensure!(
+                e.code() == tonic_code_already_exists(),
+                "prepare answered {e:?}"
+            );
+            let info = c
+                .stat(&format!("layer-{i}"))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ensure!(info.kind == 3, "layer-{i} is not committed: {info:?}");
+            parent = format!("layer-{i}");
+        }
+        // No layer blob was downloaded: only manifests, indexes and nothing else yet.
+        for (digest, ..) in &built.layers {
+            ensure!(
+                proxy.blob_requests_for(digest).is_empty(),
+                "layer {digest} was downloaded"
+            );
+        }
+        // A container's snapshot on top: the lazy layers are overlay lowerdirs.
+        let mounts = c
+            .prepare("ctr-1", "layer-1", HashMap::new())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let rootfs = work.path().join("rootfs");
+        mount_overlay(&mounts, &rootfs)?;
+        let read = std::fs::read(rootfs.join("data/sevens.bin"));
+        let ran = Command::new("chroot")
+            .arg(&rootfs)
+            .args(["/bin/sh", "-c", "echo lazy"])
+            .output();
+        umount(&rootfs);
+        ensure!(
+            read? == vec![7u8; 3 << 20],
+            "wrong content through the lazy layer"
+        );
+        ensure!(String::from_utf8_lossy(&ran?.stdout).trim() == "lazy");
+
+        // Fallback: an image without a Beam conversion gets an ordinary snapshot.
+        let mut l = labels_for(0, &plain);
+        l.insert(TARGET.into(), "plain-layer-0".into());
+        let m = c
+            .prepare("extract-plain", "", l)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        ensure!(
+            m[0].r#type == "bind",
+            "fallback should be an ordinary snapshot: {m:?}"
+        );
+        ensure!(
+            util::tail_file(&log, 50).contains("no lazy mount"),
+            "the fallback was not logged: {}",
+            util::tail_file(&log, 20)
+        );
+
+        // kill -9, restart: the lazy layers are remounted and new containers start.
+        daemon.kill();
+        drop(daemon);
+        let daemon = start_daemon(&root, &socket, &log)?;
+        let mut c = SnapshotsClient::connect(&socket).await?;
+        let mounts = c
+            .prepare("ctr-2", "layer-1", HashMap::new())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        mount_overlay(&mounts, &rootfs)?;
+        let read = std::fs::read(rootfs.join("data/sevens.bin"));
+        umount(&rootfs);
+        ensure!(
+            read? == vec![7u8; 3 << 20],
+            "wrong content after the restart"
+        );
+
+        for k in ["ctr-1", "ctr-2", "extract-plain", "layer-1", "layer-0"] {
+            c.remove(k)
+                .await
+                .map_err(|e| anyhow::anyhow!("removing {k}: {e}"))?;
+        }
+        let mut daemon = daemon;
+        daemon.stop(Duration::from_secs(10));
+        let left = util::mounts_under(&root)?;
+        ensure!(left.is_empty(), "mounts left: {left:?}");
+        Ok(())
+    }
+
+    fn tonic_code_already_exists() -> containerd_snapshots::tonic::Code {
+        containerd_snapshots::tonic::Code::AlreadyExists
+    }
+}

@@ -19,6 +19,27 @@ struct Args {
     /// Unix socket to serve containerd's snapshots API on (mode 0600).
     #[arg(long, default_value = "/run/beam/beam.sock")]
     address: PathBuf,
+    /// Chunk cache directory (default: ROOT/cache).
+    #[arg(long, env = "BEAM_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Cache size budget in bytes (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    cache_budget: u64,
+    /// Serve only ordinary snapshots (no lazy layers).
+    #[arg(long)]
+    no_remote: bool,
+    /// Do not fetch the rest of lazy layers in the background.
+    #[arg(long)]
+    no_background_fetch: bool,
+    /// Plain HTTP for every registry.
+    #[arg(long)]
+    plain_http: bool,
+    /// Plain HTTP for this registry host (repeatable).
+    #[arg(long = "plain-http-host", value_name = "HOST[:PORT]")]
+    plain_http_hosts: Vec<String>,
+    /// Give up on a chunk after this many seconds (reads then fail with EIO).
+    #[arg(long, default_value_t = 60.0)]
+    fetch_deadline: f64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +85,43 @@ async fn run(args: Args) -> Result<()> {
     std::fs::set_permissions(&args.address, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(address = %args.address.display(), root = %args.root.display(), "serving");
     beam::daemon::notify_ready();
+    let remote = if args.no_remote {
+        None
+    } else {
+        let cache_dir = args.cache_dir.clone().unwrap_or(args.root.join("cache"));
+        let cache = Arc::new(
+            beam::cache::ChunkCache::open(&cache_dir, args.cache_budget)
+                .with_context(|| format!("opening cache {}", cache_dir.display()))?,
+        );
+        let fetcher = Arc::new(beam::fetch::Fetcher::new(
+            cache,
+            beam::fetch::FetchOptions {
+                deadline: std::time::Duration::from_secs_f64(args.fetch_deadline),
+                ..Default::default()
+            },
+        ));
+        let registry = beam::remote::RemoteOptions {
+            plain_http: args.plain_http,
+            plain_http_hosts: args.plain_http_hosts.clone(),
+            ..Default::default()
+        }
+        .with_env();
+        let mount = beam::mount::MountOptions {
+            background_fetch: !args.no_background_fetch,
+            passthrough: true,
+            threads: 4,
+            work_dir: args.root.join("mounts"),
+            record: false,
+        };
+        let r = Arc::new(beam::daemon::remote::RemoteLayers::new(
+            fetcher, registry, mount,
+        ));
+        let n = r.recover(&snapshots).await;
+        if n > 0 {
+            tracing::info!(layers = n, "remounted lazy layers");
+        }
+        Some(r)
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
@@ -73,11 +131,17 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!("stopping");
     };
     beam::daemon::grpc::serve(
-        beam::daemon::grpc::SnapshotService { snapshots },
+        beam::daemon::grpc::SnapshotService {
+            snapshots,
+            remote: remote.clone(),
+        },
         listener,
         shutdown,
     )
     .await?;
+    if let Some(r) = remote {
+        tokio::task::block_in_place(|| r.unmount_all());
+    }
     let _ = std::fs::remove_file(&args.address);
     Ok(())
 }

@@ -15,6 +15,8 @@ use std::sync::Arc;
 /// The service containerd's proxy plugin talks to.
 pub struct SnapshotService {
     pub snapshots: Arc<Snapshots>,
+    /// Lazy layers; `None` serves only ordinary snapshots.
+    pub remote: Option<Arc<super::remote::RemoteLayers>>,
 }
 
 fn status(e: SnapshotError) -> Status {
@@ -115,8 +117,26 @@ impl cs::Snapshotter for SnapshotService {
         parent: String,
         l: HashMap<String, String>,
     ) -> Result<Vec<cs::api::types::Mount>, Status> {
+        let l = labels(l);
+        if let Some(remote) = &self.remote {
+            if let Some(target) = l.get(super::remote::labels::TARGET_REF) {
+                match remote.prepare(&self.snapshots, &parent, &l).await {
+                    Ok(true) => {
+                        return Err(Status::already_exists(format!(
+                            "target snapshot {target} exists (mounted lazily)"
+                        )))
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::info!(
+                        layer = l.get(super::remote::labels::LAYER_DIGEST).map(String::as_str).unwrap_or("?"),
+                        target = %target,
+                        "no lazy mount, containerd will download the layer: {e:#}"
+                    ),
+                }
+            }
+        }
         let s = self.snapshots.clone();
-        blocking(move || s.create(Kind::Active, &key, &parent, labels(l)))
+        blocking(move || s.create(Kind::Active, &key, &parent, l))
             .await
             .map(to_pb_mounts)
     }
@@ -145,7 +165,22 @@ impl cs::Snapshotter for SnapshotService {
 
     async fn remove(&self, key: String) -> Result<(), Status> {
         let s = self.snapshots.clone();
-        blocking(move || s.remove(&key)).await
+        let rec = blocking(move || s.remove_record(&key)).await?;
+        if rec.remote.is_some() {
+            if let Some(remote) = &self.remote {
+                let remote = remote.clone();
+                let id = rec.id;
+                tokio::task::spawn_blocking(move || remote.unmount(id))
+                    .await
+                    .map_err(|e| Status::internal(format!("unmounting: {e}")))?;
+            }
+        }
+        let s = self.snapshots.clone();
+        blocking(move || {
+            s.remove_dir(rec.id);
+            Ok(())
+        })
+        .await
     }
 
     async fn clear(&self) -> Result<(), Status> {

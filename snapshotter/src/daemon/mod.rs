@@ -1,6 +1,7 @@
 //! beam-snapshotter's service plumbing: the gRPC adapter for containerd and systemd readiness.
 
 pub mod grpc;
+pub mod remote;
 
 /// Tell systemd (when it started us with `Type=notify`) that we are ready.
 pub fn notify_ready() {

@@ -151,8 +151,12 @@ impl Snapshots {
             }
             let p = e.path();
             if is_mountpoint(&p.join("fs")) {
-                tracing::warn!(dir = %p.display(), "unknown snapshot directory is mounted; leaving it");
-                continue;
+                // A lazy layer a dead daemon had mounted for a snapshot never recorded.
+                if let Err(e) = nix::mount::umount2(&p.join("fs"), nix::mount::MntFlags::MNT_DETACH)
+                {
+                    tracing::warn!(dir = %p.display(), "unknown snapshot directory is mounted: {e}");
+                    continue;
+                }
             }
             std::fs::remove_dir_all(&p).map_err(|e| io_err("removing", &p, e))?;
             removed += 1;
@@ -218,6 +222,77 @@ impl Snapshots {
         self.mounts_of(&rec)
     }
 
+    /// Reserve a snapshot id and its empty directory (for a remote layer to be mounted on
+    /// before [`Snapshots::commit_remote`] records it). Unrecorded, it is removed by cleanup.
+    pub fn reserve(&self) -> Result<(u64, PathBuf), SnapshotError> {
+        let id = self.store.update(|tx| tx.next_id())?;
+        let dir = self.dir(id);
+        for sub in ["fs", "work"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| io_err("creating", &dir, e))?;
+        }
+        Ok((id, self.fs_dir(id)))
+    }
+
+    /// Record reserved snapshot `id` (its layer mounted lazily at its `fs` dir) as the
+    /// committed snapshot `name`.
+    pub fn commit_remote(
+        &self,
+        id: u64,
+        name: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        remote: store::RemoteLayer,
+    ) -> Result<(), SnapshotError> {
+        let now = nanos(SystemTime::now());
+        self.store.update(|tx| {
+            if tx.get(name)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(name.to_string()));
+            }
+            if !parent.is_empty() {
+                match tx.get(parent)? {
+                    Some(p) if p.kind == Kind::Committed => {}
+                    Some(_) => {
+                        return Err(SnapshotError::InvalidArgument(format!(
+                            "parent {parent} is not a committed snapshot"
+                        )))
+                    }
+                    None => return Err(SnapshotError::NotFound(parent.to_string())),
+                }
+            }
+            tx.put(&SnapshotRecord {
+                id,
+                kind: Kind::Committed,
+                name: name.to_string(),
+                parent: parent.to_string(),
+                labels,
+                created: now,
+                updated: now,
+                usage: (0, 0),
+                remote: Some(remote),
+            })
+        })
+    }
+
+    /// The record of a snapshot (for the daemon: its id and remote layer).
+    pub fn record(&self, key: &str) -> Result<Option<SnapshotRecord>, SnapshotError> {
+        self.store.get(key)
+    }
+
+    /// Every snapshot whose layer is mounted lazily.
+    pub fn remote_records(&self) -> Result<Vec<SnapshotRecord>, SnapshotError> {
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|r| r.remote.is_some())
+            .collect())
+    }
+
+    /// Directory a snapshot's layer is (or is mounted) in.
+    pub fn fs_path(&self, id: u64) -> PathBuf {
+        self.fs_dir(id)
+    }
+
     /// Mounts of an active snapshot or view.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
         let rec = self
@@ -241,6 +316,14 @@ impl Snapshots {
                 .store
                 .get(&p)?
                 .ok_or_else(|| SnapshotError::NotFound(p.clone()))?;
+            if let Some(remote) = &r.remote {
+                if !is_mountpoint(&self.fs_dir(r.id)) {
+                    return Err(SnapshotError::FailedPrecondition(format!(
+                        "lazy layer {} of snapshot {} is not mounted",
+                        remote.layer, r.name
+                    )));
+                }
+            }
             out.push(self.fs_dir(r.id));
             p = r.parent;
             if out.len() > 500 {
@@ -347,7 +430,15 @@ impl Snapshots {
 
     /// Remove a snapshot that has no children.
     pub fn remove(&self, key: &str) -> Result<(), SnapshotError> {
-        let rec = self.store.update(|tx| {
+        let rec = self.remove_record(key)?;
+        self.remove_dir(rec.id);
+        Ok(())
+    }
+
+    /// Forget a snapshot that has no children, leaving its directory (for the caller to
+    /// unmount a lazy layer first, then [`Snapshots::remove_dir`]).
+    pub fn remove_record(&self, key: &str) -> Result<SnapshotRecord, SnapshotError> {
+        self.store.update(|tx| {
             let Some(rec) = tx.get(key)? else {
                 return Err(SnapshotError::NotFound(key.to_string()));
             };
@@ -358,13 +449,16 @@ impl Snapshots {
             }
             tx.delete(key)?;
             Ok(rec)
-        })?;
-        let dir = self.dir(rec.id);
+        })
+    }
+
+    /// Delete the directory of a forgotten snapshot.
+    pub fn remove_dir(&self, id: u64) {
+        let dir = self.dir(id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             // The record is gone; cleanup removes the directory later.
             tracing::warn!(dir = %dir.display(), "removing snapshot directory: {e}");
         }
-        Ok(())
     }
 
     /// Update labels: with no field paths (or `labels`) all labels are replaced; `labels.KEY`

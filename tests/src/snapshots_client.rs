@@ -1,0 +1,114 @@
+//! A minimal client of containerd's snapshots API over a unix socket, to talk to
+//! beam-snapshotter directly (as containerd's proxy plugin does), with the message types of the
+//! `containerd-snapshots` crate and tonic 0.9's generic gRPC client.
+
+use anyhow::{Context, Result};
+use containerd_snapshots::api::snapshots::v1 as pb;
+use containerd_snapshots::tonic;
+use std::collections::HashMap;
+use std::path::Path;
+use tonic::codec::ProstCodec;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A connected client.
+pub struct SnapshotsClient {
+    grpc: tonic::client::Grpc<Channel>,
+}
+
+impl SnapshotsClient {
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let socket = socket.to_path_buf();
+        let channel = Endpoint::try_from("http://[::1]:50051")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                tokio::net::UnixStream::connect(socket.clone())
+            }))
+            .await
+            .context("connecting to the snapshotter socket")?;
+        Ok(SnapshotsClient {
+            grpc: tonic::client::Grpc::new(channel),
+        })
+    }
+
+    async fn unary<Req, Resp>(
+        &mut self,
+        method: &'static str,
+        req: Req,
+    ) -> Result<Resp, tonic::Status>
+    where
+        Req: prost::Message + 'static,
+        Resp: prost::Message + Default + 'static,
+    {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let path = http::uri::PathAndQuery::from_static(method);
+        let codec: ProstCodec<Req, Resp> = ProstCodec::default();
+        self.grpc
+            .unary(tonic::Request::new(req), path, codec)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn prepare(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<containerd_snapshots::api::types::Mount>, tonic::Status> {
+        let r: pb::PrepareSnapshotResponse = self
+            .unary(
+                "/containerd.services.snapshots.v1.Snapshots/Prepare",
+                pb::PrepareSnapshotRequest {
+                    snapshotter: "beam".into(),
+                    key: key.into(),
+                    parent: parent.into(),
+                    labels,
+                },
+            )
+            .await?;
+        Ok(r.mounts)
+    }
+
+    pub async fn stat(&mut self, key: &str) -> Result<pb::Info, tonic::Status> {
+        let r: pb::StatSnapshotResponse = self
+            .unary(
+                "/containerd.services.snapshots.v1.Snapshots/Stat",
+                pb::StatSnapshotRequest {
+                    snapshotter: "beam".into(),
+                    key: key.into(),
+                },
+            )
+            .await?;
+        r.info.ok_or_else(|| tonic::Status::internal("no info"))
+    }
+
+    pub async fn mounts(
+        &mut self,
+        key: &str,
+    ) -> Result<Vec<containerd_snapshots::api::types::Mount>, tonic::Status> {
+        let r: pb::MountsResponse = self
+            .unary(
+                "/containerd.services.snapshots.v1.Snapshots/Mounts",
+                pb::MountsRequest {
+                    snapshotter: "beam".into(),
+                    key: key.into(),
+                },
+            )
+            .await?;
+        Ok(r.mounts)
+    }
+
+    pub async fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
+        let _: () = self
+            .unary::<_, ()>(
+                "/containerd.services.snapshots.v1.Snapshots/Remove",
+                pb::RemoveSnapshotRequest {
+                    snapshotter: "beam".into(),
+                    key: key.into(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -112,3 +112,55 @@ impl SnapshotsClient {
         Ok(())
     }
 }
+
+impl SnapshotsClient {
+    pub async fn commit(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), tonic::Status> {
+        let _: () = self
+            .unary::<_, ()>(
+                "/containerd.services.snapshots.v1.Snapshots/Commit",
+                pb::CommitSnapshotRequest {
+                    snapshotter: "beam".into(),
+                    name: name.into(),
+                    key: key.into(),
+                    labels,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// All snapshots (List), following the stream.
+    pub async fn list(&mut self) -> Result<Vec<pb::Info>, tonic::Status> {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let path = http::uri::PathAndQuery::from_static(
+            "/containerd.services.snapshots.v1.Snapshots/List",
+        );
+        let codec: ProstCodec<pb::ListSnapshotsRequest, pb::ListSnapshotsResponse> =
+            ProstCodec::default();
+        let mut stream = self
+            .grpc
+            .server_streaming(
+                tonic::Request::new(pb::ListSnapshotsRequest {
+                    snapshotter: "beam".into(),
+                    filters: vec![],
+                }),
+                path,
+                codec,
+            )
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = stream.message().await? {
+            out.extend(r.info);
+        }
+        Ok(out)
+    }
+}

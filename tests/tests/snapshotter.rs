@@ -588,3 +588,113 @@ mod storm {
         Ok(())
     }
 }
+
+mod footprint {
+    use super::*;
+    use beam_tests::beam;
+    use beam_tests::snapshots_client::SnapshotsClient;
+    use std::collections::HashMap;
+
+    /// Resident memory of the daemon with 20 lazy layers mounted stays under 64 MiB (the
+    /// issue's goal; 16 MiB FUSE buffers per thread once made it 360 MiB).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_rss_with_twenty_lazy_layers() -> Result<()> {
+        util::require_root()?;
+        let work = tempfile::tempdir()?;
+        let mut specs = Vec::new();
+        for i in 0..20 {
+            let tar = work.path().join(format!("l{i}.tar"));
+            let mut b = tar::Builder::new(std::fs::File::create(&tar)?);
+            let body = format!("layer {i}\n").repeat(1000);
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            b.append_data(&mut h, format!("f{i}.txt"), body.as_bytes())?;
+            b.finish()?;
+            specs.push(LayerSpec::new(&tar, Compression::Gzip));
+        }
+        let layout = work.path().join("layout");
+        let built = oci_layout::build_with_config(&layout, "v1", &specs, &Default::default())?;
+        let reg = Registry::start()?;
+        let image = format!("{}/twenty:v1", reg.addr());
+        beam::ok(&[
+            "convert",
+            "--plain-http",
+            &format!("oci:{}:v1", layout.display()),
+            &image,
+        ])?;
+        let dir = util::short_tempdir()?;
+        let root = dir.path().join("root");
+        let socket = dir.path().join("beam.sock");
+        let log = dir.path().join("d.log");
+        let (out, err) = util::log_stdio(&log)?;
+        let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
+        cmd.arg("--root")
+            .arg(&root)
+            .arg("--address")
+            .arg(&socket)
+            .args(["--plain-http", "--no-background-fetch"])
+            .stdout(out)
+            .stderr(err);
+        let mut daemon = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
+        ensure!(util::wait_for(|| socket.exists(), Duration::from_secs(30)));
+        let mut c = SnapshotsClient::connect(&socket).await?;
+        let rss = |pid: u32| -> Result<u64> {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .context("VmRSS")
+        };
+        println!("beam-snapshotter RSS at start: {} KiB", rss(daemon.pid())?);
+        let mut parent = String::new();
+        for i in 0..20 {
+            if i == 1 {
+                println!(
+                    "beam-snapshotter RSS with 1 lazy layer: {} KiB",
+                    rss(daemon.pid())?
+                );
+            }
+            let labels: HashMap<String, String> = [
+                ("containerd.io/snapshot.ref", format!("layer-{i}")),
+                ("containerd.io/snapshot/cri.image-ref", image.clone()),
+                (
+                    "containerd.io/snapshot/cri.manifest-digest",
+                    built.manifest_digest.clone(),
+                ),
+                (
+                    "containerd.io/snapshot/cri.layer-digest",
+                    built.layers[i].0.clone(),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let e = c
+                .prepare(&format!("x-{i}"), &parent, labels)
+                .await
+                .expect_err("lazy");
+            ensure!(
+                e.code() == containerd_snapshots::tonic::Code::AlreadyExists,
+                "{e:?}"
+            );
+            parent = format!("layer-{i}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_kib = rss(daemon.pid())?;
+        println!("beam-snapshotter RSS with 20 lazy layers: {} KiB", rss_kib);
+        ensure!(rss_kib < 64 * 1024, "RSS {rss_kib} KiB with 20 lazy layers");
+        for i in (0..20).rev() {
+            c.remove(&format!("layer-{i}")).await?;
+        }
+        daemon.stop(Duration::from_secs(10));
+        ensure!(util::mounts_under(&root)?.is_empty(), "mounts left");
+        Ok(())
+    }
+}

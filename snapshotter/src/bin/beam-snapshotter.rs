@@ -43,6 +43,14 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // Each FUSE thread allocates a 16 MiB zeroed request buffer. With glibc's dynamic mmap
+    // threshold such a buffer can come from a heap arena, where zeroing touches every page
+    // (about 4 MiB resident per thread here); a fixed threshold keeps large buffers in mmap'd
+    // memory whose untouched pages are never resident.
+    // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BEAM_LOG")

@@ -180,6 +180,12 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // SAFETY: mallopt only adjusts allocator parameters, before any thread starts. It keeps
+    // each FUSE thread's 16 MiB zeroed request buffer in mmap'd memory, so that it is not
+    // resident until used (see beam-snapshotter).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     // SAFETY: restoring the default SIGPIPE action before any thread starts, so that
     // `beam ... | head` ends quietly like other command-line tools instead of panicking.
     unsafe {

@@ -541,6 +541,19 @@ pub fn layers_listed_in(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Unmounts everything under a directory when dropped: declare it after the temp dir it
+/// guards (so it drops first) and before the processes that mount there (so they are stopped
+/// first). Keeps a failing test from leaving mounts behind.
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = unmount_all_under(&self.0) {
+            eprintln!("cleanup: unmounting under {}: {e:#}", self.0.display());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

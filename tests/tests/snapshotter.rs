@@ -14,6 +14,7 @@ struct Daemon {
     child: ChildGuard,
     socket: PathBuf,
     root: PathBuf,
+    _unmount: util::UnmountOnDrop,
     _dir: tempfile::TempDir,
 }
 
@@ -40,6 +41,7 @@ impl Daemon {
         Ok(Daemon {
             child,
             socket,
+            _unmount: util::UnmountOnDrop(root.clone()),
             root,
             _dir: dir,
         })
@@ -274,6 +276,7 @@ mod remote {
     async fn converted_layers_are_committed_lazily_and_survive_a_daemon_kill() -> Result<()> {
         util::require_root()?;
         let work = tempfile::tempdir()?;
+        let _unmount_work = util::UnmountOnDrop(work.path().to_path_buf());
         let bb = work.path().join("busybox.tar");
         util::run_fixture("make-busybox-layer.sh", &[&bb])?;
         let data = work.path().join("data.tar");
@@ -314,6 +317,7 @@ mod remote {
         oci_layout::push_with_skopeo(&layout, "v1", &plain)?;
 
         let dir = util::short_tempdir()?;
+        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");
         let socket = dir.path().join("beam.sock");
         let log = dir.path().join("daemon.log");
@@ -457,6 +461,7 @@ mod storm {
     async fn concurrent_storm_leaves_a_consistent_store() -> Result<()> {
         util::require_root()?;
         let dir = util::short_tempdir()?;
+        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");
         let socket = dir.path().join("beam.sock");
         let mut daemon = start(&root, &socket, &dir.path().join("d.log"))?;
@@ -531,6 +536,7 @@ mod storm {
     async fn kill_during_commits_loses_nothing_committed() -> Result<()> {
         util::require_root()?;
         let dir = util::short_tempdir()?;
+        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");
         let socket = dir.path().join("beam.sock");
         let log = dir.path().join("d.log");
@@ -628,6 +634,7 @@ mod footprint {
             &image,
         ])?;
         let dir = util::short_tempdir()?;
+        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");
         let socket = dir.path().join("beam.sock");
         let log = dir.path().join("d.log");

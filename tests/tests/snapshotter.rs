@@ -117,6 +117,11 @@ fn snapshots_api_semantics_through_containerd() -> Result<()> {
         "mounts of b: {mounts}"
     );
     run(&["view", "v", "base"])?;
+    // Nothing references these snapshots: keep containerd's garbage collector (which runs
+    // after every removal) from taking them while the test works on them.
+    for k in ["base", "b", "v"] {
+        run(&["label", k, "containerd.io/gc.root=test"])?;
+    }
     let ls = run(&["ls"])?;
     for k in ["base", "b", "v"] {
         ensure!(ls.contains(k), "ls lacks {k}: {ls}");

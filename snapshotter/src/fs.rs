@@ -25,7 +25,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 /// The layer never changes: the kernel may cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -607,9 +607,4 @@ impl Filesystem for LayerFs {
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         reply.ok();
     }
-}
-
-/// Time of an inode as a `SystemTime` (for tests and tools).
-pub fn mtime_of(r: &InodeRecord) -> SystemTime {
-    UNIX_EPOCH + Duration::new(r.mtime.max(0) as u64, r.mtime_nsec)
 }

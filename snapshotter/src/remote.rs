@@ -114,7 +114,7 @@ impl Registry {
     /// Fetch a manifest or index by tag or digest: bytes, digest, media type.
     pub async fn manifest(&self, r: &Reference) -> Result<(Vec<u8>, String, String)> {
         self.login(r).await?;
-        let (bytes, digest) = self
+        let (bytes, _registry_digest) = self
             .client
             .pull_manifest_raw(
                 r,
@@ -137,7 +137,6 @@ impl Registry {
         }
         let media_type =
             media_type_of(&bytes).with_context(|| format!("manifest {r} is not valid JSON"))?;
-        let _ = digest;
         Ok((bytes.to_vec(), actual, media_type))
     }
 

@@ -6,7 +6,6 @@
 
 use crate::format::chunk;
 use crate::format::index::{IndexReader, InodeKind, InodeRecord, ROOT_INO};
-use crate::oci;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
@@ -64,7 +63,6 @@ pub async fn unpack_image(store: &Store, dir: &Path) -> Result<UnpackStats> {
         stats.entries += s.entries;
         stats.bytes += s.bytes;
     }
-    let _ = oci::ARTIFACT_TYPE;
     Ok(stats)
 }
 

@@ -14,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{BufReader, Read};
 use std::path::Path;
-use std::sync::Arc;
 
 /// Result of converting one image manifest.
 #[derive(Debug, Clone)]
@@ -242,15 +241,3 @@ impl<R: Read> Read for ProgressReader<R> {
         Ok(n)
     }
 }
-
-/// Convenience for callers that only have one thread pool size in mind.
-pub fn default_options(chunk_size: Option<u32>) -> ConvertOptions {
-    let mut o = ConvertOptions::default();
-    if let Some(cs) = chunk_size {
-        o.chunk_size = cs;
-    }
-    o
-}
-
-/// Keep `Arc` in scope for callers constructing progress callbacks.
-pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;

@@ -8,6 +8,7 @@
 //! - [`unpack`]: Beam layers back into a root filesystem.
 
 pub mod cache;
+pub mod config;
 pub mod convert;
 pub mod daemon;
 pub mod fetch;

@@ -25,8 +25,10 @@ pub struct RemoteOptions {
     pub plain_http_hosts: Vec<String>,
     /// PEM files of extra CAs to trust.
     pub ca_files: Vec<PathBuf>,
-    /// Mirror hosts tried in order before the origin for blob reads.
+    /// Mirror hosts tried in order before the origin for blob reads of every registry.
     pub mirrors: Vec<String>,
+    /// Mirror hosts for one registry host only.
+    pub host_mirrors: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl RemoteOptions {

@@ -54,6 +54,7 @@ pub struct Store {
     registry: Option<Arc<Registry>>,
     layout: Option<Layout>,
     mirrors: Vec<String>,
+    host_mirrors: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// A resolved image manifest (one platform).
@@ -73,6 +74,7 @@ impl Store {
                 layout: None,
                 location,
                 mirrors: opts.mirrors.clone(),
+                host_mirrors: opts.host_mirrors.clone(),
             }),
             Location::Layout { dir, .. } => {
                 let layout = if create {
@@ -85,6 +87,7 @@ impl Store {
                     layout: Some(layout),
                     location,
                     mirrors: Vec::new(),
+                    host_mirrors: Default::default(),
                 })
             }
         }
@@ -300,8 +303,11 @@ impl Store {
         match self.parts() {
             (Some((_, r)), _) => {
                 let mut locations: Vec<Reference> = self
-                    .mirrors
-                    .iter()
+                    .host_mirrors
+                    .get(r.registry())
+                    .into_iter()
+                    .flatten()
+                    .chain(self.mirrors.iter())
                     .map(|m| {
                         Reference::with_digest(
                             m.clone(),

@@ -1,6 +1,7 @@
 //! `beam-snapshotter`: the daemon containerd talks to as a proxy snapshotter plugin.
 
 use anyhow::{Context, Result};
+use beam::config::Config;
 use clap::Parser;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -13,18 +14,25 @@ use std::sync::Arc;
     about = "Beam's containerd snapshotter daemon"
 )]
 struct Args {
-    /// State directory (snapshots, metadata).
-    #[arg(long, default_value = "/var/lib/beam")]
-    root: PathBuf,
-    /// Unix socket to serve containerd's snapshots API on (mode 0600).
-    #[arg(long, default_value = "/run/beam/beam.sock")]
-    address: PathBuf,
+    /// Configuration file (TOML); flags override it.
+    #[arg(long, env = "BEAM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// State directory (snapshots, metadata, cache). Default /var/lib/beam.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Unix socket to serve containerd's snapshots API on (mode 0600). Default
+    /// /run/beam/beam.sock.
+    #[arg(long)]
+    address: Option<PathBuf>,
     /// Chunk cache directory (default: ROOT/cache).
     #[arg(long, env = "BEAM_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// Cache size budget in bytes (0 = unlimited).
-    #[arg(long, default_value_t = 0)]
-    cache_budget: u64,
+    #[arg(long)]
+    cache_budget: Option<u64>,
     /// Serve only ordinary snapshots (no lazy layers).
     #[arg(long)]
     no_remote: bool,
@@ -38,8 +46,51 @@ struct Args {
     #[arg(long = "plain-http-host", value_name = "HOST[:PORT]")]
     plain_http_hosts: Vec<String>,
     /// Give up on a chunk after this many seconds (reads then fail with EIO).
-    #[arg(long, default_value_t = 60.0)]
-    fetch_deadline: f64,
+    #[arg(long)]
+    fetch_deadline: Option<f64>,
+}
+
+impl Args {
+    /// The configuration file (or defaults) with the flags applied.
+    fn config(&self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        if let Some(r) = &self.root {
+            c.root = r.clone();
+        }
+        if let Some(a) = &self.address {
+            c.address = a.clone();
+        }
+        if let Some(d) = &self.cache_dir {
+            c.cache.dir = Some(d.clone());
+        }
+        if let Some(b) = self.cache_budget {
+            c.cache.budget_bytes = b;
+        }
+        if self.no_remote {
+            c.remote.enabled = false;
+        }
+        if self.no_background_fetch {
+            c.fetch.background = false;
+        }
+        if let Some(d) = self.fetch_deadline {
+            c.fetch.deadline_secs = d;
+        }
+        for h in &self.plain_http_hosts {
+            match c.registry.iter_mut().find(|r| r.host == *h) {
+                Some(r) => r.plain_http = true,
+                None => c.registry.push(beam::config::RegistryHost {
+                    host: h.clone(),
+                    plain_http: true,
+                    mirrors: Vec::new(),
+                    ca_file: None,
+                }),
+            }
+        }
+        Ok(c)
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +110,17 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("beam-snapshotter: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return std::process::ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -66,7 +128,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    match rt.block_on(run(config, args.plain_http)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("beam-snapshotter: {e:#}");
@@ -75,50 +137,46 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
     let snapshots = Arc::new(
-        beam::snapshot::Snapshots::open(&args.root.join("snapshotter"))
-            .with_context(|| format!("opening snapshots under {}", args.root.display()))?,
+        beam::snapshot::Snapshots::open(&config.root.join("snapshotter"))
+            .with_context(|| format!("opening snapshots under {}", config.root.display()))?,
     );
-    if let Some(dir) = args.address.parent() {
+    let address = config.address.clone();
+    if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    match std::fs::remove_file(&args.address) {
+    match std::fs::remove_file(&address) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", args.address.display())),
+        Err(e) => return Err(e).with_context(|| format!("removing {}", address.display())),
     }
-    let listener = tokio::net::UnixListener::bind(&args.address)
-        .with_context(|| format!("listening on {}", args.address.display()))?;
-    std::fs::set_permissions(&args.address, std::fs::Permissions::from_mode(0o600))?;
-    tracing::info!(address = %args.address.display(), root = %args.root.display(), "serving");
-    beam::daemon::notify_ready();
-    let remote = if args.no_remote {
+    let remote = if !config.remote.enabled {
         None
     } else {
-        let cache_dir = args.cache_dir.clone().unwrap_or(args.root.join("cache"));
+        let cache_dir = config.cache_dir();
         let cache = Arc::new(
-            beam::cache::ChunkCache::open(&cache_dir, args.cache_budget)
+            beam::cache::ChunkCache::open(&cache_dir, config.cache.budget_bytes)
                 .with_context(|| format!("opening cache {}", cache_dir.display()))?,
         );
         let fetcher = Arc::new(beam::fetch::Fetcher::new(
             cache,
             beam::fetch::FetchOptions {
-                deadline: std::time::Duration::from_secs_f64(args.fetch_deadline),
+                deadline: std::time::Duration::from_secs_f64(config.fetch.deadline_secs),
+                foreground_concurrency: config.fetch.concurrency,
+                background_concurrency: config.fetch.background_concurrency,
+                background_bytes_per_sec: Some(config.fetch.background_bytes_per_sec)
+                    .filter(|r| *r > 0),
                 ..Default::default()
             },
         ));
-        let registry = beam::remote::RemoteOptions {
-            plain_http: args.plain_http,
-            plain_http_hosts: args.plain_http_hosts.clone(),
-            ..Default::default()
-        }
-        .with_env();
+        let mut registry = config.remote_options().with_env();
+        registry.plain_http = plain_http_everywhere;
         let mount = beam::mount::MountOptions {
-            background_fetch: !args.no_background_fetch,
+            background_fetch: config.fetch.background,
             passthrough: true,
             threads: 4,
-            work_dir: args.root.join("mounts"),
+            work_dir: config.root.join("mounts"),
             record: false,
         };
         let r = Arc::new(beam::daemon::remote::RemoteLayers::new(
@@ -130,6 +188,11 @@ async fn run(args: Args) -> Result<()> {
         }
         Some(r)
     };
+    let listener = tokio::net::UnixListener::bind(&address)
+        .with_context(|| format!("listening on {}", address.display()))?;
+    std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(address = %address.display(), root = %config.root.display(), "serving");
+    beam::daemon::notify_ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
@@ -150,6 +213,6 @@ async fn run(args: Args) -> Result<()> {
     if let Some(r) = remote {
         tokio::task::block_in_place(|| r.unmount_all());
     }
-    let _ = std::fs::remove_file(&args.address);
+    let _ = std::fs::remove_file(&address);
     Ok(())
 }

@@ -44,6 +44,7 @@ impl RegistryFlags {
             plain_http_hosts: self.plain_http_hosts.clone(),
             ca_files: self.ca_files.clone(),
             mirrors: self.mirrors.clone(),
+            host_mirrors: Default::default(),
         }
         .with_env()
     }

@@ -710,3 +710,38 @@ mod footprint {
         Ok(())
     }
 }
+
+#[test]
+fn configuration_file_and_flags() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bin = util::cargo_bin("beam-snapshotter")?;
+    let cfg = dir.path().join("beam.toml");
+    std::fs::write(&cfg, "root = \"/srv/beam\"\n[fetch]\nconcurrency = 3\n")?;
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--print-config", "--cache-budget", "1000"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("root = \"/srv/beam\"")
+            && text.contains("concurrency = 3")
+            && text.contains("budget_bytes = 1000"),
+        "effective configuration: {text}"
+    );
+    // A misspelt key stops the daemon, naming the key.
+    std::fs::write(&cfg, "[fetch]\nconcurency = 3\n")?;
+    let out = Command::new(&bin).arg("--config").arg(&cfg).output()?;
+    ensure!(!out.status.success(), "a bad configuration was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("concurency"),
+        "error does not name the key: {err}"
+    );
+    Ok(())
+}

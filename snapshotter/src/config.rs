@@ -16,6 +16,8 @@
 //! background_concurrency = 2
 //! background_bytes_per_sec = 0      # 0 = no cap
 //!
+//! metrics_address = "127.0.0.1:9465"  # Prometheus text on GET /metrics; off by default
+//!
 //! [remote]
 //! enabled = true                    # false: ordinary snapshots only
 //!
@@ -38,6 +40,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub fetch: FetchConfig,
     pub remote: RemoteConfig,
+    /// `HOST:PORT` to serve Prometheus metrics on (`GET /metrics`); none by default.
+    pub metrics_address: Option<String>,
     pub registry: Vec<RegistryHost>,
 }
 
@@ -104,6 +108,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             fetch: FetchConfig::default(),
             remote: RemoteConfig::default(),
+            metrics_address: None,
             registry: Vec::new(),
         }
     }

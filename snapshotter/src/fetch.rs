@@ -150,6 +150,8 @@ pub struct Fetcher {
     foreground: Semaphore,
     background: Semaphore,
     pub counters: FetchCounters,
+    /// Latency of successful Range requests, for metrics.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Fetcher {
@@ -161,6 +163,9 @@ impl Fetcher {
             opts,
             inflight: Mutex::new(HashMap::new()),
             counters: FetchCounters::default(),
+            latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
+            ),
         }
     }
 
@@ -272,9 +277,14 @@ impl Fetcher {
             let outcome = {
                 let _permit = sem.acquire().await.expect("semaphore never closed");
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
                 match tokio::time::timeout(self.opts.attempt_timeout, source.read_range(start, len))
                     .await
                 {
+                    Ok(Ok(b)) => {
+                        self.latency.observe(sent.elapsed().as_secs_f64());
+                        Ok(b)
+                    }
                     Ok(r) => r,
                     Err(_) => Err(FetchError::Remote(format!(
                         "no answer within {:?}",

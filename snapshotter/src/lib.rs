@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod format;
 pub mod fs;
 pub mod layout;
+pub mod metrics;
 pub mod mount;
 pub mod oci;
 pub mod record;

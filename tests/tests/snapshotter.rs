@@ -228,13 +228,14 @@ mod remote {
     const MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
     const LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
 
-    fn start_daemon(root: &Path, socket: &Path, log: &Path) -> Result<ChildGuard> {
+    fn start_daemon(root: &Path, socket: &Path, log: &Path, metrics: &str) -> Result<ChildGuard> {
         let (out, err) = util::log_stdio(log)?;
         let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
         cmd.arg("--root")
             .arg(root)
             .arg("--address")
             .arg(socket)
+            .args(["--metrics-address", metrics])
             .args([
                 "--plain-http",
                 "--no-background-fetch",
@@ -326,7 +327,8 @@ mod remote {
         let root = dir.path().join("root");
         let socket = dir.path().join("beam.sock");
         let log = dir.path().join("daemon.log");
-        let mut daemon = start_daemon(&root, &socket, &log)?;
+        let metrics = format!("127.0.0.1:{}", util::free_port()?);
+        let mut daemon = start_daemon(&root, &socket, &log, &metrics)?;
         let mut c = SnapshotsClient::connect(&socket).await?;
         let labels_for = |i: usize, img: &str| -> HashMap<String, String> {
             [
@@ -400,10 +402,27 @@ mod remote {
             util::tail_file(&log, 20)
         );
 
+        // Prometheus metrics say what happened.
+        let text = ureq::get(&format!("http://{metrics}/metrics"))
+            .call()?
+            .into_string()?;
+        for want in [
+            "beam_lazy_mounts_total 2",
+            "beam_fallbacks_total 1",
+            "beam_mounted_layers 2",
+        ] {
+            ensure!(text.contains(want), "metrics lack {want:?}:\n{text}");
+        }
+        ensure!(
+            text.contains("beam_fetch_latency_seconds_count")
+                && !text.contains("beam_fetch_bytes_total 0\n"),
+            "no fetch metrics:\n{text}"
+        );
+
         // kill -9, restart: the lazy layers are remounted and new containers start.
         daemon.kill();
         drop(daemon);
-        let daemon = start_daemon(&root, &socket, &log)?;
+        let daemon = start_daemon(&root, &socket, &log, &metrics)?;
         let mut c = SnapshotsClient::connect(&socket).await?;
         let mounts = c
             .prepare("ctr-2", "layer-1", HashMap::new())

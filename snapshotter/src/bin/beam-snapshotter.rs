@@ -48,6 +48,9 @@ struct Args {
     /// Give up on a chunk after this many seconds (reads then fail with EIO).
     #[arg(long)]
     fetch_deadline: Option<f64>,
+    /// Serve Prometheus metrics on HOST:PORT (`GET /metrics`).
+    #[arg(long)]
+    metrics_address: Option<String>,
 }
 
 impl Args {
@@ -77,6 +80,9 @@ impl Args {
         }
         if let Some(d) = self.fetch_deadline {
             c.fetch.deadline_secs = d;
+        }
+        if let Some(m) = &self.metrics_address {
+            c.metrics_address = Some(m.clone());
         }
         for h in &self.plain_http_hosts {
             match c.registry.iter_mut().find(|r| r.host == *h) {
@@ -188,6 +194,20 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
         }
         Some(r)
     };
+    let counters = Arc::new(beam::metrics::ServiceCounters::default());
+    if let Some(addr) = &config.metrics_address {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics address {addr}"))?;
+        let r = remote.clone();
+        let sources = Arc::new(beam::metrics::Sources {
+            fetcher: remote.as_ref().map(|r| r.fetcher.clone()),
+            service: counters.clone(),
+            mounted_layers: Box::new(move || r.as_ref().map(|r| r.mounted_count()).unwrap_or(0)),
+        });
+        tokio::spawn(beam::metrics::serve(l, sources));
+        tracing::info!(address = %addr, "serving metrics");
+    }
     let listener = tokio::net::UnixListener::bind(&address)
         .with_context(|| format!("listening on {}", address.display()))?;
     std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o600))?;
@@ -205,6 +225,7 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
         beam::daemon::grpc::SnapshotService {
             snapshots,
             remote: remote.clone(),
+            counters,
         },
         listener,
         shutdown,

@@ -17,6 +17,21 @@ pub struct SnapshotService {
     pub snapshots: Arc<Snapshots>,
     /// Lazy layers; `None` serves only ordinary snapshots.
     pub remote: Option<Arc<super::remote::RemoteLayers>>,
+    pub counters: Arc<crate::metrics::ServiceCounters>,
+}
+
+impl SnapshotService {
+    /// Count an error answer (a Stat of a missing snapshot is a question, not an error).
+    fn counted<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
+        if let Err(e) = &r {
+            if e.code() != cs::tonic::Code::NotFound {
+                self.counters
+                    .errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        r
+    }
 }
 
 fn status(e: SnapshotError) -> Status {
@@ -122,23 +137,30 @@ impl cs::Snapshotter for SnapshotService {
             if let Some(target) = l.get(super::remote::labels::TARGET_REF) {
                 match remote.prepare(&self.snapshots, &parent, &l).await {
                     Ok(true) => {
+                        self.counters
+                            .lazy_mounts
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Err(Status::already_exists(format!(
                             "target snapshot {target} exists (mounted lazily)"
-                        )))
+                        )));
                     }
                     Ok(false) => {}
-                    Err(e) => tracing::info!(
+                    Err(e) => {
+                        self.counters
+                            .fallbacks
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(
                         layer = l.get(super::remote::labels::LAYER_DIGEST).map(String::as_str).unwrap_or("?"),
                         target = %target,
                         "no lazy mount, containerd will download the layer: {e:#}"
-                    ),
+                        )
+                    }
                 }
             }
         }
         let s = self.snapshots.clone();
-        blocking(move || s.create(Kind::Active, &key, &parent, l))
-            .await
-            .map(to_pb_mounts)
+        let r = blocking(move || s.create(Kind::Active, &key, &parent, l)).await;
+        self.counted(r).map(to_pb_mounts)
     }
 
     async fn view(
@@ -148,9 +170,8 @@ impl cs::Snapshotter for SnapshotService {
         l: HashMap<String, String>,
     ) -> Result<Vec<cs::api::types::Mount>, Status> {
         let s = self.snapshots.clone();
-        blocking(move || s.create(Kind::View, &key, &parent, labels(l)))
-            .await
-            .map(to_pb_mounts)
+        let r = blocking(move || s.create(Kind::View, &key, &parent, labels(l))).await;
+        self.counted(r).map(to_pb_mounts)
     }
 
     async fn commit(
@@ -160,7 +181,8 @@ impl cs::Snapshotter for SnapshotService {
         l: HashMap<String, String>,
     ) -> Result<(), Status> {
         let s = self.snapshots.clone();
-        blocking(move || s.commit(&name, &key, labels(l))).await
+        let r = blocking(move || s.commit(&name, &key, labels(l))).await;
+        self.counted(r)
     }
 
     async fn remove(&self, key: String) -> Result<(), Status> {

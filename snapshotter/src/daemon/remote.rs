@@ -158,6 +158,11 @@ impl RemoteLayers {
         n
     }
 
+    /// Number of lazy layers mounted now.
+    pub fn mounted_count(&self) -> u64 {
+        self.mounted.lock().expect("remote lock").len() as u64
+    }
+
     /// Unmount everything (daemon stop).
     pub fn unmount_all(&self) {
         let all: Vec<MountedLayer> = self

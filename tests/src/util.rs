@@ -541,6 +541,25 @@ pub fn layers_listed_in(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Write a layer tar of regular files (`path`, contents): root-owned, mode 0644, a fixed
+/// mtime, in the order given.
+pub fn write_tar(path: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    let mut b = tar::Builder::new(std::fs::File::create(path)?);
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, name, &data[..])
+            .with_context(|| format!("adding {name} to {}", path.display()))?;
+    }
+    b.finish()?;
+    Ok(())
+}
+
 /// Unmounts everything under a directory when dropped: declare it after the temp dir it
 /// guards (so it drops first) and before the processes that mount there (so they are stopped
 /// first). Keeps a failing test from leaving mounts behind.

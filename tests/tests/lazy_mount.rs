@@ -24,23 +24,6 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A layer tar of `files` (path, contents).
-fn write_tar(path: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
-    let mut b = tar::Builder::new(std::fs::File::create(path)?);
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, name, &data[..])?;
-    }
-    b.finish()?;
-    Ok(())
-}
-
 struct Env {
     work: tempfile::TempDir,
     _reg: Registry,
@@ -237,7 +220,7 @@ fn reads_fetch_only_the_chunks_they_need_once() -> Result<()> {
     files.push(("small/hello.txt".into(), noise(999, 10_000)));
     files.push(("small/shared.bin".into(), noise(1000, 3 << 20)));
     let tar = env.path("big.tar");
-    write_tar(&tar, &files)?;
+    util::write_tar(&tar, &files)?;
     let specs = [LayerSpec::new(&tar, Compression::Gzip)];
     let layout = env.path("layout-big");
     oci_layout::build(&layout, "v1", &specs)?;
@@ -310,7 +293,7 @@ fn reads_fetch_only_the_chunks_they_need_once() -> Result<()> {
 
     // A second image sharing files with the first fetches only the new chunks.
     let tar2 = env.path("second.tar");
-    write_tar(
+    util::write_tar(
         &tar2,
         &[
             ("copy/shared.bin".into(), files[201].1.clone()),
@@ -354,7 +337,7 @@ fn registry_faults_never_serve_wrong_bytes_and_reads_recover() -> Result<()> {
         .map(|i| (format!("f{i}"), noise(77 + i, 600_000)))
         .collect();
     let tar = env.path("faults.tar");
-    write_tar(&tar, &files)?;
+    util::write_tar(&tar, &files)?;
     let image = env.image("faults", &[tar], &["--chunk-size", "262144"])?;
     let m = env.mount(
         &image,
@@ -420,7 +403,7 @@ fn background_fetch_makes_the_layer_independent_of_the_registry() -> Result<()> 
         .map(|i| (format!("d/f{i}"), noise(500 + i, 300_000)))
         .collect();
     let tar = env.path("bg.tar");
-    write_tar(&tar, &files)?;
+    util::write_tar(&tar, &files)?;
     let image = env.image("bg", &[tar], &[])?;
     let m = env.mount(&image, "mnt", "cache", &["--fetch-deadline", "3"])?;
     let cache = env.path("cache");
@@ -481,7 +464,7 @@ fn recorded_access_order_leads_background_fetch() -> Result<()> {
         .map(|i| (format!("data/f{i:02}"), noise(3000 + i, 100_000)))
         .collect();
     let data = env.path("data.tar");
-    write_tar(&data, &files)?;
+    util::write_tar(&data, &files)?;
     let layout = env.path("layout-rec");
     oci_layout::build(
         &layout,
@@ -554,7 +537,7 @@ fn mirrors_are_tried_first_and_the_origin_backs_them_up() -> Result<()> {
         .map(|i| (format!("m/f{i}"), noise(900 + i, 200_000)))
         .collect();
     let tar = env.path("mirror.tar");
-    write_tar(&tar, &files)?;
+    util::write_tar(&tar, &files)?;
     let image = env.image("mirrored", &[tar], &[])?;
     // A second proxy in front of the same registry plays the mirror.
     let mirror = Proxy::start(&env.proxy.upstream())?;
@@ -591,8 +574,8 @@ fn one_layer_can_be_mounted_alone() -> Result<()> {
     let env = Env::new()?;
     let a = env.path("a.tar");
     let b = env.path("b.tar");
-    write_tar(&a, &[("only-in-a".into(), b"A".to_vec())])?;
-    write_tar(&b, &[("only-in-b".into(), b"B".to_vec())])?;
+    util::write_tar(&a, &[("only-in-a".into(), b"A".to_vec())])?;
+    util::write_tar(&b, &[("only-in-b".into(), b"B".to_vec())])?;
     let specs = [
         LayerSpec::new(&a, Compression::Gzip),
         LayerSpec::new(&b, Compression::Gzip),

@@ -9,6 +9,29 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+/// Start beam-snapshotter on `socket` with state in `root` and `args`, logging to `log`;
+/// wait until it listens. Stopped by PID when the guard drops.
+fn start_daemon(root: &Path, socket: &Path, log: &Path, args: &[&str]) -> Result<ChildGuard> {
+    let (out, err) = util::log_stdio(log)?;
+    let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
+    cmd.arg("--root")
+        .arg(root)
+        .arg("--address")
+        .arg(socket)
+        .args(args)
+        .env("BEAM_LOG", "info,fuser=warn")
+        .stdout(out)
+        .stderr(err);
+    let _ = std::fs::remove_file(socket);
+    let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
+    ensure!(
+        util::wait_for(|| socket.exists(), Duration::from_secs(30)),
+        "beam-snapshotter did not start: {}",
+        util::tail_file(log, 30)
+    );
+    Ok(child)
+}
+
 /// A running beam-snapshotter, stopped by PID on drop.
 struct Daemon {
     child: ChildGuard,
@@ -23,21 +46,7 @@ impl Daemon {
         let dir = util::short_tempdir()?;
         let socket = dir.path().join("beam.sock");
         let root = dir.path().join("root");
-        let log = dir.path().join("daemon.log");
-        let (out, err) = util::log_stdio(&log)?;
-        let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
-        cmd.arg("--root")
-            .arg(&root)
-            .arg("--address")
-            .arg(&socket)
-            .stdout(out)
-            .stderr(err);
-        let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
-        ensure!(
-            util::wait_for(|| socket.exists(), Duration::from_secs(20)),
-            "beam-snapshotter did not create its socket: {}",
-            util::tail_file(&log, 30)
-        );
+        let child = start_daemon(&root, &socket, &dir.path().join("daemon.log"), &[])?;
         Ok(Daemon {
             child,
             socket,
@@ -229,30 +238,19 @@ mod remote {
     const LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
 
     fn start_daemon(root: &Path, socket: &Path, log: &Path, metrics: &str) -> Result<ChildGuard> {
-        let (out, err) = util::log_stdio(log)?;
-        let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
-        cmd.arg("--root")
-            .arg(root)
-            .arg("--address")
-            .arg(socket)
-            .args(["--metrics-address", metrics])
-            .args([
+        super::start_daemon(
+            root,
+            socket,
+            log,
+            &[
+                "--metrics-address",
+                metrics,
                 "--plain-http",
                 "--no-background-fetch",
                 "--fetch-deadline",
                 "10",
-            ])
-            .env("BEAM_LOG", "info,fuser=warn")
-            .stdout(out)
-            .stderr(err);
-        let _ = std::fs::remove_file(socket);
-        let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
-        ensure!(
-            util::wait_for(|| socket.exists(), Duration::from_secs(30)),
-            "beam-snapshotter did not start: {}",
-            util::tail_file(log, 30)
-        );
-        Ok(child)
+            ],
+        )
     }
 
     fn mount_overlay(
@@ -286,19 +284,7 @@ mod remote {
         let bb = work.path().join("busybox.tar");
         util::run_fixture("make-busybox-layer.sh", &[&bb])?;
         let data = work.path().join("data.tar");
-        {
-            let mut b = tar::Builder::new(std::fs::File::create(&data)?);
-            let body = vec![7u8; 3 << 20];
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_size(body.len() as u64);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1_700_000_000);
-            b.append_data(&mut h, "data/sevens.bin", &body[..])?;
-            b.finish()?;
-        }
+        util::write_tar(&data, &[("data/sevens.bin".into(), vec![7u8; 3 << 20])])?;
         let layout = work.path().join("layout");
         let built = oci_layout::build_with_config(
             &layout,
@@ -459,23 +445,7 @@ mod storm {
     use std::collections::HashMap;
 
     fn start(root: &Path, socket: &Path, log: &Path) -> Result<ChildGuard> {
-        let (out, err) = util::log_stdio(log)?;
-        let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
-        cmd.arg("--root")
-            .arg(root)
-            .arg("--address")
-            .arg(socket)
-            .arg("--no-remote")
-            .stdout(out)
-            .stderr(err);
-        let _ = std::fs::remove_file(socket);
-        let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
-        ensure!(
-            util::wait_for(|| socket.exists(), Duration::from_secs(30)),
-            "beam-snapshotter did not start: {}",
-            util::tail_file(log, 30)
-        );
-        Ok(child)
+        start_daemon(root, socket, log, &["--no-remote"])
     }
 
     /// 200 clients prepare, commit and remove on overlapping chains at once; then the store
@@ -634,17 +604,13 @@ mod footprint {
         let mut specs = Vec::new();
         for i in 0..20 {
             let tar = work.path().join(format!("l{i}.tar"));
-            let mut b = tar::Builder::new(std::fs::File::create(&tar)?);
-            let body = format!("layer {i}\n").repeat(1000);
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_size(body.len() as u64);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1_700_000_000);
-            b.append_data(&mut h, format!("f{i}.txt"), body.as_bytes())?;
-            b.finish()?;
+            util::write_tar(
+                &tar,
+                &[(
+                    format!("f{i}.txt"),
+                    format!("layer {i}\n").repeat(1000).into_bytes(),
+                )],
+            )?;
             specs.push(LayerSpec::new(&tar, Compression::Gzip));
         }
         let layout = work.path().join("layout");
@@ -662,17 +628,12 @@ mod footprint {
         let root = dir.path().join("root");
         let socket = dir.path().join("beam.sock");
         let log = dir.path().join("d.log");
-        let (out, err) = util::log_stdio(&log)?;
-        let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
-        cmd.arg("--root")
-            .arg(&root)
-            .arg("--address")
-            .arg(&socket)
-            .args(["--plain-http", "--no-background-fetch"])
-            .stdout(out)
-            .stderr(err);
-        let mut daemon = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
-        ensure!(util::wait_for(|| socket.exists(), Duration::from_secs(30)));
+        let mut daemon = start_daemon(
+            &root,
+            &socket,
+            &log,
+            &["--plain-http", "--no-background-fetch"],
+        )?;
         let mut c = SnapshotsClient::connect(&socket).await?;
         let rss = |pid: u32| -> Result<u64> {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -405,6 +405,30 @@ mod remote {
             "no fetch metrics:\n{text}"
         );
 
+        // `beam status` reads the same state over the control API.
+        let status = beam::ok(&[
+            "status",
+            "--json",
+            "--address",
+            socket.to_str().context("utf-8")?,
+        ])?;
+        let st: serde_json::Value = serde_json::from_str(&status)?;
+        ensure!(
+            st["lazy_mounts"] == 2
+                && st["fallbacks"] == 1
+                && st["layers"].as_array().map(Vec::len) == Some(2),
+            "beam status: {status}"
+        );
+        let data_layer = st["layers"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["layer"] == built.layers[1].0.as_str()))
+            .context("data layer in status")?;
+        ensure!(
+            data_layer["chunks_cached"].as_u64() >= Some(1)
+                && data_layer["reads"].as_u64() >= Some(1),
+            "fetch progress of the data layer: {data_layer}"
+        );
+
         // kill -9, restart: the lazy layers are remounted and new containers start.
         daemon.kill();
         drop(daemon);

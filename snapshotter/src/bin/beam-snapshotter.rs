@@ -221,12 +221,19 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
         }
         tracing::info!("stopping");
     };
+    let control = beam::daemon::control::ControlService {
+        snapshots: snapshots.clone(),
+        remote: remote.clone(),
+        counters: counters.clone(),
+        cache_budget: config.cache.budget_bytes,
+    };
     beam::daemon::grpc::serve(
         beam::daemon::grpc::SnapshotService {
             snapshots,
             remote: remote.clone(),
             counters,
         },
+        control,
         listener,
         shutdown,
     )

@@ -130,6 +130,15 @@ enum Command {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Ask a running beam-snapshotter what it is doing: lazy layers and their fetch progress,
+    /// cache use, fetch counters.
+    Status {
+        /// The daemon's socket.
+        #[arg(long, default_value = "/run/beam/beam.sock")]
+        address: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The local chunk cache.
     Cache {
         #[command(subcommand)]
@@ -410,6 +419,66 @@ async fn run(cli: Cli) -> Result<()> {
                     None => " (workload stopped at the timeout)".into(),
                 }
             );
+            Ok(())
+        }
+        Command::Status { address, json } => {
+            let s = beam::daemon::control::fetch_status(&address).await?;
+            if json {
+                let layers: Vec<_> = s
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "snapshot": l.snapshot, "image": l.image, "layer": l.layer,
+                            "mountpoint": l.mountpoint, "chunks_total": l.chunks_total,
+                            "chunks_cached": l.chunks_cached, "reads": l.reads,
+                            "read_errors": l.read_errors,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": s.version, "layers": layers,
+                        "cache_bytes": s.cache_bytes, "cache_budget_bytes": s.cache_budget_bytes,
+                        "fetch_requests": s.fetch_requests, "fetch_bytes": s.fetch_bytes,
+                        "fetch_failures": s.fetch_failures, "lazy_mounts": s.lazy_mounts,
+                        "fallbacks": s.fallbacks,
+                    })
+                );
+            } else {
+                println!("beam-snapshotter {}", s.version);
+                println!(
+                    "lazy mounts {} (fallbacks {}); fetched {:.1} MB in {} requests ({} failed)",
+                    s.lazy_mounts,
+                    s.fallbacks,
+                    s.fetch_bytes as f64 / 1e6,
+                    s.fetch_requests,
+                    s.fetch_failures
+                );
+                println!(
+                    "cache {:.1} MB (budget {})",
+                    s.cache_bytes as f64 / 1e6,
+                    if s.cache_budget_bytes == 0 {
+                        "unlimited".to_string()
+                    } else {
+                        format!("{:.1} MB", s.cache_budget_bytes as f64 / 1e6)
+                    }
+                );
+                for l in &s.layers {
+                    println!(
+                        "layer {} ({})\n  snapshot {}\n  fetched {}/{} chunks, {} reads, {} errors, at {}",
+                        l.layer,
+                        l.image,
+                        l.snapshot,
+                        l.chunks_cached,
+                        l.chunks_total,
+                        l.reads,
+                        l.read_errors,
+                        if l.mountpoint.is_empty() { "(not mounted)" } else { &l.mountpoint }
+                    );
+                }
+            }
             Ok(())
         }
         Command::Cache { command } => match command {

@@ -224,12 +224,14 @@ impl cs::Snapshotter for SnapshotService {
 /// Serve the snapshots API on the unix socket `listener` until `shutdown` resolves.
 pub async fn serve(
     service: SnapshotService,
+    control: super::control::ControlService,
     listener: tokio::net::UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     cs::tonic::transport::Server::builder()
         .add_service(cs::server(Arc::new(service)))
+        .add_service(super::control::server(control))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

@@ -1,5 +1,6 @@
 //! beam-snapshotter's service plumbing: the gRPC adapter for containerd and systemd readiness.
 
+pub mod control;
 pub mod grpc;
 pub mod remote;
 

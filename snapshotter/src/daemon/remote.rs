@@ -158,6 +158,32 @@ impl RemoteLayers {
         n
     }
 
+    /// Per mounted layer: snapshot id, mountpoint, chunks in the layer, chunks cached, reads,
+    /// read errors.
+    pub fn layer_states(&self) -> Vec<(u64, String, u64, u64, u64, u64)> {
+        let mounted = self.mounted.lock().expect("remote lock");
+        mounted
+            .iter()
+            .map(|(id, m)| {
+                let total = m.index.chunk_count();
+                let cached = (0..total)
+                    .filter_map(|i| m.index.chunk(i).ok())
+                    .filter(|c| self.fetcher.cache.contains(&c.digest))
+                    .count() as u64;
+                (
+                    *id,
+                    m.mountpoint.display().to_string(),
+                    total,
+                    cached,
+                    m.counters.reads.load(std::sync::atomic::Ordering::Relaxed),
+                    m.counters
+                        .read_errors
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// Number of lazy layers mounted now.
     pub fn mounted_count(&self) -> u64 {
         self.mounted.lock().expect("remote lock").len() as u64

@@ -1,0 +1,104 @@
+//! Beam's control API (`proto/beam/control/v1/control.proto`): the daemon's state for
+//! `beam status`. Server and client live here so that, like the snapshots adapter, the tonic
+//! 0.9 types stay inside the daemon module; callers get [`DaemonStatus`].
+
+// Generated code and tonic's large `Status` error type.
+#![allow(clippy::result_large_err)]
+
+use super::remote::RemoteLayers;
+use crate::metrics::ServiceCounters;
+use crate::snapshot::Snapshots;
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Generated bindings.
+pub mod pb {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("beam.control.v1");
+}
+
+pub use pb::{LayerStatus, StatusResponse as DaemonStatus};
+
+/// The control service.
+pub struct ControlService {
+    pub snapshots: Arc<Snapshots>,
+    pub remote: Option<Arc<RemoteLayers>>,
+    pub counters: Arc<ServiceCounters>,
+    pub cache_budget: u64,
+}
+
+impl ControlService {
+    /// The daemon's state now.
+    pub fn status(&self) -> DaemonStatus {
+        let mut s = DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            lazy_mounts: self.counters.lazy_mounts.load(Ordering::Relaxed),
+            fallbacks: self.counters.fallbacks.load(Ordering::Relaxed),
+            cache_budget_bytes: self.cache_budget,
+            ..Default::default()
+        };
+        let Some(remote) = &self.remote else {
+            return s;
+        };
+        let f = &remote.fetcher;
+        s.fetch_requests = f.counters.requests.load(Ordering::Relaxed);
+        s.fetch_bytes = f.counters.bytes.load(Ordering::Relaxed);
+        s.fetch_failures = f.counters.failures.load(Ordering::Relaxed);
+        s.cache_bytes = f.cache.used();
+        let by_id = remote.layer_states();
+        if let Ok(records) = self.snapshots.remote_records() {
+            for r in records {
+                let Some(remote_layer) = r.remote else {
+                    continue;
+                };
+                let state = by_id.iter().find(|l| l.0 == r.id);
+                s.layers.push(LayerStatus {
+                    snapshot: r.name,
+                    image: remote_layer.image,
+                    layer: remote_layer.layer,
+                    mountpoint: state.map(|l| l.1.clone()).unwrap_or_default(),
+                    chunks_total: state.map(|l| l.2).unwrap_or(0),
+                    chunks_cached: state.map(|l| l.3).unwrap_or(0),
+                    reads: state.map(|l| l.4).unwrap_or(0),
+                    read_errors: state.map(|l| l.5).unwrap_or(0),
+                });
+            }
+        }
+        s
+    }
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn status(
+        &self,
+        _req: tonic::Request<pb::StatusRequest>,
+    ) -> Result<tonic::Response<DaemonStatus>, tonic::Status> {
+        Ok(tonic::Response::new(ControlService::status(self)))
+    }
+}
+
+/// The tonic service to add to the daemon's server.
+pub fn server(svc: ControlService) -> pb::control_server::ControlServer<ControlService> {
+    pb::control_server::ControlServer::new(svc)
+}
+
+/// Ask the daemon listening on `socket` for its state.
+pub async fn fetch_status(socket: &Path) -> Result<DaemonStatus> {
+    let socket = socket.to_path_buf();
+    let shown = socket.display().to_string();
+    let channel = tonic::transport::Endpoint::try_from("http://[::1]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            tokio::net::UnixStream::connect(socket.clone())
+        }))
+        .await
+        .with_context(|| format!("connecting to beam-snapshotter at {shown}"))?;
+    let mut client = pb::control_client::ControlClient::new(channel);
+    let r = client
+        .status(pb::StatusRequest {})
+        .await
+        .with_context(|| format!("asking beam-snapshotter at {shown} for its status"))?;
+    Ok(r.into_inner())
+}

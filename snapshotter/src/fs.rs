@@ -395,7 +395,8 @@ impl Filesystem for LayerFs {
             let mut last = self.last_read_end.lock().expect("read lock");
             let seq = last.get(&ino.0) == Some(&offset);
             last.insert(ino.0, offset + size as u64);
-            seq
+            // Look ahead once per chunk a sequential reader enters, not on every read.
+            seq && offset % cs < size as u64
         };
         if sequential {
             // A sequential reader will want the next chunks: start fetching them now, without

@@ -66,6 +66,22 @@ pub struct ResolvedManifest {
 }
 
 impl Store {
+    /// A registry location served by an existing client (one client per daemon: its
+    /// connections and tokens are reused across layers).
+    pub fn with_registry(
+        reference: Reference,
+        registry: Arc<Registry>,
+        opts: &RemoteOptions,
+    ) -> Self {
+        Store {
+            registry: Some(registry),
+            layout: None,
+            location: Location::Registry(reference),
+            mirrors: opts.mirrors.clone(),
+            host_mirrors: opts.host_mirrors.clone(),
+        }
+    }
+
     /// Open `location`. `create` makes an OCI layout when missing.
     pub fn open(location: Location, opts: &RemoteOptions, create: bool) -> Result<Self> {
         match &location {

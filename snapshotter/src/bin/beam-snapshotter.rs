@@ -187,7 +187,7 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
         };
         let r = Arc::new(beam::daemon::remote::RemoteLayers::new(
             fetcher, registry, mount,
-        ));
+        )?);
         let n = r.recover(&snapshots).await;
         if n > 0 {
             tracing::info!(layers = n, "remounted lazy layers");

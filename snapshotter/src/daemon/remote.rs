@@ -29,18 +29,25 @@ pub mod labels {
 pub struct RemoteLayers {
     pub fetcher: Arc<Fetcher>,
     pub registry: RemoteOptions,
+    /// The daemon's one registry client.
+    client: Arc<crate::remote::Registry>,
     pub mount: MountOptions,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
 }
 
 impl RemoteLayers {
-    pub fn new(fetcher: Arc<Fetcher>, registry: RemoteOptions, mount: MountOptions) -> Self {
-        RemoteLayers {
+    pub fn new(
+        fetcher: Arc<Fetcher>,
+        registry: RemoteOptions,
+        mount: MountOptions,
+    ) -> Result<Self> {
+        Ok(RemoteLayers {
+            client: Arc::new(crate::remote::Registry::new(&registry)?),
             fetcher,
             registry,
             mount,
             mounted: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Mount the layer `remote` lazily at `mountpoint`.
@@ -50,7 +57,7 @@ impl RemoteLayers {
             bail!("image {} is not in a registry", remote.image);
         };
         let at_manifest = crate::remote::with_digest(reference, &remote.manifest);
-        let store = Store::open(Location::Registry(at_manifest), &self.registry, false)?;
+        let store = Store::with_registry(at_manifest, self.client.clone(), &self.registry);
         let Some((artifact, layers)) = store.find_beam(&remote.manifest).await? else {
             bail!("image {} has no Beam conversion", remote.manifest);
         };

@@ -192,6 +192,15 @@ fn to_bytes(v: &Value) -> Result<Vec<u8>> {
     serde_json::to_vec(v).context("serialising JSON")
 }
 
+/// [`build`] with every layer tar gzip-compressed: the common case in tests.
+pub fn build_gzip(dir: &Path, tag: &str, tars: &[PathBuf]) -> Result<String> {
+    let specs: Vec<LayerSpec> = tars
+        .iter()
+        .map(|p| LayerSpec::new(p, Compression::Gzip))
+        .collect();
+    build(dir, tag, &specs)
+}
+
 /// Builds (or adds to) an OCI image layout in `dir` with one image tagged `tag` made of
 /// `layers` (bottom first), with a default config. Returns the manifest digest (`sha256:...`).
 pub fn build(dir: &Path, tag: &str, layers: &[LayerSpec]) -> Result<String> {

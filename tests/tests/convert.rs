@@ -232,12 +232,8 @@ fn every_tar_special_case_round_trips_through_an_oci_layout() -> Result<()> {
     let layers_dir = work.path().join("layers");
     util::run_fixture("make-special-layers.sh", &[&layers_dir])?;
     let layers = util::layers_listed_in(&layers_dir)?;
-    let specs: Vec<LayerSpec> = layers
-        .iter()
-        .map(|p| LayerSpec::new(p, Compression::Gzip))
-        .collect();
     let layout = work.path().join("layout");
-    oci_layout::build(&layout, "special", &specs)?;
+    oci_layout::build_gzip(&layout, "special", &layers)?;
     let image = format!("oci:{}:special", layout.display());
     // Small chunks so that files span several chunks.
     beam_ok(&["convert", "--chunk-size", "65536", &image])?;

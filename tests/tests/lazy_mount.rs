@@ -48,12 +48,8 @@ impl Env {
 
     /// Build `layers` into an image, push it (with the original) through Beam and convert.
     fn image(&self, name: &str, layers: &[PathBuf], extra: &[&str]) -> Result<String> {
-        let specs: Vec<LayerSpec> = layers
-            .iter()
-            .map(|p| LayerSpec::new(p, Compression::Gzip))
-            .collect();
         let layout = self.path(&format!("layout-{name}"));
-        oci_layout::build(&layout, "v1", &specs)?;
+        oci_layout::build_gzip(&layout, "v1", layers)?;
         let image = format!("{}/{name}:v1", self.proxy.addr());
         let src = format!("oci:{}:v1", layout.display());
         let mut args = vec!["convert", "--plain-http"];
@@ -146,18 +142,7 @@ fn python_rootfs_reads_through_the_lazy_mount_equal_the_source() -> Result<()> {
     ensure!(String::from_utf8_lossy(&out.stdout).trim() == "42");
 
     // Every file, byte for byte, and every attribute and xattr, as beam unpack has them.
-    let lazy = tree::snapshot(&m.target)?;
-    let reference = tree::snapshot(&unpacked)?;
-    tree::assert_same_with(
-        &lazy,
-        &reference,
-        &DiffOptions {
-            ignore_root: true,
-            // overlayfs reports 1 link for merged directories.
-            ignore_dir_nlink: true,
-            ..DiffOptions::default()
-        },
-    );
+    assert_same_as_unpacked(&m.target, &unpacked)?;
     m.stop()?;
     Ok(())
 }
@@ -169,12 +154,8 @@ fn special_layers_appear_through_overlay_as_unpack_has_them() -> Result<()> {
     let layers_dir = work.path().join("layers");
     util::run_fixture("make-special-layers.sh", &[&layers_dir])?;
     let layers = util::layers_listed_in(&layers_dir)?;
-    let specs: Vec<LayerSpec> = layers
-        .iter()
-        .map(|p| LayerSpec::new(p, Compression::Gzip))
-        .collect();
     let layout = work.path().join("layout");
-    oci_layout::build(&layout, "special", &specs)?;
+    oci_layout::build_gzip(&layout, "special", &layers)?;
     let image = format!("oci:{}:special", layout.display());
     beam::ok(&["convert", "--chunk-size", "65536", &image])?;
     let unpacked = work.path().join("unpacked");
@@ -186,26 +167,7 @@ fn special_layers_appear_through_overlay_as_unpack_has_them() -> Result<()> {
         &work.path().join("cache"),
         &work.path().join("mnt-work"),
     )?;
-    let lazy = tree::snapshot(&m.target)?;
-    let reference = tree::snapshot(&unpacked)?;
-    // overlayfs keeps trusted.overlay.* xattrs of lower layers to itself.
-    let strip = |t: &std::collections::BTreeMap<Vec<u8>, tree::Entry>| {
-        let mut t = t.clone();
-        for e in t.values_mut() {
-            e.xattrs.retain(|k, _| !k.starts_with(b"trusted.overlay."));
-        }
-        t
-    };
-    tree::assert_same_with(
-        &strip(&lazy),
-        &strip(&reference),
-        &DiffOptions {
-            ignore_root: true,
-            // overlayfs reports 1 link for merged directories.
-            ignore_dir_nlink: true,
-            ..DiffOptions::default()
-        },
-    );
+    assert_same_as_unpacked(&m.target, &unpacked)?;
     m.stop()?;
     Ok(())
 }
@@ -433,6 +395,28 @@ fn background_fetch_makes_the_layer_independent_of_the_registry() -> Result<()> 
     }
     env.proxy.set_down(false);
     m.stop()?;
+    Ok(())
+}
+
+/// The tree seen through a lazy mount equals `beam unpack`'s, but for what overlayfs itself
+/// changes: merged directories report 1 link, and it keeps lower layers' `trusted.overlay.*`
+/// xattrs to itself.
+fn assert_same_as_unpacked(mount: &Path, unpacked: &Path) -> Result<()> {
+    let strip = |mut t: std::collections::BTreeMap<Vec<u8>, tree::Entry>| {
+        for e in t.values_mut() {
+            e.xattrs.retain(|k, _| !k.starts_with(b"trusted.overlay."));
+        }
+        t
+    };
+    tree::assert_same_with(
+        &strip(tree::snapshot(mount)?),
+        &strip(tree::snapshot(unpacked)?),
+        &DiffOptions {
+            ignore_root: true,
+            ignore_dir_nlink: true,
+            ..DiffOptions::default()
+        },
+    );
     Ok(())
 }
 

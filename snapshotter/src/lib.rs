@@ -9,8 +9,10 @@
 
 pub mod cache;
 pub mod config;
+pub mod containerd;
 pub mod convert;
 pub mod daemon;
+pub mod doctor;
 pub mod fetch;
 pub mod format;
 pub mod fs;
@@ -18,6 +20,7 @@ pub mod layout;
 pub mod metrics;
 pub mod mount;
 pub mod oci;
+pub mod pull;
 pub mod record;
 pub mod remote;
 pub mod snapshot;

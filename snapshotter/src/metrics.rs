@@ -20,6 +20,11 @@ pub struct ServiceCounters {
     pub lazy_mounts: AtomicU64,
     /// Prepares that asked for a lazy layer and fell back to an ordinary snapshot.
     pub fallbacks: AtomicU64,
+    /// Of the fallbacks, those whose Prepare had no image labels at all (containerd is not
+    /// passing the remote-snapshot annotations).
+    pub unlabelled: AtomicU64,
+    /// The reason of the last fallback, for `beam status` and `beam doctor`.
+    pub last_fallback: std::sync::Mutex<String>,
     /// Requests answered with an error.
     pub errors: AtomicU64,
 }
@@ -118,6 +123,12 @@ pub fn render(s: &Sources) -> String {
         "fallbacks",
         "Lazy-layer requests that fell back to an ordinary snapshot",
         sc.fallbacks.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut reg,
+        "unlabelled_layer_prepares",
+        "Layer requests without the remote-snapshot labels (containerd passes no annotations)",
+        sc.unlabelled.load(Ordering::Relaxed),
     );
     counter(
         &mut reg,

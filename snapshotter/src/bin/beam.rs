@@ -144,6 +144,59 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Pull IMAGE into containerd with the remote-snapshot labels on every layer, so that
+    /// beam-snapshotter mounts converted layers lazily (nothing but manifest and config is
+    /// downloaded). Then `ctr run --snapshotter beam IMAGE ...` starts it.
+    Pull {
+        /// containerd's socket.
+        #[arg(
+            long,
+            env = "CONTAINERD_ADDRESS",
+            default_value = "/run/containerd/containerd.sock"
+        )]
+        address: PathBuf,
+        /// containerd namespace (`default` is ctr's; CRI uses `k8s.io`).
+        #[arg(
+            long,
+            short = 'n',
+            env = "CONTAINERD_NAMESPACE",
+            default_value = "default"
+        )]
+        namespace: String,
+        /// The snapshotter's name in containerd's config (`[proxy_plugins.NAME]`).
+        #[arg(long, default_value = "beam")]
+        snapshotter: String,
+        #[command(flatten)]
+        registry: RegistryFlags,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Image: `host[:port]/repo:tag` or `...@sha256:...`.
+        image: String,
+    },
+    /// Check that containerd and beam-snapshotter are set up so pulls are lazy: reads
+    /// containerd's config, asks containerd and the daemon, and says which line to change.
+    /// Exits with 1 when something is wrong.
+    Doctor {
+        /// containerd's config file.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
+        /// containerd's socket.
+        #[arg(
+            long,
+            env = "CONTAINERD_ADDRESS",
+            default_value = "/run/containerd/containerd.sock"
+        )]
+        address: PathBuf,
+        /// beam-snapshotter's socket.
+        #[arg(long, default_value = "/run/beam/beam.sock")]
+        beam_address: PathBuf,
+        /// The snapshotter's name in containerd's config.
+        #[arg(long, default_value = "beam")]
+        snapshotter: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an image's Beam conversion: artifact, layers, chunk counts.
     Inspect {
         #[command(flatten)]
@@ -291,6 +344,104 @@ async fn run(cli: Cli) -> Result<()> {
                         if r.already { " (already converted)" } else { "" }
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::Pull {
+            address,
+            namespace,
+            snapshotter,
+            registry,
+            json,
+            image,
+        } => {
+            let opts = beam::pull::PullOptions {
+                address,
+                namespace,
+                snapshotter,
+                registry: registry.options(),
+                progress: !json,
+            };
+            let r = beam::pull::pull(&image, &opts).await?;
+            let lazy = r.count(|o| *o == beam::pull::LayerOutcome::Lazy);
+            let downloaded = r.count(|o| matches!(o, beam::pull::LayerOutcome::Downloaded(_)));
+            let present = r.count(|o| *o == beam::pull::LayerOutcome::Present);
+            if json {
+                let layers: Vec<_> = r
+                    .layers
+                    .iter()
+                    .map(|(digest, chain, o)| {
+                        let (how, bytes) = match o {
+                            beam::pull::LayerOutcome::Lazy => ("lazy", 0),
+                            beam::pull::LayerOutcome::Present => ("present", 0),
+                            beam::pull::LayerOutcome::Downloaded(n) => ("downloaded", *n),
+                        };
+                        serde_json::json!({"digest": digest, "chain_id": chain, "how": how, "bytes": bytes})
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "image": r.name,
+                    "target": r.target,
+                    "manifest": r.manifest,
+                    "converted": r.converted,
+                    "layers": layers,
+                    "lazy": lazy,
+                    "downloaded": downloaded,
+                    "present": present,
+                    "downloaded_bytes": r.downloaded_bytes(),
+                    "seconds": r.seconds,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{}: {} layers, {lazy} lazy, {downloaded} downloaded ({:.1} MB), {present} \
+                     already present, {:.2}s",
+                    r.name,
+                    r.layers.len(),
+                    r.downloaded_bytes() as f64 / 1e6,
+                    r.seconds
+                );
+            }
+            if r.converted && downloaded > 0 {
+                eprintln!(
+                    "beam: {} has a Beam conversion, yet {downloaded} layer(s) were downloaded \
+                     in full: see beam-snapshotter's log for the reason, or run `beam doctor`",
+                    r.name
+                );
+            } else if !r.converted && downloaded > 0 {
+                eprintln!(
+                    "beam: {} has no Beam conversion (run `beam convert {}`): its layers were \
+                     downloaded in full",
+                    r.name, r.name
+                );
+            }
+            Ok(())
+        }
+        Command::Doctor {
+            containerd_config,
+            address,
+            beam_address,
+            snapshotter,
+            json,
+        } => {
+            let findings = beam::doctor::run(&beam::doctor::DoctorOptions {
+                containerd_config,
+                containerd_address: address,
+                beam_address,
+                snapshotter,
+            })
+            .await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&findings)?);
+            } else {
+                print!("{}", beam::doctor::render(&findings));
+            }
+            let errors = findings
+                .iter()
+                .filter(|f| f.severity == beam::doctor::Severity::Error)
+                .count();
+            if errors > 0 {
+                bail!("{errors} problem(s) found");
             }
             Ok(())
         }
@@ -444,6 +595,8 @@ async fn run(cli: Cli) -> Result<()> {
                         "fetch_requests": s.fetch_requests, "fetch_bytes": s.fetch_bytes,
                         "fetch_failures": s.fetch_failures, "lazy_mounts": s.lazy_mounts,
                         "fallbacks": s.fallbacks,
+                        "unlabelled_layer_prepares": s.unlabelled_layer_prepares,
+                        "last_fallback": s.last_fallback,
                     })
                 );
             } else {
@@ -456,6 +609,16 @@ async fn run(cli: Cli) -> Result<()> {
                     s.fetch_requests,
                     s.fetch_failures
                 );
+                if !s.last_fallback.is_empty() {
+                    println!("last fallback: {}", s.last_fallback);
+                }
+                if s.unlabelled_layer_prepares > 0 {
+                    println!(
+                        "{} layer(s) came without the remote-snapshot labels and were pulled in \
+                         full: run `beam doctor`",
+                        s.unlabelled_layer_prepares
+                    );
+                }
                 println!(
                     "cache {:.1} MB (budget {})",
                     s.cache_bytes as f64 / 1e6,

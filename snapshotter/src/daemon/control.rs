@@ -36,6 +36,13 @@ impl ControlService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             lazy_mounts: self.counters.lazy_mounts.load(Ordering::Relaxed),
             fallbacks: self.counters.fallbacks.load(Ordering::Relaxed),
+            unlabelled_layer_prepares: self.counters.unlabelled.load(Ordering::Relaxed),
+            last_fallback: self
+                .counters
+                .last_fallback
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
             cache_budget_bytes: self.cache_budget,
             ..Default::default()
         };

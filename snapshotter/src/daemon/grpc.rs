@@ -146,14 +146,26 @@ impl cs::Snapshotter for SnapshotService {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        self.counters
-                            .fallbacks
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        use std::sync::atomic::Ordering::Relaxed;
+                        self.counters.fallbacks.fetch_add(1, Relaxed);
+                        let layer = l
+                            .get(super::remote::labels::LAYER_DIGEST)
+                            .map(String::as_str)
+                            .unwrap_or("?");
+                        if !l.contains_key(super::remote::labels::IMAGE_REF)
+                            && !l.contains_key(super::remote::labels::LAYER_DIGEST)
+                        {
+                            self.counters.unlabelled.fetch_add(1, Relaxed);
+                        }
+                        let reason = format!("layer {layer} (target {target}): {e:#}");
                         tracing::info!(
-                        layer = l.get(super::remote::labels::LAYER_DIGEST).map(String::as_str).unwrap_or("?"),
-                        target = %target,
-                        "no lazy mount, containerd will download the layer: {e:#}"
-                        )
+                            layer,
+                            target = %target,
+                            "no lazy mount, containerd will download the layer: {e:#}"
+                        );
+                        if let Ok(mut last) = self.counters.last_fallback.lock() {
+                            *last = reason;
+                        }
                     }
                 }
             }

@@ -1,0 +1,313 @@
+//! `beam pull` + `ctr run --snapshotter beam` through a real containerd, registry and
+//! beam-snapshotter: converted layers are never downloaded, only the chunks the container
+//! reads; unconverted images are pulled in full; removing the image leaves nothing behind.
+
+use anyhow::{ensure, Context, Result};
+use beam_tests::util::{self, ChildGuard};
+use beam_tests::{beam, oci_layout, Proxy};
+use beam_tests::{Compression, Containerd, ContainerdOptions, LayerSpec, Registry};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A beam-snapshotter for these tests, stopped by PID on drop; its mounts are checked.
+struct Daemon {
+    child: ChildGuard,
+    socket: PathBuf,
+    root: PathBuf,
+    log: PathBuf,
+    _unmount: util::UnmountOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Result<Daemon> {
+        let dir = util::short_tempdir()?;
+        let socket = dir.path().join("beam.sock");
+        let root = dir.path().join("root");
+        let log = dir.path().join("daemon.log");
+        let (out, err) = util::log_stdio(&log)?;
+        let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
+        cmd.arg("--root")
+            .arg(&root)
+            .arg("--address")
+            .arg(&socket)
+            .args(args)
+            .env("BEAM_LOG", "info,fuser=warn")
+            .stdout(out)
+            .stderr(err);
+        let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
+        ensure!(
+            util::wait_for(|| socket.exists(), Duration::from_secs(30)),
+            "beam-snapshotter did not start: {}",
+            util::tail_file(&log, 30)
+        );
+        Ok(Daemon {
+            child,
+            socket,
+            _unmount: util::UnmountOnDrop(root.clone()),
+            root,
+            log,
+            _dir: dir,
+        })
+    }
+
+    fn containerd_config(&self) -> String {
+        format!(
+            "[proxy_plugins]\n  [proxy_plugins.beam]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+            self.socket.display()
+        )
+    }
+
+    fn status(&self) -> Result<serde_json::Value> {
+        let out = beam::ok(&[
+            "status",
+            "--json",
+            "--address",
+            self.socket.to_str().context("utf-8")?,
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    fn stop(mut self) -> Result<()> {
+        self.child.stop(Duration::from_secs(10));
+        let left = util::mounts_under(&self.root)?;
+        ensure!(
+            left.is_empty(),
+            "mounts left under the daemon root: {left:?}"
+        );
+        Ok(())
+    }
+}
+
+/// `beam pull --address ... --namespace ... --plain-http IMAGE --json`.
+fn beam_pull(c: &Containerd, image: &str) -> Result<serde_json::Value> {
+    let out = beam::ok(&[
+        "pull",
+        "--address",
+        c.address().to_str().context("utf-8")?,
+        "--namespace",
+        c.namespace(),
+        "--plain-http",
+        "--json",
+        image,
+    ])?;
+    serde_json::from_str(&out).with_context(|| format!("beam pull printed {out}"))
+}
+
+fn snapshot_names(c: &Containerd) -> Result<Vec<String>> {
+    let out = c.ctr(&["snapshots", "--snapshotter", "beam", "ls"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect())
+}
+
+/// A two-layer image (busybox, then a data layer with a small file the test reads and a big
+/// one it does not), converted; and the same image unconverted under another name.
+struct Images {
+    _work: tempfile::TempDir,
+    converted: String,
+    plain: String,
+    built: oci_layout::BuiltImage,
+}
+
+fn build_images(registry: &str) -> Result<Images> {
+    let work = tempfile::tempdir()?;
+    let bb = work.path().join("busybox.tar");
+    util::run_fixture("make-busybox-layer.sh", &[&bb])?;
+    let data = work.path().join("data.tar");
+    let mut big = vec![0u8; 16 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in big.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    util::write_tar(
+        &data,
+        &[
+            (
+                "data/hello.txt".into(),
+                b"hello from a lazy layer\n".to_vec(),
+            ),
+            ("data/big.bin".into(), big),
+        ],
+    )?;
+    let layout = work.path().join("layout");
+    let built = oci_layout::build_with_config(
+        &layout,
+        "v1",
+        &[
+            LayerSpec::new(&bb, Compression::Gzip),
+            LayerSpec::new(&data, Compression::Gzip),
+        ],
+        &Default::default(),
+    )?;
+    let converted = format!("{registry}/pull/bb:v1");
+    beam::ok(&[
+        "convert",
+        "--plain-http",
+        &format!("oci:{}:v1", layout.display()),
+        &converted,
+    ])?;
+    let plain = format!("{registry}/plain/bb:v1");
+    oci_layout::push_with_skopeo(&layout, "v1", &plain)?;
+    Ok(Images {
+        _work: work,
+        converted,
+        plain,
+        built,
+    })
+}
+
+fn fuse_mounts_under(dir: &Path) -> Result<usize> {
+    Ok(util::mounts_under(dir)?.len())
+}
+
+#[test]
+fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
+    util::require_root()?;
+    let reg = Registry::start()?;
+    let proxy = Proxy::start(&reg.addr())?;
+    let images = build_images(&proxy.addr())?;
+    let d = Daemon::start(&["--plain-http", "--no-background-fetch"])?;
+    let c = Containerd::start_with(ContainerdOptions {
+        extra_config: d.containerd_config(),
+        ..Default::default()
+    })?;
+
+    proxy.clear();
+    let r = beam_pull(&c, &images.converted)?;
+    ensure!(
+        r["lazy"] == 2 && r["downloaded"] == 0 && r["converted"] == true,
+        "beam pull: {r}"
+    );
+    for (digest, ..) in &images.built.layers {
+        ensure!(
+            proxy.blob_requests_for(digest).is_empty(),
+            "layer {digest} was downloaded by the pull"
+        );
+    }
+    // The image is an ordinary containerd image: listed, and runnable with ctr.
+    let ls = String::from_utf8_lossy(&c.ctr(&["images", "ls", "-q"])?.stdout).into_owned();
+    ensure!(
+        ls.lines().any(|l| l == images.converted),
+        "ctr images ls: {ls}"
+    );
+    let out = c.run_with(
+        &["--snapshotter", "beam"],
+        &images.converted,
+        "pull-lazy",
+        &["/bin/cat", "/data/hello.txt"],
+    )?;
+    ensure!(
+        out == "hello from a lazy layer\n",
+        "container printed {out:?}"
+    );
+    // Neither layer was downloaded whole; the 16 MiB file that nobody read was not fetched.
+    for (digest, _, size) in &images.built.layers {
+        ensure!(
+            proxy.blob_requests_for(digest).is_empty(),
+            "original layer {digest} ({size} bytes) was downloaded"
+        );
+    }
+    let fetched = proxy.blob_bytes_sent();
+    ensure!(
+        fetched < 8 << 20,
+        "{fetched} bytes fetched to print one small file"
+    );
+    let st = d.status()?;
+    ensure!(st["lazy_mounts"] == 2, "beam status: {st}");
+
+    // Pulling again finds everything there.
+    let again = beam_pull(&c, &images.converted)?;
+    ensure!(again["present"] == 2, "second pull: {again}");
+
+    // An image without a Beam conversion is pulled in full and runs the same.
+    let p = beam_pull(&c, &images.plain)?;
+    ensure!(
+        p["downloaded"] == 0 && p["present"] == 2,
+        "same layers are shared by chain ID: {p}"
+    );
+
+    // Removing the images and letting containerd collect garbage removes every snapshot,
+    // lazy mount and cache pin.
+    c.ctr(&["images", "rm", "--sync", &images.converted, &images.plain])?;
+    ensure!(
+        util::wait_for(
+            || snapshot_names(&c).is_ok_and(|s| s.is_empty()),
+            Duration::from_secs(20)
+        ),
+        "snapshots left after image removal: {:?}",
+        snapshot_names(&c)?
+    );
+    ensure!(
+        util::wait_for(
+            || d.status()
+                .is_ok_and(|s| s["layers"].as_array().is_some_and(|a| a.is_empty())),
+            Duration::from_secs(20)
+        ),
+        "lazy layers left after image removal: {}",
+        d.status()?
+    );
+    ensure!(
+        fuse_mounts_under(&d.root)? == 0,
+        "mounts left: {:?}",
+        util::mounts_under(&d.root)?
+    );
+    drop(c);
+    d.stop()
+}
+
+#[test]
+fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
+    util::require_root()?;
+    let reg = Registry::start()?;
+    let proxy = Proxy::start(&reg.addr())?;
+    let images = build_images(&proxy.addr())?;
+    let d = Daemon::start(&["--plain-http", "--no-background-fetch"])?;
+    let c = Containerd::start_with(ContainerdOptions {
+        extra_config: d.containerd_config(),
+        ..Default::default()
+    })?;
+    proxy.clear();
+    let r = beam_pull(&c, &images.plain)?;
+    ensure!(
+        r["lazy"] == 0 && r["downloaded"] == 2 && r["converted"] == false,
+        "beam pull: {r}"
+    );
+    for (digest, ..) in &images.built.layers {
+        ensure!(
+            !proxy.blob_requests_for(digest).is_empty(),
+            "layer {digest} was not downloaded"
+        );
+    }
+    ensure!(
+        util::tail_file(&d.log, 200).contains("no lazy mount"),
+        "the fallback was not logged"
+    );
+    let out = c.run_with(
+        &["--snapshotter", "beam"],
+        &images.plain,
+        "pull-plain",
+        &["/bin/cat", "/data/hello.txt"],
+    )?;
+    ensure!(
+        out == "hello from a lazy layer\n",
+        "container printed {out:?}"
+    );
+    c.ctr(&["images", "rm", "--sync", &images.plain])?;
+    ensure!(
+        util::wait_for(
+            || snapshot_names(&c).is_ok_and(|s| s.is_empty()),
+            Duration::from_secs(20)
+        ),
+        "snapshots left after image removal: {:?}",
+        snapshot_names(&c)?
+    );
+    drop(c);
+    d.stop()
+}

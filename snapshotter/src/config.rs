@@ -21,6 +21,8 @@
 //! [remote]
 //! enabled = true                    # false: ordinary snapshots only
 //!
+//! hosts_dir = "/etc/containerd/certs.d"   # containerd's hosts.toml files; none by default
+//!
 //! [[registry]]
 //! host = "registry.local:5000"
 //! plain_http = true
@@ -42,6 +44,9 @@ pub struct Config {
     pub remote: RemoteConfig,
     /// `HOST:PORT` to serve Prometheus metrics on (`GET /metrics`); none by default.
     pub metrics_address: Option<String>,
+    /// containerd's registry host directory (`config_path`, e.g. `/etc/containerd/certs.d`):
+    /// mirrors, plain HTTP and CAs of its `hosts.toml` files apply to Beam too.
+    pub hosts_dir: Option<PathBuf>,
     pub registry: Vec<RegistryHost>,
 }
 
@@ -109,6 +114,7 @@ impl Default for Config {
             fetch: FetchConfig::default(),
             remote: RemoteConfig::default(),
             metrics_address: None,
+            hosts_dir: None,
             registry: Vec::new(),
         }
     }
@@ -170,8 +176,20 @@ impl Config {
             .unwrap_or_else(|| self.root.join("cache"))
     }
 
-    /// Registry access options: plain-HTTP hosts, mirrors, CAs.
-    pub fn remote_options(&self) -> crate::remote::RemoteOptions {
+    /// Registry access options: plain-HTTP hosts, mirrors, CAs, from `[[registry]]` and the
+    /// hosts directory; warnings name hosts.toml settings Beam does not follow.
+    pub fn remote_options(
+        &self,
+    ) -> Result<(crate::remote::RemoteOptions, Vec<String>), crate::hosts::HostsError> {
+        let mut o = self.registry_options();
+        let warnings = match &self.hosts_dir {
+            Some(dir) => crate::hosts::apply_hosts_dir(dir, &mut o)?,
+            None => Vec::new(),
+        };
+        Ok((o, warnings))
+    }
+
+    fn registry_options(&self) -> crate::remote::RemoteOptions {
         crate::remote::RemoteOptions {
             plain_http: false,
             plain_http_hosts: self
@@ -219,7 +237,7 @@ mod tests {
         assert_eq!(c.cache_dir(), PathBuf::from("/srv/beam/cache"));
         assert_eq!(c.fetch.concurrency, 3);
         assert_eq!(c.fetch.background_concurrency, 2, "default kept");
-        let o = c.remote_options();
+        let (o, _) = c.remote_options().unwrap();
         assert_eq!(o.plain_http_hosts, vec!["r:5000".to_string()]);
         assert_eq!(
             o.host_mirrors.get("r:5000"),

@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod fetch;
 pub mod format;
 pub mod fs;
+pub mod hosts;
 pub mod layout;
 pub mod metrics;
 pub mod mount;

@@ -51,6 +51,9 @@ struct Args {
     /// Serve Prometheus metrics on HOST:PORT (`GET /metrics`).
     #[arg(long)]
     metrics_address: Option<String>,
+    /// containerd's registry hosts directory (hosts.toml files), e.g. /etc/containerd/certs.d.
+    #[arg(long)]
+    hosts_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -83,6 +86,9 @@ impl Args {
         }
         if let Some(m) = &self.metrics_address {
             c.metrics_address = Some(m.clone());
+        }
+        if let Some(d) = &self.hosts_dir {
+            c.hosts_dir = Some(d.clone());
         }
         for h in &self.plain_http_hosts {
             match c.registry.iter_mut().find(|r| r.host == *h) {
@@ -176,7 +182,13 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
                 ..Default::default()
             },
         ));
-        let mut registry = config.remote_options().with_env();
+        let (registry, warnings) = config
+            .remote_options()
+            .context("reading registry hosts configuration")?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        let mut registry = registry.with_env();
         registry.plain_http = plain_http_everywhere;
         let mount = beam::mount::MountOptions {
             background_fetch: config.fetch.background,

@@ -35,18 +35,28 @@ struct RegistryFlags {
     /// Read blobs from this mirror host first (repeatable, tried in order, then the origin).
     #[arg(long = "mirror", value_name = "HOST[:PORT]")]
     mirrors: Vec<String>,
+    /// containerd's registry hosts directory (`HOST/hosts.toml` files: mirrors, plain HTTP,
+    /// CAs), e.g. /etc/containerd/certs.d; also `BEAM_HOSTS_DIR`.
+    #[arg(long, env = "BEAM_HOSTS_DIR", value_name = "DIR")]
+    hosts_dir: Option<PathBuf>,
 }
 
 impl RegistryFlags {
-    fn options(&self) -> RemoteOptions {
-        RemoteOptions {
+    fn options(&self) -> Result<RemoteOptions> {
+        let mut o = RemoteOptions {
             plain_http: self.plain_http,
             plain_http_hosts: self.plain_http_hosts.clone(),
             ca_files: self.ca_files.clone(),
             mirrors: self.mirrors.clone(),
             host_mirrors: Default::default(),
         }
-        .with_env()
+        .with_env();
+        if let Some(dir) = &self.hosts_dir {
+            for w in beam::hosts::apply_hosts_dir(dir, &mut o)? {
+                eprintln!("beam: warning: {w}");
+            }
+        }
+        Ok(o)
     }
 }
 
@@ -281,7 +291,7 @@ async fn run(cli: Cli) -> Result<()> {
             src,
             dst,
         } => {
-            let opts = registry.options();
+            let opts = registry.options()?;
             let src_loc = Location::parse(&src)?;
             let same_place = dst.is_none();
             let dst_loc = match &dst {
@@ -359,7 +369,7 @@ async fn run(cli: Cli) -> Result<()> {
                 address,
                 namespace,
                 snapshotter,
-                registry: registry.options(),
+                registry: registry.options()?,
                 progress: !json,
             };
             let r = beam::pull::pull(&image, &opts).await?;
@@ -450,7 +460,7 @@ async fn run(cli: Cli) -> Result<()> {
             image,
             dir,
         } => {
-            let store = Store::open(Location::parse(&image)?, &registry.options(), false)?;
+            let store = Store::open(Location::parse(&image)?, &registry.options()?, false)?;
             let s = beam::unpack::unpack_image(&store, &dir).await?;
             eprintln!(
                 "unpacked {} layers, {} entries, {:.1} MB into {}",
@@ -475,7 +485,7 @@ async fn run(cli: Cli) -> Result<()> {
             image,
             dir,
         } => {
-            let opts = registry.options();
+            let opts = registry.options()?;
             let (store, layer) = resolve_mount_target(&image, &opts).await?;
             let chunk_cache = std::sync::Arc::new(
                 beam::cache::ChunkCache::open(&cache.cache_dir, cache.cache_budget)
@@ -538,7 +548,7 @@ async fn run(cli: Cli) -> Result<()> {
             image,
             cmd,
         } => {
-            let store = Store::open(Location::parse(&image)?, &registry.options(), false)?;
+            let store = Store::open(Location::parse(&image)?, &registry.options()?, false)?;
             let chunk_cache = std::sync::Arc::new(
                 beam::cache::ChunkCache::open(&cache.cache_dir, cache.cache_budget)
                     .with_context(|| format!("opening cache {}", cache.cache_dir.display()))?,
@@ -693,7 +703,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Inspect { registry, image } => {
-            let store = Store::open(Location::parse(&image)?, &registry.options(), false)?;
+            let store = Store::open(Location::parse(&image)?, &registry.options()?, false)?;
             let m = store.platform_manifest().await?;
             let Some((artifact, layers)) = store.find_beam(&m.desc.digest).await? else {
                 bail!("{image} ({}) has no Beam conversion", m.desc.digest);

@@ -15,3 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian's packages start their services; the tests start their own instances, by PID.
 systemctl stop docker-registry containerd 2>/dev/null || true
+# containerd 1.7 (Debian trixie) and 2.x (sid) beside the system's 1.6, unpacked (not installed)
+# under .work/containerd with a private apt configuration, for the tests that run against every
+# containerd version (tests/src/containerd.rs, ContainerdVersion).
+bash "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/fixtures/fetch-containerd.sh"

@@ -5,6 +5,7 @@
 
 pub mod beam;
 pub mod containerd;
+pub mod cri;
 pub mod oci_layout;
 pub mod proxy;
 pub mod registry;

@@ -244,9 +244,13 @@ impl ChunkCache {
             .insert(holder.to_string(), Arc::new(chunks));
     }
 
-    /// Drop `holder`'s pins.
+    /// Drop `holder`'s pins; what they kept beyond the budget is evicted now, not at the
+    /// next fetch (an image removed from a node gives its disk space back at once).
     pub fn unpin(&self, holder: &str) {
         self.pins.lock().expect("pins lock").remove(holder);
+        if let Err(e) = self.enforce_budget() {
+            tracing::warn!("evicting chunks over the cache budget: {e}");
+        }
     }
 
     fn pinned(&self) -> HashSet<ChunkDigest> {

@@ -536,8 +536,9 @@ pub enum BeamCri {
     AsDeployed,
     /// Without the CRI tables: only the proxy plugin (and, for 2.x, the transfer service).
     Without,
-    /// `disable_snapshot_annotations = true`: the mistake that makes CRI pulls silently
-    /// download everything (field notes, "silent fallback").
+    /// `disable_snapshot_annotations = true` (and, for 2.x, no
+    /// `enable_remote_snapshot_annotations` export either): the mistake that makes CRI pulls
+    /// silently download everything (field notes, "silent fallback").
     AnnotationsDisabled,
 }
 
@@ -624,6 +625,16 @@ pub fn render_beam_plugin_config(
             }
             if !found {
                 bail!("{} sets no disable_snapshot_annotations", file.display());
+            }
+            if let Some(exports) = t
+                .get_mut("proxy_plugins")
+                .and_then(Value::as_table_mut)
+                .and_then(|p| p.get_mut("beam"))
+                .and_then(Value::as_table_mut)
+                .and_then(|b| b.get_mut("exports"))
+                .and_then(Value::as_table_mut)
+            {
+                exports.remove("enable_remote_snapshot_annotations");
             }
         }
         (_, None) => bail!("{} has no [plugins] tables", file.display()),

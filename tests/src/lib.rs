@@ -6,6 +6,7 @@
 pub mod beam;
 pub mod containerd;
 pub mod cri;
+pub mod daemon;
 pub mod oci_layout;
 pub mod proxy;
 pub mod registry;
@@ -14,6 +15,7 @@ pub mod tree;
 pub mod util;
 
 pub use containerd::{Containerd, ContainerdOptions};
+pub use daemon::BeamDaemon;
 pub use oci_layout::{Compression, ImageConfig, LayerSpec};
 pub use proxy::{Fault, Proxy};
 pub use registry::Registry;

@@ -3,82 +3,11 @@
 //! reads; unconverted images are pulled in full; removing the image leaves nothing behind.
 
 use anyhow::{ensure, Context, Result};
-use beam_tests::util::{self, ChildGuard};
+use beam_tests::util;
 use beam_tests::{beam, oci_layout, Proxy};
-use beam_tests::{Compression, Containerd, ContainerdOptions, LayerSpec, Registry};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use beam_tests::{BeamDaemon, Compression, Containerd, ContainerdOptions, LayerSpec, Registry};
+use std::path::Path;
 use std::time::Duration;
-
-/// A beam-snapshotter for these tests, stopped by PID on drop; its mounts are checked.
-struct Daemon {
-    child: ChildGuard,
-    socket: PathBuf,
-    root: PathBuf,
-    log: PathBuf,
-    _unmount: util::UnmountOnDrop,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Result<Daemon> {
-        let dir = util::short_tempdir()?;
-        let socket = dir.path().join("beam.sock");
-        let root = dir.path().join("root");
-        let log = dir.path().join("daemon.log");
-        let (out, err) = util::log_stdio(&log)?;
-        let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
-        cmd.arg("--root")
-            .arg(&root)
-            .arg("--address")
-            .arg(&socket)
-            .args(args)
-            .env("BEAM_LOG", "info,fuser=warn")
-            .stdout(out)
-            .stderr(err);
-        let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
-        ensure!(
-            util::wait_for(|| socket.exists(), Duration::from_secs(30)),
-            "beam-snapshotter did not start: {}",
-            util::tail_file(&log, 30)
-        );
-        Ok(Daemon {
-            child,
-            socket,
-            _unmount: util::UnmountOnDrop(root.clone()),
-            root,
-            log,
-            _dir: dir,
-        })
-    }
-
-    fn containerd_config(&self) -> String {
-        format!(
-            "[proxy_plugins]\n  [proxy_plugins.beam]\n    type = \"snapshot\"\n    address = \"{}\"\n",
-            self.socket.display()
-        )
-    }
-
-    fn status(&self) -> Result<serde_json::Value> {
-        let out = beam::ok(&[
-            "status",
-            "--json",
-            "--address",
-            self.socket.to_str().context("utf-8")?,
-        ])?;
-        Ok(serde_json::from_str(&out)?)
-    }
-
-    fn stop(mut self) -> Result<()> {
-        self.child.stop(Duration::from_secs(10));
-        let left = util::mounts_under(&self.root)?;
-        ensure!(
-            left.is_empty(),
-            "mounts left under the daemon root: {left:?}"
-        );
-        Ok(())
-    }
-}
 
 /// `beam pull --address ... --namespace ... --plain-http IMAGE --json`.
 fn beam_pull(c: &Containerd, image: &str) -> Result<serde_json::Value> {
@@ -173,7 +102,7 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
     let reg = Registry::start()?;
     let proxy = Proxy::start(&reg.addr())?;
     let images = build_images(&proxy.addr())?;
-    let d = Daemon::start(&["--plain-http", "--no-background-fetch"])?;
+    let d = BeamDaemon::start(&["--plain-http", "--no-background-fetch"])?;
     let c = Containerd::start_with(ContainerdOptions {
         extra_config: d.containerd_config(),
         ..Default::default()
@@ -254,9 +183,9 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
         d.status()?
     );
     ensure!(
-        fuse_mounts_under(&d.root)? == 0,
+        fuse_mounts_under(d.root())? == 0,
         "mounts left: {:?}",
-        util::mounts_under(&d.root)?
+        util::mounts_under(d.root())?
     );
     drop(c);
     d.stop()
@@ -268,7 +197,7 @@ fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
     let reg = Registry::start()?;
     let proxy = Proxy::start(&reg.addr())?;
     let images = build_images(&proxy.addr())?;
-    let d = Daemon::start(&["--plain-http", "--no-background-fetch"])?;
+    let d = BeamDaemon::start(&["--plain-http", "--no-background-fetch"])?;
     let c = Containerd::start_with(ContainerdOptions {
         extra_config: d.containerd_config(),
         ..Default::default()
@@ -286,7 +215,7 @@ fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
         );
     }
     ensure!(
-        util::tail_file(&d.log, 200).contains("no lazy mount"),
+        d.log().contains("no lazy mount"),
         "the fallback was not logged"
     );
     let out = c.run_with(

@@ -108,6 +108,21 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
         ..Default::default()
     })?;
 
+    // The Beam blobs of the image, from `beam inspect`: per layer an index and a chunks blob.
+    let inspect = beam::ok(&["inspect", "--plain-http", &images.converted])?;
+    let blob_of = |kind: &str| -> Vec<String> {
+        inspect
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(kind))
+            .filter_map(|rest| rest.split_whitespace().next().map(String::from))
+            .collect()
+    };
+    let (indexes, chunk_blobs) = (blob_of("index "), blob_of("chunks "));
+    ensure!(
+        indexes.len() == 2 && chunk_blobs.len() == 2,
+        "beam inspect: {inspect}"
+    );
+
     proxy.clear();
     let r = beam_pull(&c, &images.converted)?;
     ensure!(
@@ -148,6 +163,19 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
         fetched < 8 << 20,
         "{fetched} bytes fetched to print one small file"
     );
+    // The registry saw only the config, the Beam indexes whole, and Range reads of chunks.
+    for rec in proxy.blob_requests() {
+        let digest = rec.digest().unwrap_or_default().to_string();
+        let whole_ok = digest == images.built.config_digest || indexes.contains(&digest);
+        let range_ok = rec.range.is_some() && chunk_blobs.contains(&digest);
+        ensure!(
+            whole_ok || range_ok,
+            "unexpected blob request {} {} (range {:?})",
+            rec.method,
+            rec.path,
+            rec.range
+        );
+    }
     let st = d.status()?;
     ensure!(st["lazy_mounts"] == 2, "beam status: {st}");
 

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # Beam quickstart: on a fresh Debian/Ubuntu machine, as root.
 #
-# Installs the packages, builds Beam (release), starts a private registry on 127.0.0.1 in a
-# scratch directory, builds a python3 image of Debian packages (three layers), pushes it and
-# converts it with `beam convert`, shows the Beam artifact found from the same reference, then
-# starts `python3` from the image twice: after a full pull (download and extract every layer)
-# and from a lazy `beam mount`, printing time to first output and bytes fetched for both.
-# Everything it starts is stopped, by PID, and everything it mounts is unmounted, when it ends
-# or on Ctrl-C.
-#
-# The program runs chrooted into the root filesystem, not yet as a containerd container: that
-# needs beam-snapshotter (issue 4).
+# Installs the packages, builds Beam (release), and starts, all in a scratch directory and by
+# PID: a private registry on 127.0.0.1, beam-snapshotter, and containerd (Debian's) with Beam
+# as its proxy snapshotter. Builds a python3 image of a few hundred MB from Debian packages
+# (five layers), pushes and converts it, then starts `python3` from it as a containerd
+# container twice: after a full pull (`ctr image pull`, overlayfs) and lazily (`beam pull`,
+# `ctr run --snapshotter beam`), printing time to first output and bytes fetched for both.
+# Everything it starts is stopped, and everything mounted is unmounted, when it ends or on
+# Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -18,21 +16,24 @@ if [ "$(id -u)" != 0 ]; then echo "quickstart: run as root" >&2; exit 1; fi
 
 echo "==> installing packages"
 bash .ci/install-deps.sh
-echo "==> building beam (release)"
-cargo build --release -p beam --bin beam -q
+echo "==> building beam and beam-snapshotter (release)"
+cargo build --release -p beam --bins -q
 beam=$root/target/release/beam
+snapshotter=$root/target/release/beam-snapshotter
 
 scratch=$(mktemp -d /tmp/beam-quickstart.XXXXXX)
+ns=beam-quickstart
 reg_pid=
-mount_pid=
+beam_pid=
+ctd_pid=
+stop_pid() { if [ -n "$1" ] && kill -0 "$1" 2>/dev/null; then kill "$1"; wait "$1" 2>/dev/null || true; fi; }
 cleanup() {
-  if [ -n "$mount_pid" ] && kill -0 "$mount_pid" 2>/dev/null; then
-    kill "$mount_pid"; wait "$mount_pid" 2>/dev/null || true
-  fi
+  # Containers run with --rm; containerd's shims exit with them.
+  stop_pid "$ctd_pid"
+  stop_pid "$beam_pid"
   for m in $(grep -oE " $scratch[^ ]*" /proc/mounts | sort -r); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
-  if [ -n "$reg_pid" ] && kill -0 "$reg_pid" 2>/dev/null; then
-    kill "$reg_pid"; wait "$reg_pid" 2>/dev/null || true
-  fi
+  stop_pid "$reg_pid"
+  rmdir /sys/fs/cgroup/$ns/* /sys/fs/cgroup/$ns /run/containerd/runc/$ns 2>/dev/null || true
   rm -rf "$scratch"
 }
 trap cleanup EXIT INT TERM
@@ -49,8 +50,8 @@ reg_pid=$!
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.2; done
 echo "==> registry on 127.0.0.1:$port (pid $reg_pid)"
 
-echo "==> building a python3 image from Debian packages"
-bash tests/fixtures/make-python-layers.sh "$scratch/layers" >/dev/null
+echo "==> building a python3 image from Debian packages (python3, numpy, pandas, sympy, perl)"
+bash tests/fixtures/make-python-layers.sh --large "$scratch/layers" | grep "^total"
 python3 - "$scratch/layout" "$scratch/layers" <<'EOF'
 import gzip, hashlib, json, os, sys
 out, layers_dir = sys.argv[1], sys.argv[2]
@@ -85,37 +86,55 @@ echo "==> the Beam artifact, found from the original reference"
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
-echo "==> start 1: full pull (download every layer, extract, run)"
+echo "==> starting beam-snapshotter and containerd"
+"$snapshotter" --root "$scratch/beam" --address "$scratch/beam.sock" --plain-http \
+  --no-background-fetch > "$scratch/beam.log" 2>&1 &
+beam_pid=$!
+for _ in $(seq 100); do [ -S "$scratch/beam.sock" ] && break; sleep 0.1; done
+cat > "$scratch/containerd.toml" <<EOF
+version = 2
+root = "$scratch/containerd/root"
+state = "$scratch/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$scratch/containerd.sock"
+[ttrpc]
+  address = "$scratch/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$scratch/containerd/opt"
+[proxy_plugins.beam]
+  type = "snapshot"
+  address = "$scratch/beam.sock"
+EOF
+containerd --config "$scratch/containerd.toml" > "$scratch/containerd.log" 2>&1 &
+ctd_pid=$!
+ctr() { command ctr --address "$scratch/containerd.sock" --namespace "$ns" "$@"; }
+for _ in $(seq 100); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
+echo "    beam-snapshotter pid $beam_pid, containerd pid $ctd_pid ($(containerd --version | awk '{print $3}'))"
+
+echo "==> start 1: full pull (ctr image pull: download and unpack every layer, then ctr run)"
 drop_caches
 t0=$(date +%s.%N)
-skopeo copy -q --src-tls-verify=false "docker://$image" "oci:$scratch/pulled:x" >/dev/null
-mkdir -p "$scratch/full"
-for l in $(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(" ".join(x["digest"][7:] for x in m["layers"]))' \
-            "$scratch/pulled/blobs/sha256/$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["digest"][7:])' "$scratch/pulled/index.json")"); do
-  tar -xzf "$scratch/pulled/blobs/sha256/$l" -C "$scratch/full" --numeric-owner
-done
-full_out=$(chroot "$scratch/full" /usr/bin/python3 -c 'print("hello from python")')
+ctr image pull --plain-http "$image" >/dev/null
+full_out=$(ctr run --rm "$image" full /usr/bin/python3 -c 'print("hello from python")')
 t1=$(date +%s.%N)
-full_bytes=$(du -cb "$scratch"/pulled/blobs/sha256/* | tail -1 | cut -f1)
+full_bytes=$(du -cb "$scratch"/containerd/root/io.containerd.content.v1.content/blobs/sha256/* | tail -1 | cut -f1)
+ctr image rm --sync "$image" >/dev/null
 
-echo "==> start 2: Beam (mount lazily, run; chunks fetched on first read)"
+echo "==> start 2: Beam (beam pull: layers mounted lazily; ctr run --snapshotter beam)"
 drop_caches
 t2=$(date +%s.%N)
-mkdir -p "$scratch/lazy"
-"$beam" mount --plain-http --no-background-fetch --cache-dir "$scratch/cache" --work-dir "$scratch/work" \
-  "$image" "$scratch/lazy" > "$scratch/mount.out" 2> "$scratch/mount.err" &
-mount_pid=$!
-until grep -q "^mounted " "$scratch/mount.out" 2>/dev/null; do
-  kill -0 "$mount_pid" 2>/dev/null || { cat "$scratch/mount.err"; exit 1; }; sleep 0.02
-done
-lazy_out=$(chroot "$scratch/lazy" /usr/bin/python3 -c 'print("hello from python")')
+"$beam" pull --address "$scratch/containerd.sock" --namespace "$ns" --plain-http "$image"
+lazy_out=$(ctr run --rm --snapshotter beam "$image" lazy /usr/bin/python3 -c 'print("hello from python")')
 t3=$(date +%s.%N)
-kill "$mount_pid"; wait "$mount_pid" || true; mount_pid=
-lazy_bytes=$(grep -oE "fetched [0-9]+ bytes" "$scratch/mount.err" | grep -oE "[0-9]+")
-lazy_bytes=$((lazy_bytes + $(du -cb "$scratch"/cache/indexes/* | tail -1 | cut -f1)))
+lazy_bytes=$("$beam" status --address "$scratch/beam.sock" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["fetch_bytes"])')
+lazy_bytes=$((lazy_bytes + $(du -cb "$scratch"/beam/cache/indexes/* | tail -1 | cut -f1)))
+manifest=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["digest"][7:])' "$scratch/layout/index.json")
+image_bytes=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(sum(l["size"] for l in m["layers"]))' "$scratch/layout/blobs/sha256/$manifest")
+ctr image rm --sync "$image" >/dev/null
 
 echo
-echo "== Beam quickstart results (python3 image from Debian packages, local registry)"
+echo "== Beam quickstart results (python3 image of Debian packages, $((image_bytes / 1000000)) MB compressed, local registry)"
 awk -v a="$t0" -v b="$t1" -v n="$full_bytes" -v o="$full_out" 'BEGIN { printf "full pull: first output after %.2f s, %.1f MB fetched (\"%s\")\n", b - a, n / 1e6, o }'
 awk -v a="$t2" -v b="$t3" -v n="$lazy_bytes" -v o="$lazy_out" 'BEGIN { printf "Beam:      first output after %.2f s, %.1f MB fetched (\"%s\")\n", b - a, n / 1e6, o }'
 echo "(the registry is local: on a real network the full pull grows with image size, Beam with what the program reads)"

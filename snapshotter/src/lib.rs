@@ -20,6 +20,7 @@ pub mod hosts;
 pub mod layout;
 pub mod metrics;
 pub mod mount;
+pub mod node_setup;
 pub mod oci;
 pub mod pull;
 pub mod record;

@@ -140,6 +140,17 @@ impl Tx<'_> {
         Ok(false)
     }
 
+    /// The ids of every recorded snapshot.
+    pub fn ids(&self) -> Result<std::collections::HashSet<u64>, SnapshotError> {
+        let mut out = std::collections::HashSet::new();
+        for item in self.snapshots.iter().map_err(internal)? {
+            let (_, v) = item.map_err(internal)?;
+            let r: SnapshotRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+            out.insert(r.id);
+        }
+        Ok(out)
+    }
+
     /// A new snapshot id (never reused).
     pub fn next_id(&mut self) -> Result<u64, SnapshotError> {
         let n = self

@@ -368,6 +368,17 @@ fn passes_auth_through_and_stops_on_drop() {
     let mut idle = TcpStream::connect(&addr).unwrap();
     idle.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
+    // Its answer is on the way before the proxy goes (under load the upstream round trip can
+    // take longer than the steps below).
+    assert!(beam_tests::util::wait_for(
+        || proxy
+            .records()
+            .iter()
+            .filter(|r| r.path == "/v2/" && r.status == 401)
+            .count()
+            >= 2,
+        Duration::from_secs(10)
+    ));
     proxy.set_fault(Fault::Stall(Duration::from_secs(60)));
     let stalled_url = format!("{}/v2/r/blobs/sha256:{}", proxy.url(), "1".repeat(64));
     let stalled = std::thread::spawn(move || get(&agent(), &stalled_url));

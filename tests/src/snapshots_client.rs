@@ -136,6 +136,15 @@ impl SnapshotsClient {
 
     /// All snapshots (List), following the stream.
     pub async fn list(&mut self) -> Result<Vec<pb::Info>, tonic::Status> {
+        self.list_filtered(&[]).await
+    }
+
+    /// The snapshots matching any of `filters` (containerd's filter syntax; List, as `Walk`
+    /// with filters sends it), following the stream.
+    pub async fn list_filtered(
+        &mut self,
+        filters: &[&str],
+    ) -> Result<Vec<pb::Info>, tonic::Status> {
         self.grpc
             .ready()
             .await
@@ -150,7 +159,7 @@ impl SnapshotsClient {
             .server_streaming(
                 tonic::Request::new(pb::ListSnapshotsRequest {
                     snapshotter: "beam".into(),
-                    filters: vec![],
+                    filters: filters.iter().map(|f| f.to_string()).collect(),
                 }),
                 path,
                 codec,
@@ -162,5 +171,92 @@ impl SnapshotsClient {
             out.extend(r.info);
         }
         Ok(out)
+    }
+}
+
+/// `google.protobuf.FieldMask`, declared here because the `containerd-snapshots` crate does not
+/// re-export `prost-types` (same wire format).
+#[derive(Clone, PartialEq, prost::Message)]
+struct FieldMask {
+    #[prost(string, repeated, tag = "1")]
+    paths: Vec<String>,
+}
+
+/// `UpdateSnapshotRequest` with the local [`FieldMask`] (same wire format).
+#[derive(Clone, PartialEq, prost::Message)]
+struct UpdateSnapshotRequest {
+    #[prost(string, tag = "1")]
+    snapshotter: String,
+    #[prost(message, optional, tag = "2")]
+    info: Option<pb::Info>,
+    #[prost(message, optional, tag = "3")]
+    update_mask: Option<FieldMask>,
+}
+
+impl SnapshotsClient {
+    pub async fn view(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<containerd_snapshots::api::types::Mount>, tonic::Status> {
+        let r: pb::ViewSnapshotResponse = self
+            .unary(
+                "/containerd.services.snapshots.v1.Snapshots/View",
+                pb::ViewSnapshotRequest {
+                    snapshotter: "beam".into(),
+                    key: key.into(),
+                    parent: parent.into(),
+                    labels,
+                },
+            )
+            .await?;
+        Ok(r.mounts)
+    }
+
+    /// Update `info` (its name selects the snapshot) with `fieldpaths` as the update mask, as
+    /// containerd's proxy sends it (always a mask, empty for "all mutable fields").
+    pub async fn update(
+        &mut self,
+        info: pb::Info,
+        fieldpaths: &[&str],
+    ) -> Result<pb::Info, tonic::Status> {
+        let r: pb::UpdateSnapshotResponse = self
+            .unary(
+                "/containerd.services.snapshots.v1.Snapshots/Update",
+                UpdateSnapshotRequest {
+                    snapshotter: "beam".into(),
+                    info: Some(info),
+                    update_mask: Some(FieldMask {
+                        paths: fieldpaths.iter().map(|p| p.to_string()).collect(),
+                    }),
+                },
+            )
+            .await?;
+        r.info.ok_or_else(|| tonic::Status::internal("no info"))
+    }
+
+    pub async fn usage(&mut self, key: &str) -> Result<pb::UsageResponse, tonic::Status> {
+        self.unary(
+            "/containerd.services.snapshots.v1.Snapshots/Usage",
+            pb::UsageRequest {
+                snapshotter: "beam".into(),
+                key: key.into(),
+            },
+        )
+        .await
+    }
+
+    /// containerd's Cleanup: remove what no snapshot uses.
+    pub async fn cleanup(&mut self) -> Result<(), tonic::Status> {
+        let _: () = self
+            .unary::<_, ()>(
+                "/containerd.services.snapshots.v1.Snapshots/Cleanup",
+                pb::CleanupRequest {
+                    snapshotter: "beam".into(),
+                },
+            )
+            .await?;
+        Ok(())
     }
 }

@@ -569,7 +569,11 @@ mod tests {
 
     #[test]
     fn containerd_filter_forms() {
-        let l = labels(&[("containerd.io/snapshot.ref", "x"), ("a", "1"), ("a.b", "2")]);
+        let l = labels(&[
+            ("containerd.io/snapshot.ref", "x"),
+            ("a", "1"),
+            ("a.b", "2"),
+        ]);
         let f = Fields {
             name: "sha256:abc",
             parent: "p1",
@@ -585,7 +589,10 @@ mod tests {
         assert!(m(&["parent==p1, kind==committed"]), "space after a comma");
         assert!(m(&["name == sha256:abc"]), "spaces around an operator");
         assert!(!m(&["parent==p1,kind==active"]));
-        assert!(m(&["kind==active", "name==sha256:abc"]), "OR across strings");
+        assert!(
+            m(&["kind==active", "name==sha256:abc"]),
+            "OR across strings"
+        );
         assert!(m(&[r#"labels."containerd.io/snapshot.ref""#]));
         assert!(m(&[r#"labels."containerd.io/snapshot.ref"==x"#]));
         assert!(m(&["labels.a==1"]) && m(&["labels.a.b==2"]) && m(&[r#"labels."a.b"==2"#]));
@@ -593,12 +600,15 @@ mod tests {
         assert!(m(&["labels.a!=2"]));
         assert!(m(&[r#"name=="sha256:abc""#]));
         assert!(m(&["name~=abc"]) && m(&["name~=^sha256:[a-c]+$"]) && !m(&["name~=^abc"]));
-        assert!(m(&["name~=/^sha/"]) && m(&["name~=|c$|"]), "alternative quotes for ~=");
+        assert!(
+            m(&["name~=/^sha/"]) && m(&["name~=|c$|"]),
+            "alternative quotes for ~="
+        );
         // Fields containerd does not know are absent, not errors.
         assert!(!m(&["bogus==1"]) && !m(&["labels"]) && m(&["bogus!=1"]));
         // `!=` compares the empty string when absent; `==` needs presence.
         assert!(m(&["labels.missing!=x"]) && !m(&[r#"labels.missing!="""#]));
-        assert!(!m(&[r#"labels.missing==""#]));
+        assert!(!m(&[r#"labels.missing=="""#]));
         // A regex that does not compile matches nothing.
         assert!(!m(&["name~=(("]) && !m(&["name~=[z-a]"]));
     }
@@ -612,7 +622,10 @@ mod tests {
             kind: "active",
             labels: &l,
         };
-        assert!(matches(&["parent"], &f), "parent is present even when empty");
+        assert!(
+            matches(&["parent"], &f),
+            "parent is present even when empty"
+        );
         assert!(matches(&[r#"parent=="""#], &f));
         assert!(!matches(&[r#"parent!="""#], &f));
         assert!(!matches(&["labels.a!=x,labels.a"], &f), "no labels: absent");

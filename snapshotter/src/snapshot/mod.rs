@@ -2,27 +2,42 @@
 //! metadata store. This is the domain core of beam-snapshotter: no gRPC types here (those live
 //! in the daemon's grpc module); errors carry the kind that maps to a gRPC code.
 //!
+//! "The semantics of containerd's overlayfs snapshotter" is meant literally, down to what
+//! containerd's snapshotter test suite checks and what its `snapshots/storage` and
+//! `plugins/snapshots/overlay` code does: which error a request gets when several things are
+//! wrong (the parent is checked before the key, the new name before the kind), that labels
+//! with empty values are not kept, how usage is counted (the upper directory including itself;
+//! a view has none), the directory modes (`fs` 0755, `work` 0711, whatever the umask), that a
+//! new upper directory takes the owner of its parent's, and the mount options (`index=off` on
+//! overlay mounts when the kernel has the parameter). `tests/tests/snapshots_api.rs` runs that
+//! test suite case by case against the daemon.
+//!
 //! Layout under the root directory:
 //!
 //! ```text
 //! metadata.redb          snapshot records (store.rs)
 //! snapshots/<id>/fs      the snapshot's directory (upper dir of an active snapshot)
-//! snapshots/<id>/work    overlayfs work dir
+//! snapshots/<id>/work    overlayfs work dir (active snapshots)
 //! ```
 //!
 //! Crash protocol: a snapshot's directories are created inside the metadata transaction that
 //! records it, before the commit, so every record has its directories; a crash before the
 //! commit leaves directories no record names, which [`Snapshots::cleanup`] (run at start and on
-//! containerd's Cleanup) removes. Removal commits first and deletes directories after.
+//! containerd's Cleanup) removes. Cleanup decides what to remove inside a write transaction, so
+//! it never takes the directory of a snapshot being created. Removal commits first and deletes
+//! directories after.
 
 pub mod filter;
+mod regex;
 pub mod store;
 
 use filter::{Fields, Filters};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use store::{MetaStore, SnapshotRecord};
 
 /// The kind of a snapshot.
@@ -85,6 +100,10 @@ pub struct Usage {
     pub inodes: i64,
 }
 
+/// How long a reserved id (a lazy layer being mounted) is kept from cleanup while nothing is
+/// mounted on it yet.
+const RESERVATION_GRACE: Duration = Duration::from_secs(600);
+
 fn nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -110,10 +129,28 @@ fn io_err(what: &str, p: &Path, e: std::io::Error) -> SnapshotError {
     SnapshotError::Internal(format!("{what} {}: {e}", p.display()))
 }
 
+/// containerd never stores a label with an empty value (`boltutil.WriteLabels` skips them), so
+/// creating with one, or updating one to "", leaves the label unset.
+fn without_empty(mut labels: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels.retain(|_, v| !v.is_empty());
+    labels
+}
+
+/// Create `p` (and missing parents) and give it exactly `mode`, whatever the umask.
+fn mkdir_mode(p: &Path, mode: u32) -> Result<(), SnapshotError> {
+    std::fs::create_dir_all(p).map_err(|e| io_err("creating", p, e))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_err("setting the mode of", p, e))
+}
+
 /// The snapshots of one beam-snapshotter root.
 pub struct Snapshots {
     root: PathBuf,
     store: MetaStore,
+    /// Ids handed out by [`Snapshots::reserve`] and not yet recorded, with when.
+    reserved: Mutex<HashMap<u64, Instant>>,
+    /// Options containerd's overlayfs snapshotter adds to every overlay mount.
+    overlay_options: Vec<String>,
 }
 
 impl Snapshots {
@@ -121,9 +158,18 @@ impl Snapshots {
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
         std::fs::create_dir_all(root.join("snapshots")).map_err(|e| io_err("creating", root, e))?;
         let store = MetaStore::open(&root.join("metadata.redb"))?;
+        // As containerd's overlay snapshotter: no inode index when the kernel knows the option
+        // (a layer is the lower dir of many overlays at once).
+        let overlay_options = if Path::new("/sys/module/overlay/parameters/index").exists() {
+            vec!["index=off".to_string()]
+        } else {
+            Vec::new()
+        };
         let s = Snapshots {
             root: root.to_path_buf(),
             store,
+            reserved: Mutex::new(HashMap::new()),
+            overlay_options,
         };
         s.cleanup()?;
         Ok(s)
@@ -138,19 +184,56 @@ impl Snapshots {
         self.dir(id).join("fs")
     }
 
-    /// Remove snapshot directories that no record names.
+    /// Make the directories of snapshot `id`: `fs` (0755) and, for an active snapshot, `work`
+    /// (0711). `fs` takes the owner of `owner_of` (the parent's directory), as containerd's
+    /// overlay snapshotter does, so that the root of a container's overlay keeps the owner
+    /// its image gave it.
+    fn make_dirs(&self, id: u64, work: bool, owner_of: Option<&Path>) -> Result<(), SnapshotError> {
+        let fs = self.fs_dir(id);
+        mkdir_mode(&fs, 0o755)?;
+        if work {
+            mkdir_mode(&self.dir(id).join("work"), 0o711)?;
+        }
+        if let Some(parent) = owner_of {
+            let m = std::fs::metadata(parent).map_err(|e| io_err("stat parent", parent, e))?;
+            std::os::unix::fs::lchown(&fs, Some(m.uid()), Some(m.gid()))
+                .map_err(|e| io_err("chown", &fs, e))?;
+        }
+        Ok(())
+    }
+
+    /// Remove snapshot directories that no record names (and no lazy layer being mounted has
+    /// reserved). What to remove is decided inside a write transaction: a snapshot's record and
+    /// its directory appear in one transaction, so a concurrent create is never taken.
     pub fn cleanup(&self) -> Result<usize, SnapshotError> {
-        let known: HashSet<u64> = self.store.all()?.iter().map(|r| r.id).collect();
         let dir = self.root.join("snapshots");
-        let mut removed = 0;
-        for e in std::fs::read_dir(&dir).map_err(|e| io_err("reading", &dir, e))? {
-            let e = e.map_err(|e| io_err("reading", &dir, e))?;
-            let id = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
-            if id.is_some_and(|id| known.contains(&id)) {
-                continue;
+        let doomed: Vec<(PathBuf, bool)> = self.store.update(|tx| {
+            let known = tx.ids()?;
+            let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = Vec::new();
+            for e in std::fs::read_dir(&dir).map_err(|e| io_err("reading", &dir, e))? {
+                let e = e.map_err(|e| io_err("reading", &dir, e))?;
+                let id = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+                if id.is_some_and(|id| known.contains(&id)) {
+                    continue;
+                }
+                let p = e.path();
+                let mounted = is_mountpoint(&p.join("fs"));
+                if let Some(id) = id {
+                    if let Some(since) = reserved.get(&id) {
+                        if mounted || since.elapsed() < RESERVATION_GRACE {
+                            continue;
+                        }
+                        reserved.remove(&id);
+                    }
+                }
+                out.push((p, mounted));
             }
-            let p = e.path();
-            if is_mountpoint(&p.join("fs")) {
+            Ok(out)
+        })?;
+        let mut removed = 0;
+        for (p, mounted) in doomed {
+            if mounted {
                 // A lazy layer a dead daemon had mounted for a snapshot never recorded.
                 if let Err(e) = nix::mount::umount2(&p.join("fs"), nix::mount::MntFlags::MNT_DETACH)
                 {
@@ -158,8 +241,11 @@ impl Snapshots {
                     continue;
                 }
             }
-            std::fs::remove_dir_all(&p).map_err(|e| io_err("removing", &p, e))?;
-            removed += 1;
+            match std::fs::remove_dir_all(&p) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing", &p, e)),
+            }
         }
         Ok(removed)
     }
@@ -184,11 +270,10 @@ impl Snapshots {
                 "snapshot key is empty".into(),
             ));
         }
+        let labels = without_empty(labels);
         let now = nanos(SystemTime::now());
-        let rec = self.store.update(|tx| {
-            if tx.get(key)?.is_some() {
-                return Err(SnapshotError::AlreadyExists(key.to_string()));
-            }
+        let (rec, lowers) = self.store.update(|tx| {
+            // containerd's order: the parent first (NotFound, InvalidArgument), then the key.
             if !parent.is_empty() {
                 match tx.get(parent)? {
                     None => return Err(SnapshotError::NotFound(parent.to_string())),
@@ -200,6 +285,12 @@ impl Snapshots {
                     Some(_) => {}
                 }
             }
+            if tx.get(key)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(key.to_string()));
+            }
+            // A parent chain that cannot be mounted (a lazy layer that is not) fails the
+            // request before anything is recorded, so that it can be retried.
+            let lowers = self.lower_dirs(|n| tx.get(n), parent)?;
             let id = tx.next_id()?;
             let rec = SnapshotRecord {
                 id,
@@ -212,29 +303,53 @@ impl Snapshots {
                 usage: (0, 0),
                 remote: None,
             };
-            let dir = self.dir(id);
-            for sub in ["fs", "work"] {
-                std::fs::create_dir_all(dir.join(sub)).map_err(|e| io_err("creating", &dir, e))?;
+            if let Err(e) = self.make_dirs(
+                id,
+                kind == Kind::Active,
+                lowers.first().map(PathBuf::as_path),
+            ) {
+                let _ = std::fs::remove_dir_all(self.dir(id));
+                return Err(e);
             }
             tx.put(&rec)?;
-            Ok(rec)
+            Ok((rec, lowers))
         })?;
-        self.mounts_of(&rec)
+        self.mounts_with(&rec, &lowers)
     }
 
     /// Reserve a snapshot id and its empty directory (for a remote layer to be mounted on
-    /// before [`Snapshots::commit_remote`] records it). Unrecorded, it is removed by cleanup.
+    /// before [`Snapshots::commit_remote`] records it). Cleanup leaves it alone while a layer
+    /// is mounted on it or for [`RESERVATION_GRACE`]; [`Snapshots::release`] gives it up.
     pub fn reserve(&self) -> Result<(u64, PathBuf), SnapshotError> {
-        let id = self.store.update(|tx| tx.next_id())?;
-        let dir = self.dir(id);
-        for sub in ["fs", "work"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(|e| io_err("creating", &dir, e))?;
-        }
+        let id = self.store.update(|tx| {
+            let id = tx.next_id()?;
+            // Inside the transaction, so that cleanup sees the directory only as reserved.
+            self.make_dirs(id, true, None)?;
+            self.reserved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, Instant::now());
+            Ok(id)
+        })?;
         Ok((id, self.fs_dir(id)))
     }
 
+    /// Give up reserved id `id` (nothing mounted on it any more) and remove its directory.
+    pub fn release(&self, id: u64) {
+        let was_reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+            .is_some();
+        if was_reserved {
+            self.remove_dir(id);
+        }
+    }
+
     /// Record reserved snapshot `id` (its layer mounted lazily at its `fs` dir) as the
-    /// committed snapshot `name`.
+    /// committed snapshot `name`. The reservation ends either way: on an error the caller
+    /// unmounts and the directory goes with the next cleanup.
     pub fn commit_remote(
         &self,
         id: u64,
@@ -243,11 +358,9 @@ impl Snapshots {
         labels: BTreeMap<String, String>,
         remote: store::RemoteLayer,
     ) -> Result<(), SnapshotError> {
+        let labels = without_empty(labels);
         let now = nanos(SystemTime::now());
-        self.store.update(|tx| {
-            if tx.get(name)?.is_some() {
-                return Err(SnapshotError::AlreadyExists(name.to_string()));
-            }
+        let r = self.store.update(|tx| {
             if !parent.is_empty() {
                 match tx.get(parent)? {
                     Some(p) if p.kind == Kind::Committed => {}
@@ -258,6 +371,9 @@ impl Snapshots {
                     }
                     None => return Err(SnapshotError::NotFound(parent.to_string())),
                 }
+            }
+            if tx.get(name)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(name.to_string()));
             }
             tx.put(&SnapshotRecord {
                 id,
@@ -270,7 +386,12 @@ impl Snapshots {
                 usage: (0, 0),
                 remote: Some(remote),
             })
-        })
+        });
+        self.reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        r
     }
 
     /// The record of a snapshot (for the daemon: its id and remote layer).
@@ -304,18 +425,20 @@ impl Snapshots {
                 "snapshot {key} is committed: it has no mounts"
             )));
         }
-        self.mounts_of(&rec)
+        let lowers = self.lower_dirs(|n| self.store.get(n), &rec.parent)?;
+        self.mounts_with(&rec, &lowers)
     }
 
-    /// Directories of the parent chain, nearest first.
-    fn lower_dirs(&self, parent: &str) -> Result<Vec<PathBuf>, SnapshotError> {
+    /// Directories of the parent chain, nearest first, looked up with `get`.
+    fn lower_dirs(
+        &self,
+        get: impl Fn(&str) -> Result<Option<SnapshotRecord>, SnapshotError>,
+        parent: &str,
+    ) -> Result<Vec<PathBuf>, SnapshotError> {
         let mut out = Vec::new();
         let mut p = parent.to_string();
         while !p.is_empty() {
-            let r = self
-                .store
-                .get(&p)?
-                .ok_or_else(|| SnapshotError::NotFound(p.clone()))?;
+            let r = get(&p)?.ok_or_else(|| SnapshotError::NotFound(p.clone()))?;
             if let Some(remote) = &r.remote {
                 if !is_mountpoint(&self.fs_dir(r.id)) {
                     return Err(SnapshotError::FailedPrecondition(format!(
@@ -335,42 +458,46 @@ impl Snapshots {
         Ok(out)
     }
 
-    fn mounts_of(&self, rec: &SnapshotRecord) -> Result<Vec<Mount>, SnapshotError> {
-        let lowers = self.lower_dirs(&rec.parent)?;
+    /// The mounts of `rec` over the parent directories `lowers` (containerd's overlay
+    /// `mounts`): a bind mount without parents, a read-only bind mount of the parent for a view
+    /// of one, else overlay.
+    fn mounts_with(
+        &self,
+        rec: &SnapshotRecord,
+        lowers: &[PathBuf],
+    ) -> Result<Vec<Mount>, SnapshotError> {
         let fs = self.fs_dir(rec.id).display().to_string();
         let bind = |source: String, ro: bool| Mount {
             kind: "bind".into(),
             source,
             options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
         };
-        let lowerdir = || {
-            format!(
-                "lowerdir={}",
-                lowers
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(":")
-            )
+        let lowerdir = format!(
+            "lowerdir={}",
+            lowers
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        );
+        let overlay = |mut options: Vec<String>| {
+            options.push(lowerdir.clone());
+            options.extend(self.overlay_options.iter().cloned());
+            Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options,
+            }
         };
         Ok(match (rec.kind, lowers.len()) {
             (Kind::Active, 0) => vec![bind(fs, false)],
             (Kind::View, 0) => vec![bind(fs, true)],
             (Kind::View, 1) => vec![bind(lowers[0].display().to_string(), true)],
-            (Kind::View, _) => vec![Mount {
-                kind: "overlay".into(),
-                source: "overlay".into(),
-                options: vec![lowerdir()],
-            }],
-            (Kind::Active, _) => vec![Mount {
-                kind: "overlay".into(),
-                source: "overlay".into(),
-                options: vec![
-                    format!("workdir={}", self.dir(rec.id).join("work").display()),
-                    format!("upperdir={fs}"),
-                    lowerdir(),
-                ],
-            }],
+            (Kind::View, _) => vec![overlay(Vec::new())],
+            (Kind::Active, _) => vec![overlay(vec![
+                format!("workdir={}", self.dir(rec.id).join("work").display()),
+                format!("upperdir={fs}"),
+            ])],
             (Kind::Committed, _) => {
                 return Err(SnapshotError::FailedPrecondition(format!(
                     "snapshot {} is committed: it has no mounts",
@@ -380,7 +507,8 @@ impl Snapshots {
         })
     }
 
-    /// Commit active snapshot `key` as `name`.
+    /// Commit active snapshot `key` as `name`. Errors in containerd's order: the key
+    /// (NotFound), the name (AlreadyExists), then the key's kind (FailedPrecondition).
     pub fn commit(
         &self,
         name: &str,
@@ -392,29 +520,23 @@ impl Snapshots {
                 "snapshot name is empty".into(),
             ));
         }
-        let active = self
-            .store
-            .get(key)?
-            .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
-        if active.kind != Kind::Active {
-            return Err(SnapshotError::FailedPrecondition(format!(
-                "snapshot {key} is not active"
-            )));
-        }
-        let usage = disk_usage(&self.fs_dir(active.id));
+        let labels = without_empty(labels);
         let now = nanos(SystemTime::now());
         self.store.update(|tx| {
             let Some(current) = tx.get(key)? else {
                 return Err(SnapshotError::NotFound(key.to_string()));
             };
+            if tx.get(name)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(name.to_string()));
+            }
             if current.kind != Kind::Active {
                 return Err(SnapshotError::FailedPrecondition(format!(
                     "snapshot {key} is not active"
                 )));
             }
-            if tx.get(name)?.is_some() {
-                return Err(SnapshotError::AlreadyExists(name.to_string()));
-            }
+            // Measured inside the transaction, as containerd does: nothing can change the
+            // snapshot between the measurement and the record.
+            let usage = disk_usage(&self.fs_dir(current.id));
             tx.delete(key)?;
             tx.put(&SnapshotRecord {
                 kind: Kind::Committed,
@@ -462,7 +584,8 @@ impl Snapshots {
     }
 
     /// Update labels: with no field paths (or `labels`) all labels are replaced; `labels.KEY`
-    /// sets or (when absent from `labels`) deletes one label. Other fields cannot change.
+    /// sets or (when absent from `labels`) deletes one label; a label set to "" is deleted.
+    /// Other fields cannot change (InvalidArgument, and nothing changes).
     pub fn update(
         &self,
         name: &str,
@@ -478,9 +601,7 @@ impl Snapshots {
                 rec.labels = labels.clone();
             }
             for path in fieldpaths {
-                if path == "labels" {
-                    rec.labels = labels.clone();
-                } else if let Some(k) = path.strip_prefix("labels.") {
+                if let Some(k) = path.strip_prefix("labels.") {
                     match labels.get(k) {
                         Some(v) => {
                             rec.labels.insert(k.to_string(), v.clone());
@@ -489,12 +610,15 @@ impl Snapshots {
                             rec.labels.remove(k);
                         }
                     }
+                } else if path == "labels" {
+                    rec.labels = labels.clone();
                 } else {
                     return Err(SnapshotError::InvalidArgument(format!(
-                        "cannot update field {path:?} of snapshot {name}"
+                        "cannot update {path:?} field on snapshot {name:?}"
                     )));
                 }
             }
+            rec.labels = without_empty(std::mem::take(&mut rec.labels));
             rec.updated = now;
             tx.put(&rec)?;
             Ok(rec)
@@ -502,18 +626,19 @@ impl Snapshots {
         Ok(info_of(&rec))
     }
 
-    /// Usage of one snapshot: measured for active ones, recorded at commit for committed ones.
+    /// Usage of one snapshot: measured for an active one (its upper directory), recorded at
+    /// commit for a committed one, none for a view (containerd's overlay `Usage`).
     pub fn usage(&self, key: &str) -> Result<Usage, SnapshotError> {
         let rec = self
             .store
             .get(key)?
             .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
         Ok(match rec.kind {
-            Kind::Committed => Usage {
+            Kind::Active => disk_usage(&self.fs_dir(rec.id)),
+            Kind::Committed | Kind::View => Usage {
                 size: rec.usage.0,
                 inodes: rec.usage.1,
             },
-            _ => disk_usage(&self.fs_dir(rec.id)),
         })
     }
 
@@ -537,29 +662,28 @@ impl Snapshots {
     }
 }
 
-/// Bytes (allocated blocks) and inodes under `dir`, not following links, not crossing mounts.
+/// containerd's `fs.DiskUsage` (continuity): every inode under `dir`, `dir` itself included,
+/// counted once (hard links), with its allocated blocks; symlinks are not followed.
 fn disk_usage(dir: &Path) -> Usage {
-    use std::os::unix::fs::MetadataExt;
     let mut u = Usage::default();
     let Ok(top) = std::fs::symlink_metadata(dir) else {
         return u;
     };
-    let dev = top.dev();
     let mut seen = HashSet::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.dev() != dev || !seen.insert(m.ino()) {
-                continue;
-            }
+    let mut stack = vec![(dir.to_path_buf(), top)];
+    while let Some((p, m)) = stack.pop() {
+        if seen.insert((m.dev(), m.ino())) {
             u.inodes += 1;
             u.size += (m.blocks() * 512) as i64;
-            if m.is_dir() {
-                stack.push(e.path());
+        }
+        if m.is_dir() {
+            let Ok(rd) = std::fs::read_dir(&p) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if let Ok(cm) = e.metadata() {
+                    stack.push((e.path(), cm));
+                }
             }
         }
     }
@@ -614,7 +738,20 @@ mod tests {
         s.commit("second", "b", labels(&[])).unwrap();
         let v2 = s.create(Kind::View, "v2", "second", labels(&[])).unwrap();
         assert_eq!(v2[0].kind, "overlay");
-        assert_eq!(v2[0].options.len(), 1, "a view has no upper dir");
+        assert!(
+            v2[0].options[0].starts_with("lowerdir=")
+                && !v2[0]
+                    .options
+                    .iter()
+                    .any(|o| o.starts_with("upperdir=") || o.starts_with("workdir=")),
+            "a view has no upper dir: {:?}",
+            v2[0].options
+        );
+        assert_eq!(
+            &v2[0].options[1..],
+            &s.overlay_options[..],
+            "containerd's overlay options follow lowerdir"
+        );
 
         // Errors, with the kinds containerd expects.
         assert!(matches!(
@@ -685,6 +822,176 @@ mod tests {
             s.update("nope", labels(&[]), &[]),
             Err(SnapshotError::NotFound(_))
         ));
+    }
+
+    /// When several things are wrong, the error is the one containerd's storage reports.
+    #[test]
+    fn errors_come_in_containerds_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshots::open(dir.path()).unwrap();
+        s.create(Kind::Active, "a", "", labels(&[])).unwrap();
+        s.commit("c", "a", labels(&[])).unwrap();
+        s.create(Kind::View, "v", "c", labels(&[])).unwrap();
+        s.create(Kind::Active, "b", "c", labels(&[])).unwrap();
+        // Create: the parent before the key.
+        assert!(matches!(
+            s.create(Kind::Active, "b", "missing", labels(&[])),
+            Err(SnapshotError::NotFound(p)) if p == "missing"
+        ));
+        assert!(matches!(
+            s.create(Kind::View, "v", "b", labels(&[])),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        // Commit: the key, then the name, then the kind.
+        assert!(matches!(
+            s.commit("c", "missing", labels(&[])),
+            Err(SnapshotError::NotFound(k)) if k == "missing"
+        ));
+        assert!(matches!(
+            s.commit("c", "v", labels(&[])),
+            Err(SnapshotError::AlreadyExists(n)) if n == "c"
+        ));
+        assert!(matches!(
+            s.commit("b", "b", labels(&[])),
+            Err(SnapshotError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.commit("c2", "v", labels(&[])),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            s.commit("c2", "c", labels(&[])),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        // Nothing of the failed requests stayed behind.
+        let names: HashSet<String> = s.list(&[]).unwrap().into_iter().map(|i| i.name).collect();
+        let want: HashSet<String> = ["c", "v", "b"].iter().map(|n| n.to_string()).collect();
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn labels_with_empty_values_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshots::open(dir.path()).unwrap();
+        s.create(Kind::Active, "a", "", labels(&[("x", "1"), ("e", "")]))
+            .unwrap();
+        assert_eq!(s.stat("a").unwrap().labels, labels(&[("x", "1")]));
+        let i = s
+            .update("a", labels(&[("x", ""), ("y", "2")]), &["labels".into()])
+            .unwrap();
+        assert_eq!(i.labels, labels(&[("y", "2")]));
+        assert_eq!(s.stat("a").unwrap().labels, i.labels);
+        let i = s
+            .update("a", labels(&[("y", "")]), &["labels.y".into()])
+            .unwrap();
+        assert!(i.labels.is_empty(), "{:?}", i.labels);
+        s.commit("c", "a", labels(&[("k", ""), ("l", "v")]))
+            .unwrap();
+        assert_eq!(s.stat("c").unwrap().labels, labels(&[("l", "v")]));
+        // A failed update changes nothing, not even labels before the bad path.
+        let before = s.stat("c").unwrap();
+        assert!(matches!(
+            s.update(
+                "c",
+                labels(&[("l", "w")]),
+                &["labels.l".into(), "kind".into()]
+            ),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        assert_eq!(s.stat("c").unwrap(), before);
+    }
+
+    /// containerd's `fs.DiskUsage`: the upper directory itself counts, hard links once; a view
+    /// has no usage; a committed snapshot keeps what commit measured.
+    #[test]
+    fn usage_counts_like_containerd() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshots::open(dir.path()).unwrap();
+        let m = s.create(Kind::Active, "a", "", labels(&[])).unwrap();
+        let fs = PathBuf::from(&m[0].source);
+        let root_blocks = std::fs::metadata(&fs).unwrap().blocks() as i64 * 512;
+        assert_eq!(
+            s.usage("a").unwrap(),
+            Usage {
+                inodes: 1,
+                size: root_blocks
+            }
+        );
+        std::fs::write(fs.join("f"), vec![1u8; 64 << 10]).unwrap();
+        std::fs::hard_link(fs.join("f"), fs.join("g")).unwrap();
+        std::fs::create_dir(fs.join("d")).unwrap();
+        let u = s.usage("a").unwrap();
+        assert_eq!(u.inodes, 3, "root, f (= g), d");
+        assert!(u.size >= root_blocks + (64 << 10), "{u:?}");
+        s.commit("c", "a", labels(&[])).unwrap();
+        assert_eq!(s.usage("c").unwrap(), u);
+        s.create(Kind::View, "v", "c", labels(&[])).unwrap();
+        assert_eq!(s.usage("v").unwrap(), Usage::default());
+        assert!(matches!(s.usage("x"), Err(SnapshotError::NotFound(_))));
+    }
+
+    #[test]
+    fn directory_modes_do_not_depend_on_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshots::open(dir.path()).unwrap();
+        s.create(Kind::Active, "a", "", labels(&[])).unwrap();
+        let id = s.record("a").unwrap().unwrap().id;
+        // Whatever the process umask, the modes are containerd's.
+        let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(s.fs_path(id)), 0o755);
+        assert_eq!(mode(s.dir(id).join("work")), 0o711);
+    }
+
+    /// A parent chain that cannot be mounted (an unmounted lazy layer) fails Prepare before
+    /// anything is recorded, so that the same key can be prepared again.
+    #[test]
+    fn unmountable_parent_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshots::open(dir.path()).unwrap();
+        let (id, _fs) = s.reserve().unwrap();
+        let remote = store::RemoteLayer {
+            image: "r/i:t".into(),
+            manifest: "sha256:m".into(),
+            layer: "sha256:l".into(),
+        };
+        s.commit_remote(id, "lazy", "", labels(&[]), remote)
+            .unwrap();
+        assert!(matches!(
+            s.create(Kind::Active, "k", "lazy", labels(&[])),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        assert!(matches!(s.stat("k"), Err(SnapshotError::NotFound(_))));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("snapshots"))
+                .unwrap()
+                .count(),
+            1,
+            "no directory for the failed prepare"
+        );
+    }
+
+    /// Cleanup keeps what records name and what a lazy mount has reserved; released
+    /// reservations and unknown directories go.
+    #[test]
+    fn cleanup_keeps_records_and_reservations() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshots::open(dir.path()).unwrap();
+        s.create(Kind::Active, "a", "", labels(&[])).unwrap();
+        let (kept, _) = s.reserve().unwrap();
+        let (released, _) = s.reserve().unwrap();
+        std::fs::create_dir_all(dir.path().join("snapshots/999/fs")).unwrap();
+        std::fs::create_dir_all(dir.path().join("snapshots/not-an-id")).unwrap();
+        s.release(released);
+        assert!(!s.dir(released).exists(), "release removes the directory");
+        assert_eq!(s.cleanup().unwrap(), 2);
+        assert!(s.dir(kept).exists(), "a reservation survives cleanup");
+        assert!(s.dir(s.record("a").unwrap().unwrap().id).exists());
+        // Once the reservation is recorded or given up it is ordinary.
+        s.release(kept);
+        assert!(!s.dir(kept).exists());
+        assert_eq!(s.cleanup().unwrap(), 0);
     }
 
     #[test]

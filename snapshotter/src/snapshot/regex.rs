@@ -56,7 +56,9 @@ enum Node {
     Empty,
     Char(char),
     Class(Class),
-    Any { nl: bool },
+    Any {
+        nl: bool,
+    },
     Look(Look),
     Concat(Vec<Node>),
     Alt(Vec<Node>),
@@ -147,11 +149,7 @@ impl Regex {
                     stack.push(*b);
                     stack.push(*a);
                 }
-                Inst::Look(l) => {
-                    if look_holds(*l, prev, here) {
-                        stack.push(pc + 1);
-                    }
-                }
+                Inst::Look(l) if look_holds(*l, prev, here) => stack.push(pc + 1),
                 Inst::Match => list.matched = true,
                 _ => {}
             }
@@ -702,15 +700,15 @@ impl Parser {
     }
 
     /// `[:name:]` or `[:^name:]` at the current position: (ranges, negated, length).
-    fn posix_class(&self) -> Option<(&'static [(char, char)], bool, usize)> {
+    fn posix_class(&self) -> Option<(Ranges, bool, usize)> {
         let rest: String = self.chars[self.pos..].iter().take(12).collect();
-        let end = rest.find(":]")?;
+        let end = rest.find(":]").filter(|e| *e >= 2)?;
         let mut name = &rest[2..end];
         let neg = name.starts_with('^');
         if neg {
             name = &name[1..];
         }
-        let set: &'static [(char, char)] = match name {
+        let set: Ranges = match name {
             "alnum" => &[('0', '9'), ('A', 'Z'), ('a', 'z')],
             "alpha" => &[('A', 'Z'), ('a', 'z')],
             "ascii" => &[('\0', '\x7f')],
@@ -730,6 +728,9 @@ impl Parser {
         Some((set, neg, end + 2))
     }
 }
+
+/// A static set of character ranges.
+type Ranges = &'static [(char, char)];
 
 enum Escaped {
     Char(char),
@@ -849,6 +850,10 @@ mod tests {
         assert!(m(r"^\x41\x{263a}\101\t$", "A\u{263a}A\t"));
         assert!(m(r"\Q.*\E", "a.*b") && !m(r"\Q.*\E", "ab"));
         assert!(m("[]a]", "]") && m("[-a]", "-") && m(r"[\d-]", "-"));
+        assert!(
+            m("^[[:]]$", ":]") && !m("^[[:]]$", "]"),
+            "not a POSIX class"
+        );
         assert!(m("(?P<n>ab)(?:c)", "abc") && m("x*", "") && m("", "anything"));
         assert!(m("a|", "b"), "an empty alternative matches");
         assert!(m("a{,2}", "a{,2}"), "not a repetition: literal braces");

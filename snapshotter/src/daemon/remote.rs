@@ -108,7 +108,8 @@ impl RemoteLayers {
         let mounted = match self.mount_at(&remote, &fs).await {
             Ok(m) => m,
             Err(e) => {
-                let _ = snapshots.cleanup();
+                // Nothing is mounted on the reservation: give it back now.
+                snapshots.release(id);
                 return Err(e);
             }
         };

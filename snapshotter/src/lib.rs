@@ -27,4 +27,5 @@ pub mod record;
 pub mod remote;
 pub mod snapshot;
 pub mod store;
+pub mod takeover;
 pub mod unpack;

@@ -7,6 +7,7 @@ pub mod beam;
 pub mod containerd;
 pub mod cri;
 pub mod daemon;
+pub mod lazy_registry;
 pub mod oci_layout;
 pub mod proxy;
 pub mod registry;

@@ -12,10 +12,11 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use beam_tests::containerd::{self, BeamCri, ContainerdVersion, CriConfig};
-use beam_tests::cri::{self, Kubelet};
+use beam_tests::cri::Kubelet;
+use beam_tests::lazy_registry::LazyRegistry;
 use beam_tests::util;
-use beam_tests::{beam, oci_layout, Proxy};
-use beam_tests::{BeamDaemon, Compression, Containerd, ContainerdOptions, LayerSpec, Registry};
+use beam_tests::{beam, oci_layout};
+use beam_tests::{BeamDaemon, Compression, Containerd, ContainerdOptions, LayerSpec};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -47,32 +48,14 @@ const CACHE_BUDGET: u64 = 4 << 20;
 struct Env {
     containerd: Containerd,
     daemon: BeamDaemon,
-    proxy: Proxy,
-    _registry: Registry,
-    hosts: tempfile::TempDir,
-    _work: tempfile::TempDir,
-    /// Converted small image (`/bin/sh`, `cat`, ...).
-    busybox: String,
+    reg: LazyRegistry,
     /// Converted python image, and its manifest's layers (digest, size).
     python: Option<(String, Vec<(String, u64)>)>,
 }
 
 impl Env {
     fn start(version: ContainerdVersion, cri_mode: BeamCri, with_python: bool) -> Result<Env> {
-        let registry = Registry::start()?;
-        let proxy = Proxy::start(&registry.addr())?;
-        let work = tempfile::Builder::new().prefix("beam-e2e-").tempdir()?;
-        let layout = work.path().join("layout");
-        cri::build_test_images(work.path(), &layout)?;
-        let pause = format!("{}/e2e/pause:1", proxy.addr());
-        oci_layout::push_with_skopeo(&layout, "pause", &pause)?;
-        let busybox = format!("{}/e2e/busybox:1", proxy.addr());
-        beam::ok(&[
-            "convert",
-            "--plain-http",
-            &format!("oci:{}:busybox", layout.display()),
-            &busybox,
-        ])?;
+        let reg = LazyRegistry::start("e2e")?;
         let python = if with_python {
             let tars = python_layers()?;
             let specs: Vec<LayerSpec> = tars
@@ -80,7 +63,7 @@ impl Env {
                 .map(|t| LayerSpec::new(t, Compression::Gzip))
                 .collect();
             let built = oci_layout::build_with_config(
-                &layout,
+                &reg.layout,
                 "python",
                 &specs,
                 &beam_tests::ImageConfig {
@@ -89,11 +72,11 @@ impl Env {
                     ..Default::default()
                 },
             )?;
-            let image = format!("{}/e2e/python:1", proxy.addr());
+            let image = format!("{}/e2e/python:1", reg.proxy.addr());
             beam::ok(&[
                 "convert",
                 "--plain-http",
-                &format!("oci:{}:python", layout.display()),
+                &format!("oci:{}:python", reg.layout.display()),
                 &image,
             ])?;
             let layers = built
@@ -106,14 +89,11 @@ impl Env {
             None
         };
 
-        // containerd's hosts.toml directory; beam-snapshotter reads the same one.
-        let hosts = tempfile::Builder::new().prefix("beam-certs.d-").tempdir()?;
-        cri::write_plain_http_hosts(hosts.path(), &proxy.addr())?;
-        let hosts_arg = hosts.path().to_str().context("utf-8")?.to_string();
-        // A small cache budget: what unmounted layers leave in the cache must go.
+        // beam-snapshotter reads containerd's hosts.toml directory. A small cache budget:
+        // what unmounted layers leave in the cache must go.
         let daemon = BeamDaemon::start(&[
             "--hosts-dir",
-            &hosts_arg,
+            &reg.hosts_arg()?,
             "--no-background-fetch",
             "--cache-budget",
             &CACHE_BUDGET.to_string(),
@@ -122,8 +102,8 @@ impl Env {
             version,
             cri: true,
             cri_config: CriConfig {
-                sandbox_image: Some(pause),
-                registry_config_path: Some(hosts.path().to_path_buf()),
+                sandbox_image: Some(reg.pause.clone()),
+                registry_config_path: Some(reg.hosts.path().to_path_buf()),
                 ..Default::default()
             },
             extra_config: containerd::beam_plugin_config(
@@ -137,11 +117,7 @@ impl Env {
         Ok(Env {
             containerd,
             daemon,
-            proxy,
-            _registry: registry,
-            hosts,
-            _work: work,
-            busybox,
+            reg,
             python,
         })
     }
@@ -186,7 +162,7 @@ impl Env {
     /// Asserts that none of `layers` was downloaded whole.
     fn assert_no_layer_downloaded(&self, layers: &[(String, u64)]) -> Result<()> {
         for (digest, size) in layers {
-            let reqs = self.proxy.blob_requests_for(digest);
+            let reqs = self.reg.proxy.blob_requests_for(digest);
             ensure!(
                 reqs.is_empty(),
                 "original layer {digest} ({size} bytes) was downloaded: {reqs:?}"
@@ -218,7 +194,7 @@ fn user_paths(version: ContainerdVersion) -> Result<()> {
     ensure!(ok, "beam doctor finds fault with a good setup:\n{report}");
 
     // --- ctr users: beam pull, then ctr run ---------------------------------------------
-    env.proxy.clear();
+    env.reg.proxy.clear();
     let out = beam::ok(&[
         "pull",
         "--address",
@@ -242,7 +218,7 @@ fn user_paths(version: ContainerdVersion) -> Result<()> {
     )?;
     ensure!(printed == "1\n", "python printed {printed:?}");
     env.assert_no_layer_downloaded(&layers)?;
-    let fetched = env.proxy.blob_bytes_sent();
+    let fetched = env.reg.proxy.blob_bytes_sent();
     let share = fetched as f64 / compressed as f64;
     eprintln!(
         "containerd {}: beam pull + ctr run python3 -c 'print(1)': fetched {fetched} bytes of a \
@@ -283,7 +259,7 @@ fn user_paths(version: ContainerdVersion) -> Result<()> {
     );
 
     // --- the kubelet path ----------------------------------------------------------------
-    env.proxy.clear();
+    env.reg.proxy.clear();
     let before = env.daemon.status()?["lazy_mounts"].as_u64().unwrap_or(0);
     {
         let mut kubelet = Kubelet::connect(c)?;
@@ -308,11 +284,11 @@ fn user_paths(version: ContainerdVersion) -> Result<()> {
             code == 0 && out == "1\n",
             "container exited {code}, printed {out:?}"
         );
-        kubelet.client().pull_image(&env.busybox, None)?;
+        kubelet.client().pull_image(&env.reg.busybox, None)?;
         let (code, out) = kubelet.run_container(
             &pod,
             "cat",
-            &env.busybox,
+            &env.reg.busybox,
             &["cat", "/etc/group"],
             Duration::from_secs(60),
         )?;
@@ -321,7 +297,7 @@ fn user_paths(version: ContainerdVersion) -> Result<()> {
             "busybox exited {code}, printed {out:?}"
         );
         env.assert_no_layer_downloaded(&layers)?;
-        let fetched = env.proxy.blob_bytes_sent();
+        let fetched = env.reg.proxy.blob_bytes_sent();
         eprintln!(
             "containerd {}: CRI pull + pod + python3 -c 'print(1)' + busybox: fetched {fetched} \
              bytes ({:.1}% of the python image)",
@@ -334,7 +310,7 @@ fn user_paths(version: ContainerdVersion) -> Result<()> {
         );
         kubelet.remove_pod(&pod)?;
         kubelet.client().remove_image(&python)?;
-        kubelet.client().remove_image(&env.busybox)?;
+        kubelet.client().remove_image(&env.reg.busybox)?;
         kubelet.cleanup()?;
     }
     // containerd collects the removed images' snapshots; the daemon unmounts their layers.
@@ -365,15 +341,16 @@ fn misconfiguration_is_detected(version: ContainerdVersion) -> Result<()> {
         return Ok(());
     }
     let env = Env::start(version, BeamCri::AnnotationsDisabled, false)?;
-    env.proxy.clear();
+    env.reg.proxy.clear();
     {
         let mut kubelet = Kubelet::connect(&env.containerd)?;
-        kubelet.client().pull_image(&env.busybox, None)?;
-        kubelet.client().remove_image(&env.busybox)?;
+        kubelet.client().pull_image(&env.reg.busybox, None)?;
+        kubelet.client().remove_image(&env.reg.busybox)?;
     }
     // The busybox layer (about 1 MB compressed; configs and Beam indexes are a few KB) was
     // downloaded in full, although the image is converted.
     let layer_gets: Vec<_> = env
+        .reg
         .proxy
         .blob_requests()
         .into_iter()
@@ -382,7 +359,7 @@ fn misconfiguration_is_detected(version: ContainerdVersion) -> Result<()> {
     ensure!(
         !layer_gets.is_empty(),
         "no whole-blob download seen: {:?}",
-        env.proxy.records()
+        env.reg.proxy.records()
     );
     let st = env.daemon.status()?;
     ensure!(
@@ -411,7 +388,6 @@ fn misconfiguration_is_detected(version: ContainerdVersion) -> Result<()> {
         "beam doctor on containerd {}:\n{report}",
         env.containerd.version_string()
     );
-    let _ = &env.hosts;
     env.stop()
 }
 
@@ -455,7 +431,7 @@ fn nerdctl_pull_and_run_when_available() -> Result<()> {
             "--rm",
             "--net",
             "host",
-            &env.busybox,
+            &env.reg.busybox,
             "cat",
             "/etc/group",
         ]);

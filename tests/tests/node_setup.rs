@@ -5,58 +5,28 @@
 
 use anyhow::{ensure, Context, Result};
 use beam_tests::containerd::{self, ContainerdVersion, CriConfig};
-use beam_tests::cri::{self, Kubelet};
+use beam_tests::cri::Kubelet;
+use beam_tests::lazy_registry::LazyRegistry;
 use beam_tests::util;
-use beam_tests::{beam, oci_layout, BeamDaemon, Containerd, ContainerdOptions, Proxy, Registry};
+use beam_tests::{beam, BeamDaemon, Containerd, ContainerdOptions};
 use std::path::{Path, PathBuf};
 
-/// Registry behind a recording proxy with a converted busybox and a pause image, a hosts.toml
-/// directory naming the proxy (plain HTTP) with a mirror entry, and beam-snapshotter.
+/// The lazy-pull registry (converted busybox, pause image, hosts.toml) and beam-snapshotter.
 struct Node {
     daemon: BeamDaemon,
-    proxy: Proxy,
-    _registry: Registry,
-    hosts: tempfile::TempDir,
-    dir: tempfile::TempDir,
-    busybox: String,
-    pause: String,
+    reg: LazyRegistry,
 }
 
 impl Node {
     fn start() -> Result<Node> {
-        let registry = Registry::start()?;
-        let proxy = Proxy::start(&registry.addr())?;
-        let dir = tempfile::Builder::new().prefix("beam-node-").tempdir()?;
-        let layout = dir.path().join("layout");
-        cri::build_test_images(dir.path(), &layout)?;
-        let pause = format!("{}/node/pause:1", proxy.addr());
-        oci_layout::push_with_skopeo(&layout, "pause", &pause)?;
-        let busybox = format!("{}/node/busybox:1", proxy.addr());
-        beam::ok(&[
-            "convert",
-            "--plain-http",
-            &format!("oci:{}:busybox", layout.display()),
-            &busybox,
-        ])?;
-        // containerd's registry hosts: the proxy over plain HTTP, reached through itself as
-        // its mirror (a hosts.toml with a [host] entry, as mirror setups have).
-        let hosts = tempfile::Builder::new().prefix("beam-certs.d-").tempdir()?;
-        cri::write_plain_http_hosts(hosts.path(), &proxy.addr())?;
-        let hosts_arg = hosts.path().to_str().context("utf-8")?.to_string();
-        let daemon = BeamDaemon::start(&["--hosts-dir", &hosts_arg, "--no-background-fetch"])?;
-        Ok(Node {
-            daemon,
-            proxy,
-            _registry: registry,
-            hosts,
-            dir,
-            busybox,
-            pause,
-        })
+        let reg = LazyRegistry::start("node")?;
+        let daemon =
+            BeamDaemon::start(&["--hosts-dir", &reg.hosts_arg()?, "--no-background-fetch"])?;
+        Ok(Node { daemon, reg })
     }
 
     fn config_path(&self) -> PathBuf {
-        self.dir.path().join("etc-containerd/config.toml")
+        self.reg.work.path().join("etc-containerd/config.toml")
     }
 
     /// `beam node-setup ARGS... --containerd-config ... --no-install --beam-address ...`.
@@ -89,23 +59,23 @@ impl Node {
             version,
             cri: true,
             cri_config: CriConfig {
-                sandbox_image: Some(self.pause.clone()),
-                registry_config_path: Some(self.hosts.path().to_path_buf()),
+                sandbox_image: Some(self.reg.pause.clone()),
+                registry_config_path: Some(self.reg.hosts.path().to_path_buf()),
                 ..Default::default()
             },
             extra_config: text,
             ..Default::default()
         })?;
-        self.proxy.clear();
+        self.reg.proxy.clear();
         let before = self.daemon.status()?["lazy_mounts"].as_u64().unwrap_or(0);
         {
             let mut kubelet = Kubelet::connect(&c)?;
-            kubelet.client().pull_image(&self.busybox, None)?;
+            kubelet.client().pull_image(&self.reg.busybox, None)?;
             let pod = kubelet.run_pod("node")?;
             let (code, out) = kubelet.run_container(
                 &pod,
                 "cat",
-                &self.busybox,
+                &self.reg.busybox,
                 &["cat", "/etc/group"],
                 std::time::Duration::from_secs(60),
             )?;
@@ -114,7 +84,7 @@ impl Node {
                 "exited {code}, printed {out:?}"
             );
             kubelet.remove_pod(&pod)?;
-            kubelet.client().remove_image(&self.busybox)?;
+            kubelet.client().remove_image(&self.reg.busybox)?;
             kubelet.cleanup()?;
         }
         let after = self.daemon.status()?["lazy_mounts"].as_u64().unwrap_or(0);
@@ -125,6 +95,7 @@ impl Node {
             std::fs::read_to_string(self.config_path())?
         );
         let whole: Vec<_> = self
+            .reg
             .proxy
             .blob_requests()
             .into_iter()
@@ -157,7 +128,8 @@ fn check(version: ContainerdVersion, sample: Option<&str>, want_version: i64) ->
         return Ok(());
     }
     let node = Node::start()?;
-    let original = sample.map(|t| t.replace("@HOSTS@", &node.hosts.path().display().to_string()));
+    let original =
+        sample.map(|t| t.replace("@HOSTS@", &node.reg.hosts.path().display().to_string()));
     let path = node.config_path();
     std::fs::create_dir_all(path.parent().context("parent")?)?;
     if let Some(text) = &original {

@@ -6,7 +6,6 @@ use anyhow::{ensure, Context, Result};
 use beam_tests::util;
 use beam_tests::{beam, oci_layout, Proxy};
 use beam_tests::{BeamDaemon, Compression, Containerd, ContainerdOptions, LayerSpec, Registry};
-use std::path::Path;
 use std::time::Duration;
 
 /// `beam pull --address ... --namespace ... --plain-http IMAGE --json`.
@@ -90,10 +89,6 @@ fn build_images(registry: &str) -> Result<Images> {
         plain,
         built,
     })
-}
-
-fn fuse_mounts_under(dir: &Path) -> Result<usize> {
-    Ok(util::mounts_under(dir)?.len())
 }
 
 #[test]
@@ -211,7 +206,7 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
         d.status()?
     );
     ensure!(
-        fuse_mounts_under(d.root())? == 0,
+        util::mounts_under(d.root())?.is_empty(),
         "mounts left: {:?}",
         util::mounts_under(d.root())?
     );

@@ -1117,7 +1117,17 @@ mod tests {
         let t = Instant::now();
         drop(proxy);
         assert!(t.elapsed() < Duration::from_secs(5));
-        assert!(TcpStream::connect(addr).is_err());
+        // The accept thread is gone (probing the port instead would race
+        // with parallel tests that get the freed port from the kernel).
+        let port = addr.rsplit(':').next().unwrap().to_string();
+        let accept_thread = format!("proxy-a-{port}");
+        let alive: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .filter(|n| *n == accept_thread)
+            .collect();
+        assert!(alive.is_empty(), "{alive:?}");
         drop(idle);
     }
 }

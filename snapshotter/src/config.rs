@@ -21,6 +21,10 @@
 //! [remote]
 //! enabled = true                    # false: ordinary snapshots only
 //!
+//! [takeover]
+//! enabled = false                   # lazy layers' FUSE connections survive a daemon restart
+//! holder_socket = "/var/lib/beam/holder.sock"   # default: ROOT/holder.sock
+//!
 //! hosts_dir = "/etc/containerd/certs.d"   # containerd's hosts.toml files; none by default
 //!
 //! [[registry]]
@@ -42,6 +46,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub fetch: FetchConfig,
     pub remote: RemoteConfig,
+    pub takeover: TakeoverConfig,
     /// `HOST:PORT` to serve Prometheus metrics on (`GET /metrics`); none by default.
     pub metrics_address: Option<String>,
     /// containerd's registry host directory (`config_path`, e.g. `/etc/containerd/certs.d`):
@@ -92,6 +97,17 @@ impl Default for RemoteConfig {
     }
 }
 
+/// Keeping lazy layers' FUSE connections alive across daemon restarts (issue 7; see
+/// `crate::takeover`). Off by default: with it on, a stopped daemon leaves its lazy layers
+/// mounted (held by the fd holder process) for its successor to take over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TakeoverConfig {
+    pub enabled: bool,
+    /// The fd holder's socket. Default: `ROOT/holder.sock`.
+    pub holder_socket: Option<PathBuf>,
+}
+
 /// Settings of one registry host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,6 +129,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             fetch: FetchConfig::default(),
             remote: RemoteConfig::default(),
+            takeover: TakeoverConfig::default(),
             metrics_address: None,
             hosts_dir: None,
             registry: Vec::new(),
@@ -176,6 +193,14 @@ impl Config {
             .unwrap_or_else(|| self.root.join("cache"))
     }
 
+    /// The fd holder's socket in effect.
+    pub fn holder_socket(&self) -> PathBuf {
+        self.takeover
+            .holder_socket
+            .clone()
+            .unwrap_or_else(|| self.root.join("holder.sock"))
+    }
+
     /// Registry access options: plain-HTTP hosts, mirrors, CAs, from `[[registry]]` and the
     /// hosts directory; warnings name hosts.toml settings Beam does not follow.
     pub fn remote_options(
@@ -237,6 +262,8 @@ mod tests {
         assert_eq!(c.cache_dir(), PathBuf::from("/srv/beam/cache"));
         assert_eq!(c.fetch.concurrency, 3);
         assert_eq!(c.fetch.background_concurrency, 2, "default kept");
+        assert!(!c.takeover.enabled, "takeover is off by default");
+        assert_eq!(c.holder_socket(), PathBuf::from("/srv/beam/holder.sock"));
         let (o, _) = c.remote_options().unwrap();
         assert_eq!(o.plain_http_hosts, vec!["r:5000".to_string()]);
         assert_eq!(

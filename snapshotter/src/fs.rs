@@ -66,6 +66,9 @@ pub struct LayerFs {
     pub recorder: Option<Arc<AccessRecorder>>,
     /// End of the last read per inode, to detect sequential reading.
     last_read_end: Mutex<HashMap<u64, u64>>,
+    /// What the kernel offered in FUSE_INIT, recorded by `init` so that a successor daemon can
+    /// replay the handshake and take the connection over (`crate::takeover`).
+    pub init_params: Arc<Mutex<Option<crate::takeover::InitParams>>>,
 }
 
 /// How far ahead a sequential reader's chunks are fetched.
@@ -113,6 +116,7 @@ impl LayerFs {
             counters: Arc::new(LayerCounters::default()),
             recorder: None,
             last_read_end: Mutex::new(HashMap::new()),
+            init_params: Arc::default(),
         }
     }
 
@@ -250,6 +254,8 @@ fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        *self.init_params.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::takeover::InitParams::record(config));
         let _ = config.set_max_readahead(1 << 20);
         if self.passthrough_wanted {
             // Depth 1 keeps overlayfs stackable on top of this mount.

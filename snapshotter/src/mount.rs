@@ -4,6 +4,14 @@
 //! Used by `beam mount` (outside containerd, for debugging and tests) and, later, by
 //! beam-snapshotter. Whatever this module mounts it unmounts: dropping a [`MountedImage`]
 //! unmounts the overlay first, then each layer, and removes the mountpoints it made.
+//!
+//! A layer mounted with [`Held`] (beam-snapshotter with takeover on, issue 7) also parks a dup
+//! of its `/dev/fuse` fd in the fd holder (`crate::takeover`), with a [`HeldState`] saying what
+//! a successor needs to serve it, so the connection outlives this process. Such a layer can be
+//! left mounted on purpose ([`MountedLayer::leave_mounted`]) and taken over later
+//! ([`Held::existing`]). Passthrough must be off for these mounts for now: backing ids are
+//! registered per process and die with it, so a successor could not honour the passthrough
+//! opens the kernel still has (a follow-up must persist and re-register them).
 
 use crate::cache::ChunkCache;
 use crate::fetch::{ChunkRef, FetchError, Fetcher, RangeSource};
@@ -15,6 +23,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use std::collections::{BTreeSet, HashSet};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,6 +41,25 @@ pub struct MountOptions {
     pub work_dir: PathBuf,
     /// Record each layer's file access order (for `beam record`).
     pub record: bool,
+}
+
+/// A layer mount parked in the fd holder: the holder's socket and the entry's name.
+#[derive(Debug)]
+pub struct Held {
+    pub socket: PathBuf,
+    pub name: String,
+    /// Take over this live connection (fd from the holder, the INIT offer it saw) instead of
+    /// mounting anew. The mountpoint must still be its mount.
+    pub existing: Option<(std::os::fd::OwnedFd, crate::takeover::InitParams)>,
+}
+
+/// What the holder keeps beside a layer's fd (JSON): enough for a successor to serve it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HeldState {
+    /// Digest of the original layer.
+    pub layer: String,
+    pub mountpoint: PathBuf,
+    pub init: crate::takeover::InitParams,
 }
 
 /// A chunk blob in an OCI image layout, read by file offset.
@@ -80,14 +108,60 @@ pub struct MountedLayer {
     stop: Arc<AtomicBool>,
     owns_mountpoint: bool,
     cache: Arc<ChunkCache>,
+    /// The holder entry of this mount (dropped after unmounting).
+    held: Option<(PathBuf, String)>,
+    /// The session came from `takeover::take_over`: fuser does not know the mount, so it is
+    /// unmounted by path.
+    taken_over: bool,
+}
+
+impl MountedLayer {
+    /// Whether this mount's connection was taken over from a previous daemon.
+    pub fn taken_over(&self) -> bool {
+        self.taken_over
+    }
+
+    /// Stop serving without unmounting and keep the holder entry: for a daemon that stops so
+    /// that a successor takes the connection over. The session's thread and fds live until the
+    /// process exits (the holder's dup keeps the connection alive after that).
+    pub fn leave_mounted(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Forgetting the session keeps fuser's mount guard from unmounting.
+        std::mem::forget(self.session.take());
+        self.held = None;
+        self.owns_mountpoint = false;
+    }
 }
 
 impl Drop for MountedLayer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
+            if self.taken_over {
+                match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+                    Ok(()) => {
+                        // Unmounting aborted the connection: the session thread sees ENODEV.
+                        if let Err(e) = s.join() {
+                            tracing::warn!(mountpoint = %self.mountpoint.display(), "layer session: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(mountpoint = %self.mountpoint.display(), "unmounting layer: {e}; detaching");
+                        let _ =
+                            nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                        // Not joined: the detached mount may still be in use.
+                        drop(s);
+                    }
+                }
+            } else if let Err(e) = s.umount_and_join() {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), "unmounting layer: {e}");
+            }
+        }
+        if let Some((socket, name)) = self.held.take() {
+            let dropped =
+                crate::takeover::HolderClient::connect(&socket).and_then(|c| c.drop_entry(&name));
+            if let Err(e) = dropped {
+                tracing::warn!(entry = %name, "dropping the holder entry: {e}");
             }
         }
         self.cache.unpin(&self.mountpoint.display().to_string());
@@ -165,7 +239,9 @@ pub async fn load_index(
     Ok(Arc::new(r))
 }
 
-/// Mount one layer's filesystem at `mountpoint`.
+/// Mount one layer's filesystem at `mountpoint`. With `held`, park the connection in the fd
+/// holder (or take over the live one it names); `opts.passthrough` should then be off.
+#[allow(clippy::too_many_arguments)]
 pub fn mount_layer(
     layer: BeamLayer,
     index: SharedIndex,
@@ -174,6 +250,7 @@ pub fn mount_layer(
     mountpoint: &Path,
     opts: &MountOptions,
     owns_mountpoint: bool,
+    held: Option<Held>,
 ) -> Result<MountedLayer> {
     let rt = tokio::runtime::Handle::current();
     let mut fs = LayerFs::new(
@@ -186,6 +263,7 @@ pub fn mount_layer(
     let recorder = opts.record.then(|| Arc::new(AccessRecorder::default()));
     fs.recorder = recorder.clone();
     let counters = fs.counters.clone();
+    let init_params = fs.init_params.clone();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
@@ -197,13 +275,72 @@ pub fn mount_layer(
     ];
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
-    let session = fuser::spawn_mount(fs, mountpoint, &config).with_context(|| {
-        format!(
-            "mounting layer {} at {}",
-            layer.source,
-            mountpoint.display()
-        )
-    })?;
+    let mut taken_over = false;
+    let mut held_entry = None;
+    let session = match held {
+        None => fuser::spawn_mount(fs, mountpoint, &config).with_context(|| {
+            format!(
+                "mounting layer {} at {}",
+                layer.source,
+                mountpoint.display()
+            )
+        })?,
+        Some(Held {
+            socket,
+            name,
+            existing: Some((fd, init)),
+        }) => {
+            let session = crate::takeover::take_over(fs, fd, &init, config).with_context(|| {
+                format!(
+                    "taking over layer {} at {}",
+                    layer.source,
+                    mountpoint.display()
+                )
+            })?;
+            taken_over = true;
+            held_entry = Some((socket, name));
+            session.spawn().context("starting the taken-over session")?
+        }
+        Some(Held {
+            socket,
+            name,
+            existing: None,
+        }) => {
+            let session = fuser::Session::new(fs, mountpoint, &config).with_context(|| {
+                format!(
+                    "mounting layer {} at {}",
+                    layer.source,
+                    mountpoint.display()
+                )
+            })?;
+            let init = init_params.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let parked = init
+                .context("FUSE_INIT parameters were not recorded")
+                .and_then(|init| {
+                    let state = serde_json::to_vec(&HeldState {
+                        layer: layer.source.clone(),
+                        mountpoint: mountpoint.to_path_buf(),
+                        init,
+                    })?;
+                    // The holder receives its own reference to the /dev/fuse file (SCM_RIGHTS).
+                    crate::takeover::HolderClient::connect(&socket)?.put(
+                        &name,
+                        session.as_fd(),
+                        &state,
+                    )?;
+                    anyhow::Ok(())
+                });
+            match parked {
+                Ok(()) => held_entry = Some((socket, name)),
+                // The mount works; it just will not survive this process.
+                Err(e) => tracing::warn!(
+                    mountpoint = %mountpoint.display(),
+                    "cannot park the layer's connection in the fd holder: {e:#}"
+                ),
+            }
+            session.spawn().context("starting the layer session")?
+        }
+    };
     let digests: HashSet<_> = (0..index.chunk_count())
         .filter_map(|i| index.chunk(i).ok().map(|c| c.digest))
         .collect();
@@ -225,6 +362,8 @@ pub fn mount_layer(
         stop,
         owns_mountpoint,
         cache: fetcher.cache.clone(),
+        held: held_entry,
+        taken_over,
     })
 }
 
@@ -356,7 +495,7 @@ pub async fn mount_image(
             }
             None => (target.to_path_buf(), false),
         };
-        let mounted = mount_layer(l, index, source, fetcher.clone(), &mp, opts, owns)?;
+        let mounted = mount_layer(l, index, source, fetcher.clone(), &mp, opts, owns, None)?;
         image.layers.push(mounted);
     }
     if !direct {

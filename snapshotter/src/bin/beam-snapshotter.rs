@@ -54,6 +54,12 @@ struct Args {
     /// containerd's registry hosts directory (hosts.toml files), e.g. /etc/containerd/certs.d.
     #[arg(long)]
     hosts_dir: Option<PathBuf>,
+    /// Keep lazy layers' FUSE connections alive across restarts (fd holder; passthrough off).
+    #[arg(long)]
+    takeover: bool,
+    /// Internal: run as the fd holder on this socket (started by the daemon itself).
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    fd_holder: Option<PathBuf>,
 }
 
 impl Args {
@@ -90,6 +96,9 @@ impl Args {
         if let Some(d) = &self.hosts_dir {
             c.hosts_dir = Some(d.clone());
         }
+        if self.takeover {
+            c.takeover.enabled = true;
+        }
         for h in &self.plain_http_hosts {
             match c.registry.iter_mut().find(|r| r.host == *h) {
                 Some(r) => r.plain_http = true,
@@ -122,6 +131,16 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(socket) = &args.fd_holder {
+        // The fd holder process: no runtime, no config, just the held fds (see takeover::holder).
+        return match beam::takeover::run_holder(socket) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("beam-snapshotter --fd-holder: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let config = match args.config() {
         Ok(c) => c,
         Err(e) => {
@@ -192,14 +211,21 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
         registry.plain_http = plain_http_everywhere;
         let mount = beam::mount::MountOptions {
             background_fetch: config.fetch.background,
-            passthrough: true,
+            // Passthrough backing ids die with the process that registered them, so a successor
+            // could not serve a taken-over connection's passthrough opens: off with takeover
+            // until a follow-up persists them.
+            passthrough: !config.takeover.enabled,
             threads: 4,
             work_dir: config.root.join("mounts"),
             record: false,
         };
-        let r = Arc::new(beam::daemon::remote::RemoteLayers::new(
-            fetcher, registry, mount,
-        )?);
+        let mut r = beam::daemon::remote::RemoteLayers::new(fetcher, registry, mount)?;
+        if config.takeover.enabled {
+            let socket = config.holder_socket();
+            ensure_holder(&socket, &config.root)?;
+            r = r.with_holder(socket);
+        }
+        let r = Arc::new(r);
         let n = r.recover(&snapshots).await;
         if n > 0 {
             tracing::info!(layers = n, "remounted lazy layers");
@@ -251,8 +277,72 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
     )
     .await?;
     if let Some(r) = remote {
-        tokio::task::block_in_place(|| r.unmount_all());
+        if r.takeover_enabled() {
+            // The successor takes the lazy layers over; running containers keep reading.
+            tokio::task::block_in_place(|| r.leave_all_mounted());
+            tracing::info!("lazy layers left mounted for the next daemon (takeover)");
+        } else {
+            tokio::task::block_in_place(|| r.unmount_all());
+        }
     }
     let _ = std::fs::remove_file(&address);
+    Ok(())
+}
+
+/// Connect to the fd holder on `socket`, or start one: this binary with `--fd-holder SOCKET`,
+/// detached (its own session, stdio to ROOT/holder.log) so that it outlives this daemon, which
+/// never stops it. Its PID goes to ROOT/holder.pid (for operators and tests).
+fn ensure_holder(socket: &std::path::Path, root: &std::path::Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let ping = || beam::takeover::HolderClient::connect(socket).and_then(|c| c.ping());
+    if ping().is_ok() {
+        tracing::info!(socket = %socket.display(), "using the running fd holder");
+        return Ok(());
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let log_path = root.join("holder.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--fd-holder")
+        .arg(socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
+    // is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting the fd holder")?;
+    let pid = child.id();
+    // Not waited for: the holder must outlive this process (it is reparented when we exit).
+    drop(child);
+    std::fs::write(root.join("holder.pid"), format!("{pid}\n"))
+        .with_context(|| format!("writing {}", root.join("holder.pid").display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match ping() {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() > deadline => {
+                anyhow::bail!(
+                    "the fd holder (pid {pid}) did not answer on {}: {e}",
+                    socket.display()
+                )
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    tracing::info!(socket = %socket.display(), pid, "started the fd holder");
     Ok(())
 }

@@ -3,16 +3,20 @@
 //! layer is mounted lazily and committed under the target name at once, so containerd skips
 //! downloading and unpacking it. Anything else, or any failure, falls back to an ordinary
 //! snapshot that containerd fills, and the reason is logged with the layer digest.
+//!
+//! With takeover on (issue 7, `crate::takeover`), every lazy layer's FUSE connection is parked
+//! in the fd holder under `snapshot-ID`; a restarted daemon takes live connections over instead
+//! of remounting, so containers reading through them see a stall, not ENOTCONN.
 
 use crate::fetch::Fetcher;
-use crate::mount::{self, MountOptions, MountedLayer};
+use crate::mount::{self, Held, HeldState, MountOptions, MountedLayer};
 use crate::remote::RemoteOptions;
 use crate::snapshot::store::RemoteLayer;
 use crate::snapshot::Snapshots;
 use crate::store::{Location, Store};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The labels of the protocol (containerd's `snapshots` and `pkg/snapshotters`).
@@ -33,6 +37,28 @@ pub struct RemoteLayers {
     client: Arc<crate::remote::Registry>,
     pub mount: MountOptions,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
+    /// The fd holder's socket when takeover is on.
+    holder: Option<PathBuf>,
+}
+
+/// The holder entry name of snapshot `id`'s lazy layer.
+fn entry_name(id: u64) -> String {
+    format!("snapshot-{id}")
+}
+
+/// Whether `p` is a mount point of a FUSE filesystem (from mountinfo, without touching the
+/// mount: a live connection nobody serves yet would block a stat).
+fn is_fuse_mount(p: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = p.display().to_string();
+    info.lines().any(|l| {
+        l.split(' ').nth(4) == Some(want.as_str())
+            && l.split_once(" - ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
+    })
 }
 
 impl RemoteLayers {
@@ -47,11 +73,33 @@ impl RemoteLayers {
             registry,
             mount,
             mounted: Mutex::new(HashMap::new()),
+            holder: None,
+        })
+    }
+
+    /// Park every lazy layer's connection in the fd holder listening on `socket` (takeover on;
+    /// the mount options should have passthrough off).
+    pub fn with_holder(mut self, socket: PathBuf) -> Self {
+        self.holder = Some(socket);
+        self
+    }
+
+    /// A new holder entry for snapshot `id`, when takeover is on.
+    fn held(&self, id: u64) -> Option<Held> {
+        self.holder.as_ref().map(|socket| Held {
+            socket: socket.clone(),
+            name: entry_name(id),
+            existing: None,
         })
     }
 
     /// Mount the layer `remote` lazily at `mountpoint`.
-    async fn mount_at(&self, remote: &RemoteLayer, mountpoint: &Path) -> Result<MountedLayer> {
+    async fn mount_at(
+        &self,
+        remote: &RemoteLayer,
+        mountpoint: &Path,
+        held: Option<Held>,
+    ) -> Result<MountedLayer> {
         let loc = Location::parse(&remote.image)?;
         let Location::Registry(reference) = &loc else {
             bail!("image {} is not in a registry", remote.image);
@@ -75,6 +123,7 @@ impl RemoteLayers {
             mountpoint,
             &self.mount,
             false,
+            held,
         )
     }
 
@@ -105,7 +154,7 @@ impl RemoteLayers {
             layer: layer.clone(),
         };
         let (id, fs) = snapshots.reserve()?;
-        let mounted = match self.mount_at(&remote, &fs).await {
+        let mounted = match self.mount_at(&remote, &fs, self.held(id)).await {
             Ok(m) => m,
             Err(e) => {
                 // Nothing is mounted on the reservation: give it back now.
@@ -139,19 +188,66 @@ impl RemoteLayers {
 
     /// Remount every lazy layer the metadata records (after a restart). A layer that cannot be
     /// mounted is logged; snapshots on top of it report it when containerd asks for mounts.
+    ///
+    /// With takeover on, a layer whose connection the holder still has, mounted where the
+    /// record says, is taken over instead (no remount: readers of the old mount just stall
+    /// meanwhile). Holder entries no record needs are unmounted (detached) and dropped.
     pub async fn recover(&self, snapshots: &Snapshots) -> usize {
         let Ok(records) = snapshots.remote_records() else {
             return 0;
         };
+        let mut entries: HashMap<String, crate::takeover::HolderEntry> = HashMap::new();
+        if let Some(socket) = &self.holder {
+            match crate::takeover::HolderClient::connect(socket).and_then(|c| c.list()) {
+                Ok(list) => entries.extend(list.into_iter().map(|e| (e.name.clone(), e))),
+                Err(e) => tracing::warn!("cannot list the fd holder: {e}; remounting every layer"),
+            }
+        }
         let mut n = 0;
         for r in records {
             let fs = snapshots.fs_path(r.id);
+            let remote = r.remote.clone().expect("remote record");
+            if let (Some(entry), Some(socket)) = (entries.remove(&entry_name(r.id)), &self.holder) {
+                match serde_json::from_slice::<HeldState>(&entry.state) {
+                    Ok(st)
+                        if st.mountpoint == fs
+                            && st.layer == remote.layer
+                            && is_fuse_mount(&fs) =>
+                    {
+                        let held = Held {
+                            socket: socket.clone(),
+                            name: entry.name.clone(),
+                            existing: Some((entry.fd, st.init)),
+                        };
+                        match self.mount_at(&remote, &fs, Some(held)).await {
+                            Ok(m) => {
+                                tracing::info!(snapshot = %r.name, "lazy layer taken over");
+                                self.mounted.lock().expect("remote lock").insert(r.id, m);
+                                n += 1;
+                                continue;
+                            }
+                            Err(e) => tracing::warn!(
+                                snapshot = %r.name,
+                                "cannot take the lazy layer over: {e:#}; remounting"
+                            ),
+                        }
+                    }
+                    Ok(_) => tracing::info!(
+                        snapshot = %r.name,
+                        "holder entry does not match a live mount; remounting"
+                    ),
+                    Err(e) => tracing::warn!(
+                        snapshot = %r.name,
+                        "unreadable holder entry: {e}; remounting"
+                    ),
+                }
+                self.drop_entry(&entry.name);
+            }
             if crate::snapshot::is_mountpoint(&fs) {
                 // The previous daemon's mount: its connection died with it.
                 let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
             }
-            let remote = r.remote.clone().expect("remote record");
-            match self.mount_at(&remote, &fs).await {
+            match self.mount_at(&remote, &fs, self.held(r.id)).await {
                 Ok(m) => {
                     self.mounted.lock().expect("remote lock").insert(r.id, m);
                     n += 1;
@@ -163,7 +259,26 @@ impl RemoteLayers {
                 ),
             }
         }
+        for (name, entry) in entries {
+            // Held for a snapshot that is gone: nobody will serve it.
+            if let Ok(st) = serde_json::from_slice::<HeldState>(&entry.state) {
+                if crate::snapshot::is_mountpoint(&st.mountpoint) {
+                    let _ = nix::mount::umount2(&st.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+            tracing::info!(entry = %name, "dropping a holder entry no snapshot needs");
+            self.drop_entry(&name);
+        }
         n
+    }
+
+    fn drop_entry(&self, name: &str) {
+        if let Some(socket) = &self.holder {
+            let r = crate::takeover::HolderClient::connect(socket).and_then(|c| c.drop_entry(name));
+            if let Err(e) = r {
+                tracing::warn!(entry = %name, "dropping the holder entry: {e}");
+            }
+        }
     }
 
     /// Per mounted layer: snapshot id, mountpoint, chunks in the layer, chunks cached, reads,
@@ -195,6 +310,26 @@ impl RemoteLayers {
     /// Number of lazy layers mounted now.
     pub fn mounted_count(&self) -> u64 {
         self.mounted.lock().expect("remote lock").len() as u64
+    }
+
+    /// Stop serving every lazy layer but leave it mounted, its connection held by the fd
+    /// holder, for a successor daemon to take over (daemon stop with takeover on).
+    pub fn leave_all_mounted(&self) {
+        let all: Vec<MountedLayer> = self
+            .mounted
+            .lock()
+            .expect("remote lock")
+            .drain()
+            .map(|(_, m)| m)
+            .collect();
+        for m in all {
+            m.leave_mounted();
+        }
+    }
+
+    /// Whether lazy layers' connections are parked in an fd holder.
+    pub fn takeover_enabled(&self) -> bool {
+        self.holder.is_some()
     }
 
     /// Unmount everything (daemon stop).

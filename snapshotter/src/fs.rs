@@ -69,6 +69,47 @@ pub struct LayerFs {
     /// What the kernel offered in FUSE_INIT, recorded by `init` so that a successor daemon can
     /// replay the handshake and take the connection over (`crate::takeover`).
     pub init_params: Arc<Mutex<Option<crate::takeover::InitParams>>>,
+    /// Set when this daemon hands the connection to a successor (takeover): from then on a
+    /// read is never answered with an error by this process (its runtime is going away); it is
+    /// left unanswered, and the successor's FUSE_NOTIFY_RESEND has the kernel deliver it again.
+    pub frozen: Arc<AtomicBool>,
+}
+
+/// A read's reply that is never turned into EIO once the filesystem is frozen: dropped unsent
+/// (e.g. its task cancelled when the runtime shuts down) it is forgotten, so the kernel keeps
+/// the request for the next daemon, instead of fuser's default of answering EIO.
+struct ReadReply {
+    reply: Option<ReplyData>,
+    frozen: Arc<AtomicBool>,
+}
+
+impl ReadReply {
+    fn data(mut self, data: &[u8]) {
+        if let Some(r) = self.reply.take() {
+            r.data(data);
+        }
+    }
+
+    fn error(mut self, e: Errno) {
+        if let Some(r) = self.reply.take() {
+            if self.frozen.load(Ordering::SeqCst) {
+                std::mem::forget(r);
+            } else {
+                r.error(e);
+            }
+        }
+    }
+}
+
+impl Drop for ReadReply {
+    fn drop(&mut self) {
+        if let Some(r) = self.reply.take() {
+            if self.frozen.load(Ordering::SeqCst) {
+                std::mem::forget(r);
+            }
+            // Else fuser answers EIO for a reply dropped unsent.
+        }
+    }
 }
 
 /// How far ahead a sequential reader's chunks are fetched.
@@ -117,6 +158,7 @@ impl LayerFs {
             recorder: None,
             last_read_end: Mutex::new(HashMap::new()),
             init_params: Arc::default(),
+            frozen: Arc::default(),
         }
     }
 
@@ -437,6 +479,14 @@ impl Filesystem for LayerFs {
                 reply.data(&data);
                 return;
             }
+        }
+        let reply = ReadReply {
+            reply: Some(reply),
+            frozen: self.frozen.clone(),
+        };
+        if self.frozen.load(Ordering::SeqCst) {
+            // Handing over: the successor answers this one.
+            return reply.error(Errno::EIO);
         }
         let fetcher = self.fetcher.clone();
         let counters = self.counters.clone();

@@ -113,6 +113,10 @@ pub struct MountedLayer {
     /// The session came from `takeover::take_over`: fuser does not know the mount, so it is
     /// unmounted by path.
     taken_over: bool,
+    /// When it was taken over.
+    taken_over_at: Option<std::time::SystemTime>,
+    /// The filesystem's hand-over switch (see `LayerFs::frozen`).
+    frozen: Arc<AtomicBool>,
 }
 
 impl MountedLayer {
@@ -121,11 +125,22 @@ impl MountedLayer {
         self.taken_over
     }
 
+    /// When this mount's connection was taken over (None: mounted by this daemon).
+    pub fn taken_over_at(&self) -> Option<std::time::SystemTime> {
+        self.taken_over_at
+    }
+
+    /// Whether the connection is parked in the fd holder (survives this process).
+    pub fn held(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Stop serving without unmounting and keep the holder entry: for a daemon that stops so
     /// that a successor takes the connection over. The session's thread and fds live until the
     /// process exits (the holder's dup keeps the connection alive after that).
     pub fn leave_mounted(mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.frozen.store(true, Ordering::SeqCst);
         // Forgetting the session keeps fuser's mount guard from unmounting.
         std::mem::forget(self.session.take());
         self.held = None;
@@ -264,6 +279,7 @@ pub fn mount_layer(
     fs.recorder = recorder.clone();
     let counters = fs.counters.clone();
     let init_params = fs.init_params.clone();
+    let frozen = fs.frozen.clone();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
@@ -364,6 +380,8 @@ pub fn mount_layer(
         cache: fetcher.cache.clone(),
         held: held_entry,
         taken_over,
+        frozen,
+        taken_over_at: taken_over.then(std::time::SystemTime::now),
     })
 }
 

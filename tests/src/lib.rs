@@ -12,6 +12,7 @@ pub mod oci_layout;
 pub mod proxy;
 pub mod registry;
 pub mod snapshots_client;
+pub mod takeover;
 pub mod tree;
 pub mod util;
 

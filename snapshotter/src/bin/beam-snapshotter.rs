@@ -169,6 +169,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
+    // One daemon per root. A successor started while its predecessor is still exiting waits
+    // here: taking a FUSE connection over while the old process still reads it would race.
+    let _root_lock = lock_root(&config.root).await?;
     let snapshots = Arc::new(
         beam::snapshot::Snapshots::open(&config.root.join("snapshotter"))
             .with_context(|| format!("opening snapshots under {}", config.root.display()))?,
@@ -345,4 +348,43 @@ fn ensure_holder(socket: &std::path::Path, root: &std::path::Path) -> Result<()>
     }
     tracing::info!(socket = %socket.display(), pid, "started the fd holder");
     Ok(())
+}
+
+/// Take ROOT/daemon.lock (flock, released by the kernel when this process is gone), waiting up
+/// to a minute for a previous daemon on the same root to exit.
+async fn lock_root(root: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let path = root.join("daemon.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut logged = false;
+    loop {
+        // Opened with O_CLOEXEC (std's default): the fd holder this daemon starts does not
+        // inherit the lock.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "another beam-snapshotter holds {} (same --root) and did not exit within \
+                         a minute",
+                        path.display()
+                    );
+                }
+                if !logged {
+                    tracing::info!(lock = %path.display(), "waiting for the previous daemon on this root to exit");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err((_, e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+    }
 }

@@ -731,7 +731,9 @@ async fn run(cli: Cli) -> Result<()> {
                             "snapshot": l.snapshot, "image": l.image, "layer": l.layer,
                             "mountpoint": l.mountpoint, "chunks_total": l.chunks_total,
                             "chunks_cached": l.chunks_cached, "reads": l.reads,
-                            "read_errors": l.read_errors,
+                            "read_errors": l.read_errors, "held": l.held,
+                            "taken_over_unix_ms": (l.taken_over_unix_ms > 0)
+                                .then_some(l.taken_over_unix_ms),
                         })
                     })
                     .collect();
@@ -744,7 +746,7 @@ async fn run(cli: Cli) -> Result<()> {
                         "fetch_failures": s.fetch_failures, "lazy_mounts": s.lazy_mounts,
                         "fallbacks": s.fallbacks,
                         "unlabelled_layer_prepares": s.unlabelled_layer_prepares,
-                        "last_fallback": s.last_fallback,
+                        "last_fallback": s.last_fallback, "takeover": s.takeover,
                     })
                 );
             } else {
@@ -776,9 +778,30 @@ async fn run(cli: Cli) -> Result<()> {
                         format!("{:.1} MB", s.cache_budget_bytes as f64 / 1e6)
                     }
                 );
+                println!(
+                    "takeover {}",
+                    if s.takeover {
+                        "on: lazy layers survive a daemon restart"
+                    } else {
+                        "off: a daemon restart breaks containers reading lazy layers"
+                    }
+                );
                 for l in &s.layers {
+                    let connection = if l.taken_over_unix_ms > 0 {
+                        let at = std::time::UNIX_EPOCH
+                            + std::time::Duration::from_millis(l.taken_over_unix_ms);
+                        let at: chrono::DateTime<chrono::Utc> = at.into();
+                        format!(
+                            "taken over from the previous daemon at {}",
+                            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                        )
+                    } else if l.held {
+                        "mounted by this daemon, held for takeover".to_string()
+                    } else {
+                        "mounted by this daemon".to_string()
+                    };
                     println!(
-                        "layer {} ({})\n  snapshot {}\n  fetched {}/{} chunks, {} reads, {} errors, at {}",
+                        "layer {} ({})\n  snapshot {}\n  connection {connection}\n  fetched {}/{} chunks, {} reads, {} errors, at {}",
                         l.layer,
                         l.image,
                         l.snapshot,

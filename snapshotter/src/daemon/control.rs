@@ -49,6 +49,7 @@ impl ControlService {
         let Some(remote) = &self.remote else {
             return s;
         };
+        s.takeover = remote.takeover_enabled();
         let f = &remote.fetcher;
         s.fetch_requests = f.counters.requests.load(Ordering::Relaxed);
         s.fetch_bytes = f.counters.bytes.load(Ordering::Relaxed);
@@ -60,16 +61,22 @@ impl ControlService {
                 let Some(remote_layer) = r.remote else {
                     continue;
                 };
-                let state = by_id.iter().find(|l| l.0 == r.id);
+                let state = by_id.iter().find(|l| l.id == r.id);
                 s.layers.push(LayerStatus {
                     snapshot: r.name,
                     image: remote_layer.image,
                     layer: remote_layer.layer,
-                    mountpoint: state.map(|l| l.1.clone()).unwrap_or_default(),
-                    chunks_total: state.map(|l| l.2).unwrap_or(0),
-                    chunks_cached: state.map(|l| l.3).unwrap_or(0),
-                    reads: state.map(|l| l.4).unwrap_or(0),
-                    read_errors: state.map(|l| l.5).unwrap_or(0),
+                    mountpoint: state.map(|l| l.mountpoint.clone()).unwrap_or_default(),
+                    chunks_total: state.map(|l| l.chunks_total).unwrap_or(0),
+                    chunks_cached: state.map(|l| l.chunks_cached).unwrap_or(0),
+                    reads: state.map(|l| l.reads).unwrap_or(0),
+                    read_errors: state.map(|l| l.read_errors).unwrap_or(0),
+                    held: state.is_some_and(|l| l.held),
+                    taken_over_unix_ms: state
+                        .and_then(|l| l.taken_over_at)
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0),
                 });
             }
         }

@@ -41,6 +41,22 @@ pub struct RemoteLayers {
     holder: Option<PathBuf>,
 }
 
+/// What `beam status` shows of one mounted lazy layer.
+#[derive(Debug, Clone)]
+pub struct LayerState {
+    /// Snapshot id.
+    pub id: u64,
+    pub mountpoint: String,
+    pub chunks_total: u64,
+    pub chunks_cached: u64,
+    pub reads: u64,
+    pub read_errors: u64,
+    /// The connection is parked in the fd holder.
+    pub held: bool,
+    /// When this daemon took the connection over from its predecessor.
+    pub taken_over_at: Option<std::time::SystemTime>,
+}
+
 /// The holder entry name of snapshot `id`'s lazy layer.
 fn entry_name(id: u64) -> String {
     format!("snapshot-{id}")
@@ -281,9 +297,8 @@ impl RemoteLayers {
         }
     }
 
-    /// Per mounted layer: snapshot id, mountpoint, chunks in the layer, chunks cached, reads,
-    /// read errors.
-    pub fn layer_states(&self) -> Vec<(u64, String, u64, u64, u64, u64)> {
+    /// The state of every mounted lazy layer.
+    pub fn layer_states(&self) -> Vec<LayerState> {
         let mounted = self.mounted.lock().expect("remote lock");
         mounted
             .iter()
@@ -293,16 +308,19 @@ impl RemoteLayers {
                     .filter_map(|i| m.index.chunk(i).ok())
                     .filter(|c| self.fetcher.cache.contains(&c.digest))
                     .count() as u64;
-                (
-                    *id,
-                    m.mountpoint.display().to_string(),
-                    total,
-                    cached,
-                    m.counters.reads.load(std::sync::atomic::Ordering::Relaxed),
-                    m.counters
+                LayerState {
+                    id: *id,
+                    mountpoint: m.mountpoint.display().to_string(),
+                    chunks_total: total,
+                    chunks_cached: cached,
+                    reads: m.counters.reads.load(std::sync::atomic::Ordering::Relaxed),
+                    read_errors: m
+                        .counters
                         .read_errors
                         .load(std::sync::atomic::Ordering::Relaxed),
-                )
+                    held: m.held(),
+                    taken_over_at: m.taken_over_at(),
+                }
             })
             .collect()
     }

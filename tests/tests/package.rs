@@ -418,9 +418,17 @@ fn deb_installs_verifies_runs_and_purges_in_a_throwaway_root() -> Result<()> {
             .arg("--print-config")
             .env_remove("BEAM_CONFIG"),
     )?;
+    // Takeover (running containers survive daemon restarts) is the one setting the shipped
+    // file turns on.
+    let defaults_with_takeover =
+        defaults.replace("[takeover]\nenabled = false", "[takeover]\nenabled = true");
     ensure!(
-        printed == defaults,
-        "the shipped config is not the defaults:\n{printed}\nvs\n{defaults}"
+        defaults_with_takeover != defaults,
+        "no [takeover] section in the defaults:\n{defaults}"
+    );
+    ensure!(
+        printed == defaults_with_takeover,
+        "the shipped config is not the defaults with takeover on:\n{printed}\nvs\n{defaults}"
     );
     // Its commented-out examples are valid keys too.
     let examples = uncomment_examples(&std::fs::read_to_string(&config)?);
@@ -441,6 +449,7 @@ fn deb_installs_verifies_runs_and_purges_in_a_throwaway_root() -> Result<()> {
         "\ndir = ",
         "[[registry]]",
         "ca_file",
+        "holder_socket",
     ] {
         ensure!(printed.contains(key), "{key} not in effect:\n{printed}");
     }

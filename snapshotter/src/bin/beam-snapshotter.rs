@@ -298,9 +298,18 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
 fn ensure_holder(socket: &std::path::Path, root: &std::path::Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let ping = || beam::takeover::HolderClient::connect(socket).and_then(|c| c.ping());
-    if ping().is_ok() {
-        tracing::info!(socket = %socket.display(), "using the running fd holder");
-        return Ok(());
+    match ping() {
+        Ok(_) => {
+            tracing::info!(socket = %socket.display(), "using the running fd holder");
+            return Ok(());
+        }
+        Err(e @ beam::takeover::TakeoverError::Version { .. }) => anyhow::bail!(
+            "the running fd holder on {} cannot be used by this version ({e}): drain the node, \
+             stop the holder (PID in {}), then start again (docs/takeover.md)",
+            socket.display(),
+            root.join("holder.pid").display()
+        ),
+        Err(_) => {}
     }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

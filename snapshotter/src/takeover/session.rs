@@ -129,6 +129,12 @@ pub fn take_over<FS: Filesystem>(
     mut config: fuser::Config,
 ) -> Result<Session<FS>, TakeoverError> {
     check_dev_fuse(fuse_fd.as_fd())?;
+    if !init.has_resend() {
+        tracing::warn!(
+            "the kernel did not offer FUSE_NOTIFY_RESEND (Linux 6.9+): a request the previous \
+             daemon read but did not answer stays unanswered and its reader hangs"
+        );
+    }
     if init.major != 7 || init.minor < 6 {
         // fuser would wait for a second INIT (major > 7) or refuse (< 7.6); neither can work.
         return Err(TakeoverError::Protocol(format!(

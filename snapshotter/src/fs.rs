@@ -55,8 +55,16 @@ pub struct LayerFs {
     passthrough: AtomicBool,
     /// One backing id per inode, shared by its opens (a second backing id for an inode that
     /// is already open fails with EIO), dropped when the last open is released.
-    backing_by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
-    backing_by_fh: Mutex<HashMap<u64, Arc<BackingId>>>,
+    backing_by_ino: Mutex<HashMap<u64, Weak<Backing>>>,
+    backing_by_fh: Mutex<HashMap<u64, Arc<Backing>>>,
+    /// Takeover (issue 7): where backing ids and caching-open counts are written down for a
+    /// successor (`crate::takeover::OpenTable`); None when the mount is not held.
+    open_table: Option<Arc<crate::takeover::OpenTable>>,
+    /// Backing ids a predecessor registered, by inode, not yet used by this daemon.
+    adopted_ids: Mutex<HashMap<u64, u32>>,
+    /// Adopted backing ids in use: kept for the life of the mount, since opens made through
+    /// the predecessor (unknown to this daemon) may still use them.
+    adopted_live: Mutex<HashMap<u64, Arc<Backing>>>,
     /// Opens in the kernel's caching mode, per inode: while any is open, the kernel refuses
     /// a passthrough open of that inode (ETXTBSY), so none is attempted.
     cached_opens: Mutex<HashMap<u64, u32>>,
@@ -73,6 +81,25 @@ pub struct LayerFs {
     /// read is never answered with an error by this process (its runtime is going away); it is
     /// left unanswered, and the successor's FUSE_NOTIFY_RESEND has the kernel deliver it again.
     pub frozen: Arc<AtomicBool>,
+}
+
+/// A passthrough backing id shared by the opens of one inode. With an open table, its slot is
+/// cleared before the id is closed (a successor must never adopt a closed id).
+struct Backing {
+    id: Option<BackingId>,
+    ino: u64,
+    table: Option<Arc<crate::takeover::OpenTable>>,
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        if let Some(t) = &self.table {
+            if let Err(e) = t.set_backing(self.ino, 0) {
+                tracing::warn!(ino = self.ino, "clearing the open table: {e}");
+            }
+        }
+        drop(self.id.take());
+    }
 }
 
 /// A read's reply that is never turned into EIO once the filesystem is frozen: dropped unsent
@@ -110,6 +137,16 @@ impl Drop for ReadReply {
             // Else fuser answers EIO for a reply dropped unsent.
         }
     }
+}
+
+/// The first passthrough file handle of this process: the clock's nanoseconds in the high
+/// half, so that handles differ from those of any earlier daemon serving the same connection.
+fn first_fh() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64 ^ d.as_secs())
+        .unwrap_or(0);
+    ((nanos & 0x7fff_ffff) << 32) | 1
 }
 
 /// How far ahead a sequential reader's chunks are fetched.
@@ -152,14 +189,123 @@ impl LayerFs {
             passthrough: AtomicBool::new(false),
             backing_by_ino: Mutex::new(HashMap::new()),
             backing_by_fh: Mutex::new(HashMap::new()),
+            open_table: None,
+            adopted_ids: Mutex::new(HashMap::new()),
+            adopted_live: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            // Passthrough handles start at a value no earlier daemon on this connection used
+            // (the clock's low bits in the high half): releases of a predecessor's handles
+            // must not match this daemon's.
+            next_fh: AtomicU64::new(first_fh()),
             counters: Arc::new(LayerCounters::default()),
             recorder: None,
             last_read_end: Mutex::new(HashMap::new()),
             init_params: Arc::default(),
             frozen: Arc::default(),
         }
+    }
+
+    /// Write opens down in `table` for a successor (takeover). With `adopt`, first take over
+    /// what a predecessor wrote there: its backing ids and caching-open counts.
+    pub fn with_open_table(
+        &mut self,
+        table: Arc<crate::takeover::OpenTable>,
+        adopt: bool,
+    ) -> std::io::Result<()> {
+        if adopt {
+            let mut ids = self.adopted_ids.lock().expect("backing lock");
+            let mut cached = self.cached_opens.lock().expect("open lock");
+            for (ino, slot) in table.entries()? {
+                if slot.backing_id != 0 {
+                    ids.insert(ino, slot.backing_id);
+                }
+                if slot.cached_opens != 0 {
+                    cached.insert(ino, slot.cached_opens);
+                }
+            }
+        }
+        self.open_table = Some(table);
+        Ok(())
+    }
+
+    /// The backing id to open `ino` with: the one its open files share, else one a
+    /// predecessor registered, else a new one (written down before the kernel hears of it).
+    fn backing_for(&self, r: &InodeRecord, reply: &ReplyOpen) -> Option<Arc<Backing>> {
+        let ino = r.ino;
+        let live = self
+            .backing_by_ino
+            .lock()
+            .expect("backing lock")
+            .get(&ino)
+            .and_then(Weak::upgrade);
+        if let Some(b) = live {
+            return Some(b);
+        }
+        if let Some(b) = self.adopted_live.lock().expect("backing lock").get(&ino) {
+            return Some(b.clone());
+        }
+        if let Some(raw) = self.adopted_ids.lock().expect("backing lock").remove(&ino) {
+            // SAFETY: `raw` was registered on this connection by the previous daemon and is
+            // open: its open-table slot is cleared before an id is closed, and this daemon
+            // never closes it before the mount ends (it stays in `adopted_live`).
+            let id = unsafe { reply.wrap_backing(raw) };
+            let b = Arc::new(Backing {
+                id: Some(id),
+                ino,
+                table: None,
+            });
+            self.adopted_live
+                .lock()
+                .expect("backing lock")
+                .insert(ino, b.clone());
+            return Some(b);
+        }
+        let file = match self.backing_file(r) {
+            Ok(Some(file)) => file,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(ino, "no backing file: {e}");
+                return None;
+            }
+        };
+        let id = match reply.open_backing(&file) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::debug!(ino, "no passthrough: {e}");
+                return None;
+            }
+        };
+        if let Some(t) = &self.open_table {
+            let raw = id.into_raw();
+            // SAFETY: `raw` was just registered on this connection and nothing closed it.
+            let id = unsafe { reply.wrap_backing(raw) };
+            if let Err(e) = t.set_backing(ino, raw) {
+                // A successor could not reuse it: do not use passthrough (drop closes the id).
+                tracing::warn!(ino, "writing the open table: {e}; no passthrough");
+                drop(id);
+                return None;
+            }
+            let b = Arc::new(Backing {
+                id: Some(id),
+                ino,
+                table: Some(t.clone()),
+            });
+            self.backing_by_ino
+                .lock()
+                .expect("backing lock")
+                .insert(ino, Arc::downgrade(&b));
+            return Some(b);
+        }
+        let b = Arc::new(Backing {
+            id: Some(id),
+            ino,
+            table: None,
+        });
+        self.backing_by_ino
+            .lock()
+            .expect("backing lock")
+            .insert(ino, Arc::downgrade(&b));
+        Some(b)
     }
 
     fn cache(&self) -> &ChunkCache {
@@ -363,36 +509,7 @@ impl Filesystem for LayerFs {
             && r.size > 0
             && !busy_cached
         {
-            let existing = self
-                .backing_by_ino
-                .lock()
-                .expect("backing lock")
-                .get(&ino.0)
-                .and_then(Weak::upgrade);
-            let id = match existing {
-                Some(id) => Some(id),
-                None => match self.backing_file(&r) {
-                    Ok(Some(file)) => match reply.open_backing(&file) {
-                        Ok(id) => {
-                            let id = Arc::new(id);
-                            self.backing_by_ino
-                                .lock()
-                                .expect("backing lock")
-                                .insert(ino.0, Arc::downgrade(&id));
-                            Some(id)
-                        }
-                        Err(e) => {
-                            tracing::debug!(ino = ino.0, "no passthrough: {e}");
-                            None
-                        }
-                    },
-                    Ok(None) => None,
-                    Err(e) => {
-                        tracing::debug!(ino = ino.0, "no backing file: {e}");
-                        None
-                    }
-                },
-            };
+            let id = self.backing_for(&r, &reply);
             if let Some(id) = id {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 self.backing_by_fh
@@ -403,17 +520,25 @@ impl Filesystem for LayerFs {
                     .passthrough_opens
                     .fetch_add(1, Ordering::Relaxed);
                 // The kernel accepts no caching flags with FOPEN_PASSTHROUGH (EINVAL).
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                if let Some(backing) = &id.id {
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing);
+                    return;
+                }
+                reply.error(Errno::EIO);
                 return;
             }
         }
         if r.kind == InodeKind::File {
-            *self
-                .cached_opens
-                .lock()
-                .expect("open lock")
-                .entry(ino.0)
-                .or_insert(0) += 1;
+            let mut opens = self.cached_opens.lock().expect("open lock");
+            let n = opens.entry(ino.0).or_insert(0);
+            *n += 1;
+            // Before the reply: a successor may count an open too many (no passthrough for
+            // that inode then), never one too few.
+            if let Some(t) = &self.open_table {
+                if let Err(e) = t.set_cached_opens(ino.0, *n) {
+                    tracing::warn!(ino = ino.0, "writing the open table: {e}");
+                }
+            }
         }
         // The handle only tells release which kind of open it was: reads need no state, so
         // any daemon can serve them.
@@ -535,13 +660,25 @@ impl Filesystem for LayerFs {
         reply: ReplyEmpty,
     ) {
         if fh.0 == CACHED_FH {
-            let mut opens = self.cached_opens.lock().expect("open lock");
-            if let Some(n) = opens.get_mut(&ino.0) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
+            let left = {
+                let mut opens = self.cached_opens.lock().expect("open lock");
+                let left = opens.get_mut(&ino.0).map(|n| {
+                    *n = n.saturating_sub(1);
+                    *n
+                });
+                if left == Some(0) {
                     opens.remove(&ino.0);
                 }
+                left
+            };
+            // After the reply: a successor may count an open too many, never one too few.
+            reply.ok();
+            if let (Some(t), Some(n)) = (&self.open_table, left) {
+                if let Err(e) = t.set_cached_opens(ino.0, n) {
+                    tracing::warn!(ino = ino.0, "writing the open table: {e}");
+                }
             }
+            return;
         } else {
             self.backing_by_fh
                 .lock()

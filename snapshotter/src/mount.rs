@@ -9,9 +9,9 @@
 //! of its `/dev/fuse` fd in the fd holder (`crate::takeover`), with a [`HeldState`] saying what
 //! a successor needs to serve it, so the connection outlives this process. Such a layer can be
 //! left mounted on purpose ([`MountedLayer::leave_mounted`]) and taken over later
-//! ([`Held::existing`]). Passthrough must be off for these mounts for now: backing ids are
-//! registered per process and die with it, so a successor could not honour the passthrough
-//! opens the kernel still has (a follow-up must persist and re-register them).
+//! ([`Held::existing`]). Passthrough backing ids belong to the connection but only their
+//! registering process knows them, so a held mount writes them (and its caching-mode open
+//! counts) to `WORK_DIR/NAME.opens` (`takeover::OpenTable`), which the successor adopts.
 
 use crate::cache::ChunkCache;
 use crate::fetch::{ChunkRef, FetchError, Fetcher, RangeSource};
@@ -115,6 +115,8 @@ pub struct MountedLayer {
     taken_over: bool,
     /// When it was taken over.
     taken_over_at: Option<std::time::SystemTime>,
+    /// The open-state file of a held mount (removed when the mount ends).
+    open_table: Option<PathBuf>,
     /// The filesystem's hand-over switch (see `LayerFs::frozen`).
     frozen: Arc<AtomicBool>,
 }
@@ -144,6 +146,7 @@ impl MountedLayer {
         // Forgetting the session keeps fuser's mount guard from unmounting.
         std::mem::forget(self.session.take());
         self.held = None;
+        self.open_table = None;
         self.owns_mountpoint = false;
     }
 }
@@ -178,6 +181,9 @@ impl Drop for MountedLayer {
             if let Err(e) = dropped {
                 tracing::warn!(entry = %name, "dropping the holder entry: {e}");
             }
+        }
+        if let Some(t) = self.open_table.take() {
+            let _ = std::fs::remove_file(t);
         }
         self.cache.unpin(&self.mountpoint.display().to_string());
         if self.owns_mountpoint {
@@ -275,6 +281,28 @@ pub fn mount_layer(
         rt.clone(),
         opts.passthrough,
     );
+    // A held mount writes its open state down for a successor (passthrough across takeover);
+    // a taken-over one adopts what its predecessor wrote.
+    let open_table_path = held
+        .as_ref()
+        .map(|h| opts.work_dir.join(format!("{}.opens", h.name)));
+    if let (Some(h), Some(path)) = (&held, &open_table_path) {
+        let inodes = index.inode_count();
+        let table = if h.existing.is_some() {
+            crate::takeover::OpenTable::open_existing(path, inodes)
+        } else {
+            std::fs::create_dir_all(&opts.work_dir)
+                .and_then(|()| crate::takeover::OpenTable::create(path, inodes))
+        };
+        match table.and_then(|t| fs.with_open_table(Arc::new(t), h.existing.is_some())) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(
+                table = %path.display(),
+                "open table unusable: {e}; a successor cannot reuse this mount's passthrough \
+                 opens"
+            ),
+        }
+    }
     let recorder = opts.record.then(|| Arc::new(AccessRecorder::default()));
     fs.recorder = recorder.clone();
     let counters = fs.counters.clone();
@@ -379,6 +407,7 @@ pub fn mount_layer(
         owns_mountpoint,
         cache: fetcher.cache.clone(),
         held: held_entry,
+        open_table: open_table_path,
         taken_over,
         frozen,
         taken_over_at: taken_over.then(std::time::SystemTime::now),

@@ -335,6 +335,17 @@ impl Setup {
         let st = self.daemon.status()?;
         let layers = st["layers"].as_array().context("status layers")?;
         ensure!(layers.len() == 3, "after {way:?}: beam status {st}");
+        // The data layer's opens of the cached small file go through FUSE passthrough, also
+        // in a daemon that took the connection over while such an open was kept.
+        let data_layer = &self.image.built.layers[1].0;
+        let data = layers
+            .iter()
+            .find(|l| l["layer"] == data_layer.as_str())
+            .context("data layer in beam status")?;
+        ensure!(
+            data["passthrough_opens"].as_u64().is_some_and(|n| n > 0),
+            "after {way:?}: no passthrough open of the data layer: {data}"
+        );
         for l in layers {
             ensure!(
                 l["mountpoint"].as_str().is_some_and(|m| !m.is_empty())

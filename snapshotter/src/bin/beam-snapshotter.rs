@@ -54,7 +54,7 @@ struct Args {
     /// containerd's registry hosts directory (hosts.toml files), e.g. /etc/containerd/certs.d.
     #[arg(long)]
     hosts_dir: Option<PathBuf>,
-    /// Keep lazy layers' FUSE connections alive across restarts (fd holder; passthrough off).
+    /// Keep lazy layers' FUSE connections alive across restarts (fd holder, docs/takeover.md).
     #[arg(long)]
     takeover: bool,
     /// Internal: run as the fd holder on this socket (started by the daemon itself).
@@ -214,10 +214,9 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
         registry.plain_http = plain_http_everywhere;
         let mount = beam::mount::MountOptions {
             background_fetch: config.fetch.background,
-            // Passthrough backing ids die with the process that registered them, so a successor
-            // could not serve a taken-over connection's passthrough opens: off with takeover
-            // until a follow-up persists them.
-            passthrough: !config.takeover.enabled,
+            // With takeover, backing ids are written down per mount for the successor
+            // (takeover::OpenTable).
+            passthrough: true,
             threads: 4,
             work_dir: config.root.join("mounts"),
             record: false,

@@ -732,6 +732,7 @@ async fn run(cli: Cli) -> Result<()> {
                             "mountpoint": l.mountpoint, "chunks_total": l.chunks_total,
                             "chunks_cached": l.chunks_cached, "reads": l.reads,
                             "read_errors": l.read_errors, "held": l.held,
+                            "passthrough_opens": l.passthrough_opens,
                             "taken_over_unix_ms": (l.taken_over_unix_ms > 0)
                                 .then_some(l.taken_over_unix_ms),
                         })

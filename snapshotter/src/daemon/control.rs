@@ -72,6 +72,7 @@ impl ControlService {
                     reads: state.map(|l| l.reads).unwrap_or(0),
                     read_errors: state.map(|l| l.read_errors).unwrap_or(0),
                     held: state.is_some_and(|l| l.held),
+                    passthrough_opens: state.map(|l| l.passthrough_opens).unwrap_or(0),
                     taken_over_unix_ms: state
                         .and_then(|l| l.taken_over_at)
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())

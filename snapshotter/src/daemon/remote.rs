@@ -51,6 +51,8 @@ pub struct LayerState {
     pub chunks_cached: u64,
     pub reads: u64,
     pub read_errors: u64,
+    /// Opens answered with FUSE passthrough.
+    pub passthrough_opens: u64,
     /// The connection is parked in the fd holder.
     pub held: bool,
     /// When this daemon took the connection over from its predecessor.
@@ -94,7 +96,7 @@ impl RemoteLayers {
     }
 
     /// Park every lazy layer's connection in the fd holder listening on `socket` (takeover on;
-    /// the mount options should have passthrough off).
+    /// passthrough opens are written down per mount for the successor).
     pub fn with_holder(mut self, socket: PathBuf) -> Self {
         self.holder = Some(socket);
         self
@@ -317,6 +319,10 @@ impl RemoteLayers {
                     read_errors: m
                         .counters
                         .read_errors
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    passthrough_opens: m
+                        .counters
+                        .passthrough_opens
                         .load(std::sync::atomic::Ordering::Relaxed),
                     held: m.held(),
                     taken_over_at: m.taken_over_at(),

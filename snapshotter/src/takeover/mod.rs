@@ -24,6 +24,7 @@
 //! fds belong to the dead process; a request read on one fails with ECONNABORTED).
 
 pub mod holder;
+pub mod open_table;
 pub mod proto;
 pub mod session;
 
@@ -31,6 +32,7 @@ pub mod session;
 mod tests;
 
 pub use holder::{run_holder, HolderClient, HolderEntry};
+pub use open_table::{OpenSlot, OpenTable};
 pub use session::{notify_resend, take_over, InitParams};
 
 /// Errors of the holder protocol and of session takeover.

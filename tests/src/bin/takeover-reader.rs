@@ -5,7 +5,9 @@
 //! `takeover-reader ROOT OUTDIR`: every round opens, reads whole and closes `ROOT/data/small.txt`
 //! (an OPEN, READs and a FLUSH the daemon must answer), and preads 64 KiB of
 //! `ROOT/data/big.bin` through a descriptor kept open since the start; each is checked against
-//! the content it must have (a pattern both sides compute). When `OUTDIR/cold` appears holding a
+//! the content it must have (a pattern both sides compute). From round 100 on it also keeps a
+//! second descriptor of small.txt open and preads it (opened once the file is cached: a FUSE
+//! passthrough open, whose backing file every later open must share). When `OUTDIR/cold` appears holding a
 //! number N, the reader also preads 4 KiB at offset N * 512 KiB of `ROOT/data/cold.bin`, which no
 //! earlier round touched (so it reaches the registry), and reports N done.
 //!
@@ -133,6 +135,7 @@ fn main() {
     let mut last_write = Instant::now();
     let cold_trigger = out.join("cold");
     let mut cold_seen = String::new();
+    let mut kept_small: Option<File> = None;
     loop {
         if out.join("stop").exists() {
             break;
@@ -153,6 +156,23 @@ fn main() {
                 Err(e) => stats.error(format!("big.bin at {off}: {e}")),
             }
             off = (off + 4096 * 7) % (big_len - buf.len() as u64);
+        }
+        // From round 100 on, small.txt is also kept open: cached by then, so opened with FUSE
+        // passthrough, and every later open of it must share that open's backing file (also
+        // after the daemon was replaced).
+        if stats.rounds == 100 {
+            match File::open(&small_path) {
+                Ok(f) => kept_small = Some(f),
+                Err(e) => stats.error(format!("keeping small.txt open: {e}")),
+            }
+        }
+        if let Some(f) = &kept_small {
+            let mut b = vec![0u8; want_small.len()];
+            match f.read_exact_at(&mut b, 0) {
+                Ok(()) if b == want_small => {}
+                Ok(()) => stats.error("wrong content of the kept small.txt".into()),
+                Err(e) => stats.error(format!("kept small.txt: {e}")),
+            }
         }
         if let Ok(n) = std::fs::read_to_string(&cold_trigger) {
             let n = n.trim().to_string();

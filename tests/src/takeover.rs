@@ -104,6 +104,11 @@ impl RestartableDaemon {
         })
     }
 
+    /// The arguments of the next start.
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

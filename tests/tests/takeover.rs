@@ -562,12 +562,15 @@ fn stop_reader(reader: &mut ChildGuard, out: &Path) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_reads_survive_kill_9_with_takeover() -> Result<()> {
     let img = image()?;
+    // Declared before the daemon, so dropped after it: a failing test kills the holder first,
+    // which ends the held connections a stuck reader may be waiting on.
+    let mut reader_slot: Option<ChildGuard> = None;
     let mut d = RestartableDaemon::new(&["--takeover", "--plain-http", "--no-background-fetch"])?;
     d.start()?;
     let holder = d.holder_pid().context("the daemon wrote no holder.pid")?;
     let rootfs = lazy_rootfs(&d, &img).await?;
     let out = d.dir().join("out");
-    let mut reader = start_reader(&rootfs, &out)?;
+    let reader = reader_slot.insert(start_reader(&rootfs, &out)?);
     for cycle in 0..5 {
         std::thread::sleep(Duration::from_millis(200));
         let before = ReaderStats::read(&out)?.rounds;
@@ -584,7 +587,7 @@ async fn snapshots_reads_survive_kill_9_with_takeover() -> Result<()> {
             "cycle {cycle}: the fd holder was replaced or died"
         );
     }
-    let stopped = stop_reader(&mut reader, &out);
+    let stopped = stop_reader(reader, &out);
     let s = ReaderStats::read(&out)?;
     ensure!(stopped, "the reader is stuck");
     ensure!(
@@ -607,23 +610,69 @@ async fn snapshots_reads_survive_kill_9_with_takeover() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_reads_fail_after_kill_9_without_takeover() -> Result<()> {
     let img = image()?;
+    // Declared before the daemon, so dropped after it: a failing test kills the holder first,
+    // which ends the held connections a stuck reader may be waiting on.
+    let mut reader_slot: Option<ChildGuard> = None;
     let mut d = RestartableDaemon::new(&["--plain-http", "--no-background-fetch"])?;
     d.start()?;
     ensure!(d.holder_pid().is_none(), "no holder without --takeover");
     let rootfs = lazy_rootfs(&d, &img).await?;
     let out = d.dir().join("out");
-    let mut reader = start_reader(&rootfs, &out)?;
+    let reader = reader_slot.insert(start_reader(&rootfs, &out)?);
     d.kill();
     let failed = util::wait_for(
         || ReaderStats::read(&out).is_ok_and(|s| s.errors > 0),
         Duration::from_secs(10),
     );
-    let stopped = stop_reader(&mut reader, &out);
+    let stopped = stop_reader(reader, &out);
     ensure!(
         failed,
         "reads kept working after kill -9 without takeover: {:?}",
         ReaderStats::read(&out)
     );
     ensure!(stopped, "the reader is stuck");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_turning_takeover_off_releases_held_connections() -> Result<()> {
+    let img = image()?;
+    // Declared before the daemon, so dropped after it: a failing test kills the holder first,
+    // which ends the held connections a stuck reader may be waiting on.
+    let mut reader_slot: Option<ChildGuard> = None;
+    let mut d = RestartableDaemon::new(&["--takeover", "--plain-http", "--no-background-fetch"])?;
+    d.start()?;
+    let rootfs = lazy_rootfs(&d, &img).await?;
+    let out = d.dir().join("out");
+    let reader = reader_slot.insert(start_reader(&rootfs, &out)?);
+    ensure!(d.holder_fuse_fds()? == 3, "3 held connections expected");
+    // Stopped with takeover on: the layers stay held. Started with it off: the daemon lets the
+    // held connections go (and remounts), so the old mounts' readers fail instead of waiting
+    // forever for a daemon that will not serve them.
+    d.terminate();
+    d.set_args(&["--plain-http", "--no-background-fetch"]);
+    d.start()?;
+    let failed = util::wait_for(
+        || ReaderStats::read(&out).is_ok_and(|s| s.errors > 0),
+        Duration::from_secs(10),
+    );
+    let stopped = stop_reader(reader, &out);
+    ensure!(
+        failed,
+        "the reader saw no error: {:?}",
+        ReaderStats::read(&out)
+    );
+    ensure!(stopped, "the reader is stuck");
+    ensure!(
+        d.holder_fuse_fds()? == 0,
+        "the holder still holds {} connections",
+        d.holder_fuse_fds()?
+    );
+    ensure!(
+        d.log_tail(50)
+            .contains("releasing a connection the fd holder kept"),
+        "{}",
+        d.log_tail(30)
+    );
     Ok(())
 }

@@ -226,6 +226,8 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
             let socket = config.holder_socket();
             ensure_holder(&socket, &config.root)?;
             r = r.with_holder(socket);
+        } else {
+            release_held(&config.holder_socket());
         }
         let r = Arc::new(r);
         let n = r.recover(&snapshots).await;
@@ -394,5 +396,33 @@ async fn lock_root(root: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::
                 return Err(e).with_context(|| format!("locking {}", path.display()));
             }
         }
+    }
+}
+
+/// Takeover is off, but a holder from a run with it on may still hold connections: let them
+/// go, so that the lazy layers remounted below are the only ones (a held connection nobody
+/// serves would make its readers wait forever instead of failing).
+fn release_held(socket: &std::path::Path) {
+    if !socket.exists() {
+        return;
+    }
+    let Ok(client) = beam::takeover::HolderClient::connect(socket) else {
+        return;
+    };
+    match client.list() {
+        Ok(entries) => {
+            for e in entries {
+                tracing::warn!(
+                    entry = %e.name,
+                    "takeover is off: releasing a connection the fd holder kept from an earlier run"
+                );
+                let dropped = beam::takeover::HolderClient::connect(socket)
+                    .and_then(|c| c.drop_entry(&e.name));
+                if let Err(err) = dropped {
+                    tracing::warn!(entry = %e.name, "releasing: {err}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("listing the fd holder on {}: {e}", socket.display()),
     }
 }

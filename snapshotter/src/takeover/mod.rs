@@ -20,8 +20,10 @@
 //! What a filesystem must guarantee to be taken over (the kernel remembers these across the
 //! restart): stable node ids and generations (derive them from the layer index), stateless file
 //! handles (any fh value the old daemon handed out must mean the same to the new one), the same
-//! negotiated INIT answer (same `init` code given the same offer), and no `clone_fd` (cloned
-//! fds belong to the dead process; a request read on one fails with ECONNABORTED).
+//! negotiated INIT answer (same `init` code given the same offer), no `clone_fd` (cloned
+//! fds belong to the dead process; a request read on one fails with ECONNABORTED), and, with
+//! FUSE passthrough, the same backing id for every open of an inode: the [`open_table`] carries
+//! the ids (and caching-open counts) to the successor.
 
 pub mod holder;
 pub mod open_table;

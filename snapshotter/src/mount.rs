@@ -58,6 +58,10 @@ pub struct Held {
 pub struct HeldState {
     /// Digest of the original layer.
     pub layer: String,
+    /// The Beam layer served (index and chunk blob descriptors): with it, and the index in the
+    /// local cache, a successor takes the connection over without asking the registry.
+    #[serde(default)]
+    pub beam_layer: Option<BeamLayer>,
     pub mountpoint: PathBuf,
     pub init: crate::takeover::InitParams,
 }
@@ -363,6 +367,7 @@ pub fn mount_layer(
                 .and_then(|init| {
                     let state = serde_json::to_vec(&HeldState {
                         layer: layer.source.clone(),
+                        beam_layer: Some(layer.clone()),
                         mountpoint: mountpoint.to_path_buf(),
                         init,
                     })?;

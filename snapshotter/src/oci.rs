@@ -193,7 +193,7 @@ pub fn referrers_tag(digest: &str) -> String {
 }
 
 /// The Beam layer of one original layer, as listed in an artifact.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BeamLayer {
     /// Digest of the original layer blob.
     pub source: String,

@@ -154,7 +154,7 @@ impl RestartableDaemon {
             .stderr(err);
         self.daemon = Some(ChildGuard::spawn("beam-snapshotter", &mut cmd)?);
         ensure!(
-            util::wait_for(|| socket.exists(), Duration::from_secs(30)),
+            poll_fast(|| socket.exists(), Duration::from_secs(30)),
             "beam-snapshotter did not start: {}",
             self.log_tail(30)
         );
@@ -171,7 +171,13 @@ impl RestartableDaemon {
     /// SIGTERM, wait for the exit (SIGKILL after 20 s).
     pub fn terminate(&mut self) {
         if let Some(mut d) = self.daemon.take() {
-            d.stop(Duration::from_secs(20));
+            util::signal(d.pid(), libc::SIGTERM);
+            poll_fast(
+                || matches!(d.try_wait(), Ok(Some(_))),
+                Duration::from_secs(20),
+            );
+            // Reaps it (SIGKILL first if it is still there).
+            d.kill();
         }
     }
 
@@ -231,9 +237,26 @@ impl Drop for RestartableDaemon {
     }
 }
 
+/// Like `util::wait_for`, polling every 2 ms: restarts are timed, and a 50 ms poll would add
+/// up to 50 ms to every measured stall.
+fn poll_fast(mut cond: impl FnMut() -> bool, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// What `takeover-reader` reported in OUTDIR/stats.json.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReaderStats {
+    /// When the reader wrote these stats.
+    pub written: SystemTime,
     pub rounds: u64,
     pub errors: u64,
     pub first_error: Option<String>,
@@ -248,6 +271,7 @@ impl ReaderStats {
         let v: serde_json::Value = serde_json::from_str(&text)?;
         let u = |k: &str| v[k].as_u64().unwrap_or(0);
         Ok(ReaderStats {
+            written: UNIX_EPOCH + Duration::from_nanos(u("written")),
             rounds: u("rounds"),
             errors: u("errors"),
             first_error: v["first_error"].as_str().map(String::from),
@@ -273,6 +297,18 @@ impl ReaderStats {
         })
     }
 
+    /// One line for error messages.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} rounds, {} errors (first: {:?}), cold reads done {:?}, {} rounds over 2 ms",
+            self.rounds,
+            self.errors,
+            self.first_error,
+            self.cold_done,
+            self.slow.len()
+        )
+    }
+
     /// The longest round that overlapped `[from, to]` (zero when none took over 2 ms).
     pub fn longest_between(&self, from: SystemTime, to: SystemTime) -> Duration {
         self.slow
@@ -290,6 +326,27 @@ pub fn wait_rounds(out: &Path, since: u64, n: u64, timeout: Duration) -> bool {
         || ReaderStats::read(out).is_ok_and(|s| s.rounds >= since + n),
         timeout,
     )
+}
+
+/// Wait until the reader made `n` rounds after `since` (false after `timeout`): first a stats
+/// snapshot written after `since`, then one with `n` more rounds. (Comparing with a count read
+/// before `since` would not do: the reader may have written a larger count in between.)
+pub fn wait_progress_after(out: &Path, since: SystemTime, n: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut base = None;
+    loop {
+        if let Ok(s) = ReaderStats::read(out) {
+            match base {
+                None if s.written >= since => base = Some(s.rounds),
+                Some(b) if s.rounds >= b + n => return true,
+                _ => {}
+            }
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Median and max of `stalls`.

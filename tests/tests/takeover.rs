@@ -8,8 +8,9 @@
 //!
 //! - `container_*`: the acceptance tests. A real containerd (the system's), registry and
 //!   daemon; the reader runs in a container started with `ctr run` on a `beam pull`ed image.
-//!   The daemon is restarted 20 times in each of four ways (SIGTERM, kill -9, into another
-//!   binary file, while a slow registry answer is in flight) and every restart's stall is the
+//!   The daemon is restarted 20 times in each of five ways (SIGTERM, kill -9, into another
+//!   binary file, kill -9 with the registry down, while a slow registry answer is in flight)
+//!   and every restart's stall is the
 //!   longest reader round overlapping it. After each way: containerd's snapshots equal the
 //!   daemon's, a new container starts; at the end nothing is left once the image is removed.
 //!   The control runs the same container without `--takeover` and must see read errors.
@@ -166,7 +167,7 @@ fn setup(takeover: bool) -> Result<Option<Setup>> {
     ensure!(
         takeover::wait_rounds(&s.out, 0, 50, Duration::from_secs(30)),
         "the reader did not start reading: {:?}\n{}",
-        ReaderStats::read(&s.out),
+        ReaderStats::read(&s.out).map(|s| s.summary()),
         s.daemon.log_tail(30)
     );
     Ok(Some(s))
@@ -180,6 +181,9 @@ enum Way {
     Kill9,
     /// SIGTERM, then start another binary file (alternating between two).
     NewBinary,
+    /// The registry is down (connections closed at once) from before a `kill -9` until the
+    /// next daemon serves again: a takeover needs nothing from the registry.
+    RegistryDown,
     /// A read waits on a slow registry answer (1 s per chunk request) when the daemon gets
     /// SIGTERM; the next daemon must answer it.
     SlowRegistry,
@@ -201,7 +205,6 @@ impl Setup {
 
     /// One restart; returns the reader's stall over it.
     fn restart(&mut self, way: Way, cycle: usize) -> Result<Duration> {
-        let before = self.stats()?.rounds;
         std::thread::sleep(Duration::from_millis(100));
         let t0 = SystemTime::now();
         match way {
@@ -212,6 +215,26 @@ impl Setup {
             Way::Kill9 => {
                 self.daemon.kill();
                 self.daemon.start()?;
+            }
+            Way::RegistryDown => {
+                self.image.proxy.set_down(true);
+                self.daemon.kill();
+                let started = self.daemon.start();
+                let progressed = started.is_ok()
+                    && takeover::wait_progress_after(
+                        &self.out,
+                        SystemTime::now(),
+                        20,
+                        Duration::from_secs(30),
+                    );
+                self.image.proxy.set_down(false);
+                started?;
+                ensure!(
+                    progressed,
+                    "cycle {cycle}: no progress with the registry down: {:?}\n{}",
+                    self.stats().map(|s| s.summary()),
+                    self.daemon.log_tail(30)
+                );
             }
             Way::NewBinary => {
                 self.daemon.terminate();
@@ -252,7 +275,7 @@ impl Setup {
                 ensure!(
                     done,
                     "cycle {cycle}: the cold read never completed: {:?}\n{}",
-                    self.stats(),
+                    self.stats().map(|s| s.summary()),
                     self.daemon.log_tail(30)
                 );
                 // The old daemon's request was cut off; the new daemon asked again and got it:
@@ -267,10 +290,11 @@ impl Setup {
                 );
             }
         }
+        let up = SystemTime::now();
         ensure!(
-            takeover::wait_rounds(&self.out, before, 20, Duration::from_secs(30)),
+            takeover::wait_progress_after(&self.out, up, 20, Duration::from_secs(30)),
             "{way:?} cycle {cycle}: the reader made no progress after the restart: {:?}\n{}",
-            self.stats(),
+            self.stats().map(|s| s.summary()),
             self.daemon.log_tail(30)
         );
         let t1 = SystemTime::now();
@@ -403,7 +427,14 @@ async fn container_keeps_reading_through_restarts_crashes_and_upgrades() -> Resu
     let holder = s.daemon.holder_pid().context("no holder.pid")?;
     let n = restarts();
     let mut report = Vec::new();
-    for way in [Way::Clean, Way::Kill9, Way::NewBinary, Way::SlowRegistry] {
+    let ways = [
+        Way::Clean,
+        Way::Kill9,
+        Way::NewBinary,
+        Way::RegistryDown,
+        Way::SlowRegistry,
+    ];
+    for way in ways {
         let mut stalls = Vec::with_capacity(n);
         for cycle in 0..n {
             stalls.push(s.restart(way, cycle)?);
@@ -433,9 +464,9 @@ async fn container_keeps_reading_through_restarts_crashes_and_upgrades() -> Resu
     let log = std::fs::read_to_string(s.daemon.log_path())?;
     let taken = log.matches("lazy layer taken over").count();
     ensure!(
-        taken >= 3 * 4 * n,
+        taken >= 3 * ways.len() * n,
         "{taken} takeovers logged for {} restarts of 3 layers",
-        4 * n
+        ways.len() * n
     );
     ensure!(
         !log.contains("cannot take the lazy layer over"),
@@ -467,7 +498,11 @@ async fn container_sees_read_errors_after_kill_9_without_takeover() -> Result<()
         "no holder without --takeover"
     );
     let before = s.stats()?;
-    ensure!(before.errors == 0, "errors before the kill: {before:?}");
+    ensure!(
+        before.errors == 0,
+        "errors before the kill: {}",
+        before.summary()
+    );
     s.daemon.kill();
     s.daemon.start()?;
     // The reader sees errors, or dies (SIGBUS: its own executable is mapped from the layer).
@@ -483,7 +518,11 @@ async fn container_sees_read_errors_after_kill_9_without_takeover() -> Result<()
         st.errors,
         st.first_error
     );
-    ensure!(failed, "reads kept working without takeover: {st:?}");
+    ensure!(
+        failed,
+        "reads kept working without takeover: {}",
+        st.summary()
+    );
     s.remove_everything()?;
     Ok(())
 }
@@ -573,13 +612,12 @@ async fn snapshots_reads_survive_kill_9_with_takeover() -> Result<()> {
     let reader = reader_slot.insert(start_reader(&rootfs, &out)?);
     for cycle in 0..5 {
         std::thread::sleep(Duration::from_millis(200));
-        let before = ReaderStats::read(&out)?.rounds;
         d.kill();
         d.start()?;
         ensure!(
-            takeover::wait_rounds(&out, before, 10, Duration::from_secs(30)),
+            takeover::wait_progress_after(&out, SystemTime::now(), 10, Duration::from_secs(30)),
             "cycle {cycle}: the reader made no progress after the restart: {:?}\n{}",
-            ReaderStats::read(&out),
+            ReaderStats::read(&out).map(|s| s.summary()),
             d.log_tail(30)
         );
         ensure!(
@@ -628,7 +666,7 @@ async fn snapshots_reads_fail_after_kill_9_without_takeover() -> Result<()> {
     ensure!(
         failed,
         "reads kept working after kill -9 without takeover: {:?}",
-        ReaderStats::read(&out)
+        ReaderStats::read(&out).map(|s| s.summary())
     );
     ensure!(stopped, "the reader is stuck");
     Ok(())
@@ -660,7 +698,7 @@ async fn snapshots_turning_takeover_off_releases_held_connections() -> Result<()
     ensure!(
         failed,
         "the reader saw no error: {:?}",
-        ReaderStats::read(&out)
+        ReaderStats::read(&out).map(|s| s.summary())
     );
     ensure!(stopped, "the reader is stuck");
     ensure!(

@@ -111,12 +111,15 @@ impl RemoteLayers {
         })
     }
 
-    /// Mount the layer `remote` lazily at `mountpoint`.
+    /// Mount the layer `remote` lazily at `mountpoint`. `known` is its Beam layer when the
+    /// caller has it (a takeover: then neither the artifact nor, when cached, the index is
+    /// asked of the registry, so a registry that is down or slow does not stop a takeover).
     async fn mount_at(
         &self,
         remote: &RemoteLayer,
         mountpoint: &Path,
         held: Option<Held>,
+        known: Option<crate::oci::BeamLayer>,
     ) -> Result<MountedLayer> {
         let loc = Location::parse(&remote.image)?;
         let Location::Registry(reference) = &loc else {
@@ -124,13 +127,20 @@ impl RemoteLayers {
         };
         let at_manifest = crate::remote::with_digest(reference, &remote.manifest);
         let store = Store::with_registry(at_manifest, self.client.clone(), &self.registry);
-        let Some((artifact, layers)) = store.find_beam(&remote.manifest).await? else {
-            bail!("image {} has no Beam conversion", remote.manifest);
+        let layer = match known.filter(|l| l.source == remote.layer) {
+            Some(l) => l,
+            None => {
+                let Some((artifact, layers)) = store.find_beam(&remote.manifest).await? else {
+                    bail!("image {} has no Beam conversion", remote.manifest);
+                };
+                layers
+                    .into_iter()
+                    .find(|l| l.source == remote.layer)
+                    .with_context(|| {
+                        format!("Beam artifact {artifact} has no layer {}", remote.layer)
+                    })?
+            }
         };
-        let layer = layers
-            .into_iter()
-            .find(|l| l.source == remote.layer)
-            .with_context(|| format!("Beam artifact {artifact} has no layer {}", remote.layer))?;
         let index = mount::load_index(&store, &self.fetcher.cache, &layer).await?;
         let source = store.range_source(&layer.chunks)?;
         mount::mount_layer(
@@ -172,7 +182,7 @@ impl RemoteLayers {
             layer: layer.clone(),
         };
         let (id, fs) = snapshots.reserve()?;
-        let mounted = match self.mount_at(&remote, &fs, self.held(id)).await {
+        let mounted = match self.mount_at(&remote, &fs, self.held(id), None).await {
             Ok(m) => m,
             Err(e) => {
                 // Nothing is mounted on the reservation: give it back now.
@@ -237,7 +247,8 @@ impl RemoteLayers {
                             name: entry.name.clone(),
                             existing: Some((entry.fd, st.init)),
                         };
-                        match self.mount_at(&remote, &fs, Some(held)).await {
+                        let known = st.beam_layer.clone();
+                        match self.mount_at(&remote, &fs, Some(held), known).await {
                             Ok(m) => {
                                 tracing::info!(snapshot = %r.name, "lazy layer taken over");
                                 self.mounted.lock().expect("remote lock").insert(r.id, m);
@@ -265,7 +276,7 @@ impl RemoteLayers {
                 // The previous daemon's mount: its connection died with it.
                 let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
             }
-            match self.mount_at(&remote, &fs, self.held(r.id)).await {
+            match self.mount_at(&remote, &fs, self.held(r.id), None).await {
                 Ok(m) => {
                     self.mounted.lock().expect("remote lock").insert(r.id, m);
                     n += 1;

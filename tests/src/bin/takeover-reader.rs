@@ -11,7 +11,8 @@
 //! number N, the reader also preads 4 KiB at offset N * 512 KiB of `ROOT/data/cold.bin`, which no
 //! earlier round touched (so it reaches the registry), and reports N done.
 //!
-//! Every 100 ms it replaces `OUTDIR/stats.json` (write + rename): rounds, errors and the first
+//! Every 100 ms it replaces `OUTDIR/stats.json` (write + rename): when it was written, rounds,
+//! errors and the first
 //! error, the cold reads done, and every round that took over 2 ms as (end time in Unix
 //! nanoseconds, duration in nanoseconds), which is how the test measures the stall of each
 //! restart. It stops when `OUTDIR/stop` appears.
@@ -82,7 +83,8 @@ impl Stats {
             None => "null".to_string(),
         };
         format!(
-            "{{\"rounds\":{},\"errors\":{},\"first_error\":{},\"cold_done\":[{}],\"slow\":[{}]}}\n",
+            "{{\"written\":{},\"rounds\":{},\"errors\":{},\"first_error\":{},\"cold_done\":[{}],\"slow\":[{}]}}\n",
+            now_ns(),
             self.rounds,
             self.errors,
             first,

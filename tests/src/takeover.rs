@@ -237,19 +237,10 @@ impl Drop for RestartableDaemon {
     }
 }
 
-/// Like `util::wait_for`, polling every 2 ms: restarts are timed, and a 50 ms poll would add
-/// up to 50 ms to every measured stall.
-fn poll_fast(mut cond: impl FnMut() -> bool, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+/// `util::wait_for` polling every 2 ms: restarts are timed, and a 50 ms poll would add up to
+/// 50 ms to every measured stall.
+fn poll_fast(cond: impl FnMut() -> bool, timeout: Duration) -> bool {
+    util::wait_for_every(cond, timeout, Duration::from_millis(2))
 }
 
 /// What `takeover-reader` reported in OUTDIR/stats.json.
@@ -332,21 +323,22 @@ pub fn wait_rounds(out: &Path, since: u64, n: u64, timeout: Duration) -> bool {
 /// snapshot written after `since`, then one with `n` more rounds. (Comparing with a count read
 /// before `since` would not do: the reader may have written a larger count in between.)
 pub fn wait_progress_after(out: &Path, since: SystemTime, n: u64, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
     let mut base = None;
-    loop {
-        if let Ok(s) = ReaderStats::read(out) {
+    util::wait_for_every(
+        || {
+            let Ok(s) = ReaderStats::read(out) else {
+                return false;
+            };
             match base {
                 None if s.written >= since => base = Some(s.rounds),
-                Some(b) if s.rounds >= b + n => return true,
-                _ => {}
+                Some(b) => return s.rounds >= b + n,
+                None => {}
             }
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+            false
+        },
+        timeout,
+        Duration::from_millis(5),
+    )
 }
 
 /// Median and max of `stalls`.

@@ -23,7 +23,16 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// Polls `cond` every 50 ms until it returns true (then `true`) or `timeout` passes (then `false`).
-pub fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) -> bool {
+pub fn wait_for(cond: impl FnMut() -> bool, timeout: Duration) -> bool {
+    wait_for_every(cond, timeout, Duration::from_millis(50))
+}
+
+/// [`wait_for`] polling every `interval` (short where the wait itself is being timed).
+pub fn wait_for_every(
+    mut cond: impl FnMut() -> bool,
+    timeout: Duration,
+    interval: Duration,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -32,7 +41,7 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(interval);
     }
 }
 

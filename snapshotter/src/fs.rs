@@ -275,31 +275,25 @@ impl LayerFs {
                 return None;
             }
         };
-        if let Some(t) = &self.open_table {
-            let raw = id.into_raw();
-            // SAFETY: `raw` was just registered on this connection and nothing closed it.
-            let id = unsafe { reply.wrap_backing(raw) };
-            if let Err(e) = t.set_backing(ino, raw) {
-                // A successor could not reuse it: do not use passthrough (drop closes the id).
-                tracing::warn!(ino, "writing the open table: {e}; no passthrough");
-                drop(id);
-                return None;
+        let table = self.open_table.clone();
+        let id = match &table {
+            Some(t) => {
+                let raw = id.into_raw();
+                // SAFETY: `raw` was just registered on this connection and nothing closed it.
+                let id = unsafe { reply.wrap_backing(raw) };
+                if let Err(e) = t.set_backing(ino, raw) {
+                    // A successor could not reuse it: no passthrough (drop closes the id).
+                    tracing::warn!(ino, "writing the open table: {e}; no passthrough");
+                    return None;
+                }
+                id
             }
-            let b = Arc::new(Backing {
-                id: Some(id),
-                ino,
-                table: Some(t.clone()),
-            });
-            self.backing_by_ino
-                .lock()
-                .expect("backing lock")
-                .insert(ino, Arc::downgrade(&b));
-            return Some(b);
-        }
+            None => id,
+        };
         let b = Arc::new(Backing {
             id: Some(id),
             ino,
-            table: None,
+            table,
         });
         self.backing_by_ino
             .lock()

@@ -265,7 +265,8 @@ pub async fn load_index(
 }
 
 /// Mount one layer's filesystem at `mountpoint`. With `held`, park the connection in the fd
-/// holder (or take over the live one it names); `opts.passthrough` should then be off.
+/// holder and keep its open table (or take over the live connection it names, adopting the
+/// open table its predecessor kept).
 #[allow(clippy::too_many_arguments)]
 pub fn mount_layer(
     layer: BeamLayer,

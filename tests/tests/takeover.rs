@@ -326,36 +326,27 @@ impl Setup {
             },
             Duration::from_secs(15),
         );
-        let out = last.context("no ctr call")??;
+        last.context("no ctr call")??;
         ensure!(reconnected, "containerd did not reconnect");
         eprintln!(
             "after {way:?}: containerd reconnected to the daemon in {:?}",
             t0.elapsed()
         );
-        let mut theirs: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().last().map(str::to_lowercase))
-            .collect();
-        let mut c = SnapshotsClient::connect(&self.daemon.socket()).await?;
-        let mut ours: Vec<String> = c
-            .list()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .iter()
-            .map(|i| match i.kind {
-                1 => "view".to_string(),
-                2 => "active".to_string(),
-                3 => "committed".to_string(),
-                k => format!("kind {k}"),
-            })
-            .collect();
-        theirs.sort();
-        ours.sort();
-        ensure!(
-            theirs == ours,
-            "after {way:?}: containerd has {theirs:?}, the daemon {ours:?}"
-        );
+        // containerd removes a snapshot from its own metadata at once and from the daemon at
+        // its next garbage collection (e.g. the `ctr run --rm` container of the previous
+        // check): the two views must become equal within a few seconds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (theirs, ours) = self.snapshot_kinds().await?;
+            if theirs == ours {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "after {way:?}: containerd has {theirs:?}, the daemon {ours:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let st = self.daemon.status()?;
         let layers = st["layers"].as_array().context("status layers")?;
         ensure!(layers.len() == 3, "after {way:?}: beam status {st}");
@@ -379,6 +370,34 @@ impl Setup {
             );
         }
         Ok(())
+    }
+
+    /// The kinds of the snapshots containerd lists and of those the daemon lists, sorted.
+    async fn snapshot_kinds(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let out = self
+            .containerd
+            .ctr(&["snapshots", "--snapshotter", "beam", "ls"])?;
+        let mut theirs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().last().map(str::to_lowercase))
+            .collect();
+        let mut c = SnapshotsClient::connect(&self.daemon.socket()).await?;
+        let mut ours: Vec<String> = c
+            .list()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .iter()
+            .map(|i| match i.kind {
+                1 => "view".to_string(),
+                2 => "active".to_string(),
+                3 => "committed".to_string(),
+                k => format!("kind {k}"),
+            })
+            .collect();
+        theirs.sort();
+        ours.sort();
+        Ok((theirs, ours))
     }
 
     /// A new container on the same image starts and reads the lazy data.

@@ -68,20 +68,14 @@ pub fn write_reader_layer(tar: &Path) -> Result<()> {
             files.push((p.trim_start_matches('/').into(), PathBuf::from(p)));
         }
     }
-    let mut b = tar::Builder::new(std::fs::File::create(tar)?);
-    for (name, src) in &files {
-        let data = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, name, &data[..])?;
-    }
-    b.finish()?;
-    Ok(())
+    let contents = files
+        .iter()
+        .map(|(name, src)| {
+            let data = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+            Ok((name.clone(), data))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    util::write_tar_with_mode(tar, &contents, 0o755)
 }
 
 /// A beam-snapshotter on a fixed root and socket that the test stops, kills and starts again.

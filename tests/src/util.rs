@@ -553,12 +553,17 @@ pub fn layers_listed_in(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Write a layer tar of regular files (`path`, contents): root-owned, mode 0644, a fixed
 /// mtime, in the order given.
 pub fn write_tar(path: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    write_tar_with_mode(path, files, 0o644)
+}
+
+/// [`write_tar`] with every file of mode `mode` (e.g. 0755 for programs and libraries).
+pub fn write_tar_with_mode(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> Result<()> {
     let mut b = tar::Builder::new(std::fs::File::create(path)?);
     for (name, data) in files {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Regular);
         h.set_size(data.len() as u64);
-        h.set_mode(0o644);
+        h.set_mode(mode);
         h.set_uid(0);
         h.set_gid(0);
         h.set_mtime(1_700_000_000);

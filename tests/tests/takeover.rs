@@ -24,7 +24,7 @@ use beam_tests::util::{self, ChildGuard};
 use beam_tests::{beam, oci_layout};
 use beam_tests::{Compression, Containerd, ContainerdOptions, Fault, LayerSpec, Proxy, Registry};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
@@ -595,65 +595,94 @@ async fn lazy_rootfs(d: &RestartableDaemon, img: &Image) -> Result<PathBuf> {
     Ok(rootfs)
 }
 
-/// The reader as a plain child process on `rootfs`.
-fn start_reader(rootfs: &Path, out: &Path) -> Result<ChildGuard> {
-    std::fs::create_dir_all(out)?;
-    let mut cmd = Command::new(util::cargo_bin("takeover-reader")?);
-    cmd.arg(rootfs).arg(out);
-    let child = ChildGuard::spawn("takeover-reader", &mut cmd)?;
-    ensure!(
-        takeover::wait_rounds(out, 0, 10, Duration::from_secs(10)),
-        "the reader did not start reading"
-    );
-    Ok(child)
+/// A daemon serving a lazy rootfs that the test mounted, and the reader (a plain process) on
+/// it. Fields drop in order: the daemon and its holder first, which ends the held connections
+/// a stuck reader may be waiting on, then the reader; so a failing test cannot hang.
+struct Rig {
+    d: RestartableDaemon,
+    reader: ChildGuard,
+    out: PathBuf,
 }
 
-/// Stop the reader through its stop file; true when it exited in time.
-fn stop_reader(reader: &mut ChildGuard, out: &Path) -> bool {
-    let _ = std::fs::write(out.join("stop"), "");
-    util::wait_for(
-        || matches!(reader.try_wait(), Ok(Some(_))),
-        Duration::from_secs(10),
-    )
+impl Rig {
+    async fn start(img: &Image, args: &[&str]) -> Result<Rig> {
+        let mut d = RestartableDaemon::new(args)?;
+        d.start()?;
+        let rootfs = lazy_rootfs(&d, img).await?;
+        let out = d.dir().join("out");
+        std::fs::create_dir_all(&out)?;
+        let mut cmd = Command::new(util::cargo_bin("takeover-reader")?);
+        cmd.arg(&rootfs).arg(&out);
+        let reader = ChildGuard::spawn("takeover-reader", &mut cmd)?;
+        let rig = Rig { d, reader, out };
+        ensure!(
+            takeover::wait_rounds(&rig.out, 0, 10, Duration::from_secs(10)),
+            "the reader did not start reading"
+        );
+        Ok(rig)
+    }
+
+    fn summary(&self) -> Result<String> {
+        ReaderStats::read(&self.out).map(|s| s.summary())
+    }
+
+    /// Stop the reader through its stop file; true when it exited in time.
+    fn stop_reader(&mut self) -> bool {
+        let _ = std::fs::write(self.out.join("stop"), "");
+        util::wait_for(
+            || matches!(self.reader.try_wait(), Ok(Some(_))),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Whether the reader reports a read error within 10 s; then stops it (it must stop).
+    fn reader_fails(&mut self) -> Result<bool> {
+        let out = self.out.clone();
+        let failed = util::wait_for(
+            || ReaderStats::read(&out).is_ok_and(|s| s.errors > 0),
+            Duration::from_secs(10),
+        );
+        ensure!(self.stop_reader(), "the reader is stuck");
+        Ok(failed)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_reads_survive_kill_9_with_takeover() -> Result<()> {
     let img = image()?;
-    // Declared before the daemon, so dropped after it: a failing test kills the holder first,
-    // which ends the held connections a stuck reader may be waiting on.
-    let mut reader_slot: Option<ChildGuard> = None;
-    let mut d = RestartableDaemon::new(&["--takeover", "--plain-http", "--no-background-fetch"])?;
-    d.start()?;
-    let holder = d.holder_pid().context("the daemon wrote no holder.pid")?;
-    let rootfs = lazy_rootfs(&d, &img).await?;
-    let out = d.dir().join("out");
-    let reader = reader_slot.insert(start_reader(&rootfs, &out)?);
+    let mut rig = Rig::start(
+        &img,
+        &["--takeover", "--plain-http", "--no-background-fetch"],
+    )
+    .await?;
+    let holder = rig
+        .d
+        .holder_pid()
+        .context("the daemon wrote no holder.pid")?;
     for cycle in 0..5 {
         std::thread::sleep(Duration::from_millis(200));
-        d.kill();
-        d.start()?;
+        rig.d.kill();
+        rig.d.start()?;
         ensure!(
-            takeover::wait_progress_after(&out, SystemTime::now(), 10, Duration::from_secs(30)),
+            takeover::wait_progress_after(&rig.out, SystemTime::now(), 10, Duration::from_secs(30)),
             "cycle {cycle}: the reader made no progress after the restart: {:?}\n{}",
-            ReaderStats::read(&out).map(|s| s.summary()),
-            d.log_tail(30)
+            rig.summary(),
+            rig.d.log_tail(30)
         );
         ensure!(
-            d.holder_pid() == Some(holder) && util::pid_alive(holder),
+            rig.d.holder_pid() == Some(holder) && util::pid_alive(holder),
             "cycle {cycle}: the fd holder was replaced or died"
         );
     }
-    let stopped = stop_reader(reader, &out);
-    let s = ReaderStats::read(&out)?;
-    ensure!(stopped, "the reader is stuck");
+    ensure!(rig.stop_reader(), "the reader is stuck");
+    let s = ReaderStats::read(&rig.out)?;
     ensure!(
         s.errors == 0,
         "{} read errors across the restarts (first: {:?})",
         s.errors,
         s.first_error
     );
-    let st = d.status()?;
+    let st = rig.d.status()?;
     ensure!(
         st["takeover"] == true
             && st["layers"]
@@ -667,69 +696,48 @@ async fn snapshots_reads_survive_kill_9_with_takeover() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_reads_fail_after_kill_9_without_takeover() -> Result<()> {
     let img = image()?;
-    // Declared before the daemon, so dropped after it: a failing test kills the holder first,
-    // which ends the held connections a stuck reader may be waiting on.
-    let mut reader_slot: Option<ChildGuard> = None;
-    let mut d = RestartableDaemon::new(&["--plain-http", "--no-background-fetch"])?;
-    d.start()?;
-    ensure!(d.holder_pid().is_none(), "no holder without --takeover");
-    let rootfs = lazy_rootfs(&d, &img).await?;
-    let out = d.dir().join("out");
-    let reader = reader_slot.insert(start_reader(&rootfs, &out)?);
-    d.kill();
-    let failed = util::wait_for(
-        || ReaderStats::read(&out).is_ok_and(|s| s.errors > 0),
-        Duration::from_secs(10),
-    );
-    let stopped = stop_reader(reader, &out);
+    let mut rig = Rig::start(&img, &["--plain-http", "--no-background-fetch"]).await?;
+    ensure!(rig.d.holder_pid().is_none(), "no holder without --takeover");
+    rig.d.kill();
     ensure!(
-        failed,
+        rig.reader_fails()?,
         "reads kept working after kill -9 without takeover: {:?}",
-        ReaderStats::read(&out).map(|s| s.summary())
+        rig.summary()
     );
-    ensure!(stopped, "the reader is stuck");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_turning_takeover_off_releases_held_connections() -> Result<()> {
     let img = image()?;
-    // Declared before the daemon, so dropped after it: a failing test kills the holder first,
-    // which ends the held connections a stuck reader may be waiting on.
-    let mut reader_slot: Option<ChildGuard> = None;
-    let mut d = RestartableDaemon::new(&["--takeover", "--plain-http", "--no-background-fetch"])?;
-    d.start()?;
-    let rootfs = lazy_rootfs(&d, &img).await?;
-    let out = d.dir().join("out");
-    let reader = reader_slot.insert(start_reader(&rootfs, &out)?);
-    ensure!(d.holder_fuse_fds()? == 3, "3 held connections expected");
+    let mut rig = Rig::start(
+        &img,
+        &["--takeover", "--plain-http", "--no-background-fetch"],
+    )
+    .await?;
+    ensure!(rig.d.holder_fuse_fds()? == 3, "3 held connections expected");
     // Stopped with takeover on: the layers stay held. Started with it off: the daemon lets the
     // held connections go (and remounts), so the old mounts' readers fail instead of waiting
     // forever for a daemon that will not serve them.
-    d.terminate();
-    d.set_args(&["--plain-http", "--no-background-fetch"]);
-    d.start()?;
-    let failed = util::wait_for(
-        || ReaderStats::read(&out).is_ok_and(|s| s.errors > 0),
-        Duration::from_secs(10),
-    );
-    let stopped = stop_reader(reader, &out);
+    rig.d.terminate();
+    rig.d.set_args(&["--plain-http", "--no-background-fetch"]);
+    rig.d.start()?;
     ensure!(
-        failed,
+        rig.reader_fails()?,
         "the reader saw no error: {:?}",
-        ReaderStats::read(&out).map(|s| s.summary())
+        rig.summary()
     );
-    ensure!(stopped, "the reader is stuck");
     ensure!(
-        d.holder_fuse_fds()? == 0,
+        rig.d.holder_fuse_fds()? == 0,
         "the holder still holds {} connections",
-        d.holder_fuse_fds()?
+        rig.d.holder_fuse_fds()?
     );
     ensure!(
-        d.log_tail(50)
+        rig.d
+            .log_tail(50)
             .contains("releasing a connection the fd holder kept"),
         "{}",
-        d.log_tail(30)
+        rig.d.log_tail(30)
     );
     Ok(())
 }

@@ -350,14 +350,7 @@ impl RemoteLayers {
     /// Stop serving every lazy layer but leave it mounted, its connection held by the fd
     /// holder, for a successor daemon to take over (daemon stop with takeover on).
     pub fn leave_all_mounted(&self) {
-        let all: Vec<MountedLayer> = self
-            .mounted
-            .lock()
-            .expect("remote lock")
-            .drain()
-            .map(|(_, m)| m)
-            .collect();
-        for m in all {
+        for m in self.take_all() {
             m.leave_mounted();
         }
     }
@@ -369,13 +362,16 @@ impl RemoteLayers {
 
     /// Unmount everything (daemon stop).
     pub fn unmount_all(&self) {
-        let all: Vec<MountedLayer> = self
-            .mounted
+        drop(self.take_all());
+    }
+
+    /// Every mounted layer, out of the table (the lock is not held while they are handled).
+    fn take_all(&self) -> Vec<MountedLayer> {
+        self.mounted
             .lock()
             .expect("remote lock")
             .drain()
             .map(|(_, m)| m)
-            .collect();
-        drop(all);
+            .collect()
     }
 }

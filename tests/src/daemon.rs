@@ -38,8 +38,13 @@ impl BeamDaemon {
             .stdout(out)
             .stderr(err);
         let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
+        // Connectable, not just present: the socket file appears at bind(), a moment before
+        // listen().
         ensure!(
-            util::wait_for(|| socket.exists(), Duration::from_secs(30)),
+            util::wait_for(
+                || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+                Duration::from_secs(30)
+            ),
             "beam-snapshotter did not start: {}",
             util::tail_file(&log, 30)
         );

@@ -147,8 +147,13 @@ impl RestartableDaemon {
             .stdout(out)
             .stderr(err);
         self.daemon = Some(ChildGuard::spawn("beam-snapshotter", &mut cmd)?);
+        // Connectable, not just present: the socket file appears at bind(), a moment before
+        // listen().
         ensure!(
-            poll_fast(|| socket.exists(), Duration::from_secs(30)),
+            poll_fast(
+                || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+                Duration::from_secs(30)
+            ),
             "beam-snapshotter did not start: {}",
             self.log_tail(30)
         );

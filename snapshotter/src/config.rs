@@ -20,10 +20,12 @@
 //!
 //! [remote]
 //! enabled = true                    # false: ordinary snapshots only
+//! accept_pull_settings = true       # false: ignore the registry settings `beam pull` sends
 //!
 //! [takeover]
-//! enabled = false                   # lazy layers' FUSE connections survive a daemon restart
+//! enabled = true                    # lazy layers' FUSE connections survive a daemon restart
 //! holder_socket = "/var/lib/beam/holder.sock"   # default: ROOT/holder.sock
+//! grace_secs = 180                  # no daemon for this long: the holder lets go (readers fail)
 //!
 //! hosts_dir = "/etc/containerd/certs.d"   # containerd's hosts.toml files; none by default
 //!
@@ -89,23 +91,50 @@ impl Default for FetchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RemoteConfig {
     pub enabled: bool,
+    /// Use the registry settings (`--plain-http`, `--ca-file`, `--hosts-dir`, the Docker config
+    /// file) that `beam pull` sends with its layers (issue 12). `false` on a node whose
+    /// registry access only its own configuration may decide (e.g. plain HTTP forbidden): such
+    /// pulls then use the daemon's settings, and a layer they cannot reach is downloaded in
+    /// full, with the reason and the fix in `beam pull`'s output.
+    pub accept_pull_settings: bool,
 }
 
 impl Default for RemoteConfig {
     fn default() -> Self {
-        RemoteConfig { enabled: true }
+        RemoteConfig {
+            enabled: true,
+            accept_pull_settings: true,
+        }
     }
 }
 
 /// Keeping lazy layers' FUSE connections alive across daemon restarts (issue 7; see
-/// `crate::takeover`). Off by default: with it on, a stopped daemon leaves its lazy layers
-/// mounted (held by the fd holder process) for its successor to take over.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+/// `crate::takeover`). On by default (issue 12): a stopped or killed daemon leaves its lazy
+/// layers mounted, held by the fd holder process, for its successor to take over, so running
+/// containers keep reading. If no daemon comes back within `grace_secs`, the holder lets the
+/// connections go (readers get ENOTCONN, never a hang) and detaches the mounts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TakeoverConfig {
     pub enabled: bool,
     /// The fd holder's socket. Default: `ROOT/holder.sock`.
     pub holder_socket: Option<PathBuf>,
+    /// How long the holder keeps connections without a daemon (seconds; long enough for a
+    /// package upgrade). 0 = for ever.
+    pub grace_secs: f64,
+}
+
+/// Default of `[takeover] grace_secs`: three minutes.
+pub const DEFAULT_TAKEOVER_GRACE_SECS: f64 = 180.0;
+
+impl Default for TakeoverConfig {
+    fn default() -> Self {
+        TakeoverConfig {
+            enabled: true,
+            holder_socket: None,
+            grace_secs: DEFAULT_TAKEOVER_GRACE_SECS,
+        }
+    }
 }
 
 /// Settings of one registry host.
@@ -235,6 +264,7 @@ impl Config {
                 .filter(|h| !h.mirrors.is_empty())
                 .map(|h| (h.host.clone(), h.mirrors.clone()))
                 .collect(),
+            docker_config: None,
         }
     }
 
@@ -262,7 +292,8 @@ mod tests {
         assert_eq!(c.cache_dir(), PathBuf::from("/srv/beam/cache"));
         assert_eq!(c.fetch.concurrency, 3);
         assert_eq!(c.fetch.background_concurrency, 2, "default kept");
-        assert!(!c.takeover.enabled, "takeover is off by default");
+        assert!(c.takeover.enabled, "takeover is on by default");
+        assert_eq!(c.takeover.grace_secs, DEFAULT_TAKEOVER_GRACE_SECS);
         assert_eq!(c.holder_socket(), PathBuf::from("/srv/beam/holder.sock"));
         let (o, _) = c.remote_options().unwrap();
         assert_eq!(o.plain_http_hosts, vec!["r:5000".to_string()]);

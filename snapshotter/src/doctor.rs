@@ -519,10 +519,21 @@ pub fn check_daemon(s: &DaemonStatus, address: &Path) -> Vec<Finding> {
         );
     }
     if !s.last_fallback.is_empty() {
-        out.push(Finding::new(
-            Severity::Info,
-            format!("last fallback to a full pull: {}", s.last_fallback),
-        ));
+        if s.last_fallback_fix.is_empty() {
+            out.push(Finding::new(
+                Severity::Info,
+                format!("last fallback to a full pull: {}", s.last_fallback),
+            ));
+        } else {
+            // A setting made the daemon fall back: every pull like it downloads in full.
+            out.push(
+                Finding::new(
+                    Severity::Error,
+                    format!("last fallback to a full pull: {}", s.last_fallback),
+                )
+                .fix(&s.last_fallback_fix),
+            );
+        }
     }
     out
 }

@@ -25,6 +25,8 @@ pub struct ServiceCounters {
     pub unlabelled: AtomicU64,
     /// The reason of the last fallback, for `beam status` and `beam doctor`.
     pub last_fallback: std::sync::Mutex<String>,
+    /// What to change so the last fallback does not recur (empty: not a setting).
+    pub last_fallback_fix: std::sync::Mutex<String>,
     /// Requests answered with an error.
     pub errors: AtomicU64,
 }

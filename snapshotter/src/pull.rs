@@ -11,7 +11,7 @@
 //! lease, so a pull that dies midway leaves nothing GC keeps.
 
 use crate::containerd::{Containerd, Desc, Prepared};
-use crate::daemon::remote::labels;
+use crate::daemon::remote::{fallback_labels, labels};
 use crate::oci::{self, ImageConfig, ImageManifest};
 use crate::remote::RemoteOptions;
 use crate::store::{Location, Store};
@@ -44,10 +44,19 @@ pub struct PullOptions {
 pub enum LayerOutcome {
     /// The snapshotter mounted it lazily; nothing was downloaded.
     Lazy,
-    /// Downloaded in full and applied by containerd (bytes).
-    Downloaded(u64),
+    /// Downloaded in full and applied by containerd: bytes, and the snapshotter's reason for
+    /// not mounting it lazily (when it said one).
+    Downloaded(u64, Option<Fallback>),
     /// Its snapshot was already there.
     Present,
+}
+
+/// Why the snapshotter did not mount a layer lazily, as it said on the fallback snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    pub reason: String,
+    /// The setting to change, when the cause is one.
+    pub fix: Option<String>,
 }
 
 /// The result of a pull.
@@ -74,7 +83,7 @@ impl PullReport {
         self.layers
             .iter()
             .map(|(_, _, o)| match o {
-                LayerOutcome::Downloaded(n) => *n,
+                LayerOutcome::Downloaded(n, _) => *n,
                 _ => 0,
             })
             .sum()
@@ -138,7 +147,11 @@ fn unique_key(chain: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("extract-{nanos}-{:08x} {chain}", fastrand::u32(..))
+    format!(
+        "{}{nanos}-{:08x} {chain}",
+        crate::remote::PULL_KEY_PREFIX,
+        fastrand::u32(..)
+    )
 }
 
 /// Pull `image` into containerd. See the module documentation.
@@ -150,10 +163,20 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     };
     let name = reference.whole();
     let store = Store::open(loc.clone(), &opts.registry, false)?;
-    let (top, top_bytes) = store
-        .resolve_top()
-        .await
-        .with_context(|| format!("resolving {name}"))?;
+    let (top, top_bytes) = match store.resolve_top().await {
+        Ok(t) => t,
+        Err(e) => {
+            let e = e.context(format!("resolving {name}"));
+            return Err(
+                match crate::daemon::remote::explain_fallback(&e, reference.registry()).await {
+                    Some(fix) => {
+                        anyhow::anyhow!("{e:#}\nfix: {}", fix.replace(" to beam pull", ""))
+                    }
+                    None => e,
+                },
+            );
+        }
+    };
     let top_mt = crate::remote::media_type_of(&top_bytes)?;
     let is_index = top_mt == oci::MEDIA_TYPE_OCI_INDEX || top_mt == oci::MEDIA_TYPE_DOCKER_LIST;
     let platform = if is_index {
@@ -289,6 +312,13 @@ async fn pull_under_lease(
         put_content(ctd, &top.digest, top_bytes.to_vec(), &index_labels).await?;
     }
 
+    // The daemon reaches the registry the way this command does (issue 12): the transport
+    // flags travel with every layer's Prepare.
+    let transport = opts.registry.transport_for(reference.registry());
+    let transport = (!transport.is_empty())
+        .then(|| serde_json::to_string(&transport))
+        .transpose()
+        .context("encoding the pull's registry settings")?;
     let total = manifest.layers.len();
     let mut outcomes = Vec::with_capacity(total);
     for (i, layer) in manifest.layers.iter().enumerate() {
@@ -298,7 +328,10 @@ async fn pull_under_lease(
         let outcome = if ctd.snapshot_stat(&opts.snapshotter, chain).await?.is_some() {
             LayerOutcome::Present
         } else {
-            let labels = layer_labels(name, &platform.desc.digest, layer_digests, i, chain);
+            let mut labels = layer_labels(name, &platform.desc.digest, layer_digests, i, chain);
+            if let Some(t) = &transport {
+                labels.insert(crate::remote::PULL_TRANSPORT_LABEL.to_string(), t.clone());
+            }
             let key = unique_key(chain);
             match ctd
                 .snapshot_prepare(&opts.snapshotter, &key, parent, &labels)
@@ -316,6 +349,14 @@ async fn pull_under_lease(
                     LayerOutcome::Lazy
                 }
                 Prepared::Mounts(mounts) => {
+                    // The snapshotter's reason for not mounting it lazily, if it gave one.
+                    let why = match ctd.snapshot_stat(&opts.snapshotter, &key).await {
+                        Ok(Some(l)) => l.get(fallback_labels::REASON).map(|r| Fallback {
+                            reason: r.clone(),
+                            fix: l.get(fallback_labels::FIX).cloned(),
+                        }),
+                        _ => None,
+                    };
                     let r =
                         download_and_apply(ctd, store, layer, &mounts, &source, &diff_ids[i]).await;
                     let r = match r {
@@ -334,7 +375,7 @@ async fn pull_under_lease(
                         Err(e) => Err(e),
                     };
                     match r {
-                        Ok(n) => LayerOutcome::Downloaded(n),
+                        Ok(n) => LayerOutcome::Downloaded(n, why),
                         Err(e) => {
                             if let Err(re) = ctd.snapshot_remove(&opts.snapshotter, &key).await {
                                 tracing::warn!("{re:#}");
@@ -349,8 +390,15 @@ async fn pull_under_lease(
             let what = match &outcome {
                 LayerOutcome::Lazy => "lazy: mounted by the snapshotter, nothing downloaded".into(),
                 LayerOutcome::Present => "already present".into(),
-                LayerOutcome::Downloaded(n) => {
-                    format!("downloaded {:.1} MB and unpacked", *n as f64 / 1e6)
+                LayerOutcome::Downloaded(n, why) => {
+                    let mut s = format!("downloaded {:.1} MB and unpacked", *n as f64 / 1e6);
+                    if let Some(w) = why {
+                        s.push_str(&format!("\n    not lazy: {}", w.reason));
+                        if let Some(fix) = &w.fix {
+                            s.push_str(&format!("\n    fix: {fix}"));
+                        }
+                    }
+                    s
                 }
             };
             eprintln!(

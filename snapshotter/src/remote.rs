@@ -29,9 +29,112 @@ pub struct RemoteOptions {
     pub mirrors: Vec<String>,
     /// Mirror hosts for one registry host only.
     pub host_mirrors: std::collections::BTreeMap<String, Vec<String>>,
+    /// Docker config file to read credentials from (default: `$DOCKER_CONFIG/config.json`,
+    /// else `~/.docker/config.json`, with its credential helpers).
+    pub docker_config: Option<PathBuf>,
+}
+
+/// The transport settings one `beam pull` used for its registry, carried to beam-snapshotter
+/// with each layer's Prepare (label [`PULL_TRANSPORT_LABEL`]) so the daemon reaches the
+/// registry the way the user's command did (issue 12: `beam pull --plain-http` was lazy only
+/// if the daemon had been configured the same way). Paths, never secrets: the label is stored
+/// in containerd's and the daemon's metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullTransport {
+    /// The registry host these settings are for (`host[:port]`).
+    pub host: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_http: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_files: Vec<PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_config: Option<PathBuf>,
+}
+
+/// Prepare label carrying a [`PullTransport`] as JSON. containerd passes a snapshotter only
+/// labels under `containerd.io/snapshot/`, and on CRI pulls it also passes layer annotations
+/// under that prefix, which an image author controls. So the daemon honours this label only on
+/// a Prepare whose key `beam pull` made ([`PULL_KEY_PREFIX`]: containerd's unpacker names its
+/// keys `extract-…`, and no image can choose a key).
+pub const PULL_TRANSPORT_LABEL: &str = "containerd.io/snapshot/beam.pull-transport";
+
+/// How `beam pull` begins its Prepare keys (the daemon sees `NAMESPACE/ID/KEY`).
+pub const PULL_KEY_PREFIX: &str = "beam-pull-";
+
+/// Whether the backend snapshot key `key` (`NAMESPACE/ID/KEY` as containerd passes it, or a
+/// bare key from a direct client) was made by `beam pull`.
+pub fn is_pull_key(key: &str) -> bool {
+    let bare = key.splitn(3, '/').nth(2).filter(|_| {
+        key.split('/')
+            .nth(1)
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+    });
+    bare.unwrap_or(key).starts_with(PULL_KEY_PREFIX)
+}
+
+impl PullTransport {
+    /// Whether it asks for nothing beyond the daemon's own settings.
+    pub fn is_empty(&self) -> bool {
+        !self.plain_http
+            && self.ca_files.is_empty()
+            && self.mirrors.is_empty()
+            && self.docker_config.is_none()
+    }
 }
 
 impl RemoteOptions {
+    /// The settings these options give registry `host` (what `beam pull` hands the daemon).
+    pub fn transport_for(&self, host: &str) -> PullTransport {
+        let mut mirrors = self.host_mirrors.get(host).cloned().unwrap_or_default();
+        mirrors.extend(self.mirrors.iter().cloned());
+        let docker_config = self.docker_config.clone().or_else(|| {
+            let dir = std::env::var_os("DOCKER_CONFIG")?;
+            let file = PathBuf::from(dir).join("config.json");
+            file.is_file().then_some(file)
+        });
+        PullTransport {
+            host: host.to_string(),
+            plain_http: self.plain_http || self.plain_http_hosts.iter().any(|h| h == host),
+            ca_files: self
+                .ca_files
+                .iter()
+                .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()))
+                .collect(),
+            mirrors,
+            docker_config: docker_config.map(|f| std::fs::canonicalize(&f).unwrap_or(f)),
+        }
+    }
+
+    /// These options with a pull's settings for its registry added (the pull's mirrors first;
+    /// its credentials file replaces the daemon's for every registry of this client).
+    pub fn with_transport(&self, t: &PullTransport) -> RemoteOptions {
+        let mut o = self.clone();
+        if t.plain_http && !o.plain_http_hosts.contains(&t.host) {
+            o.plain_http_hosts.push(t.host.clone());
+        }
+        for f in &t.ca_files {
+            if !o.ca_files.contains(f) {
+                o.ca_files.push(f.clone());
+            }
+        }
+        if !t.mirrors.is_empty() {
+            let mut m = t.mirrors.clone();
+            for x in o.host_mirrors.remove(&t.host).unwrap_or_default() {
+                if !m.contains(&x) {
+                    m.push(x);
+                }
+            }
+            o.host_mirrors.insert(t.host.clone(), m);
+        }
+        if t.docker_config.is_some() {
+            o.docker_config = t.docker_config.clone();
+        }
+        o
+    }
+
     /// Read `BEAM_PLAIN_HTTP_HOSTS` (comma-separated) into the options.
     pub fn with_env(mut self) -> Self {
         if let Ok(v) = std::env::var("BEAM_PLAIN_HTTP_HOSTS") {
@@ -52,6 +155,8 @@ pub const MAX_MANIFEST_LEN: usize = 4 << 20;
 /// A registry client shared by everything in one process.
 pub struct Registry {
     client: Client,
+    /// Where credentials come from (None: the Docker config of this process).
+    docker_config: Option<PathBuf>,
 }
 
 /// Parse `host[:port]/repo[:tag|@digest]`.
@@ -89,7 +194,16 @@ impl Registry {
         };
         Ok(Registry {
             client: Client::new(config),
+            docker_config: opts.docker_config.clone(),
         })
+    }
+
+    /// Credentials for `registry`, from this client's Docker config file when it has one.
+    fn auth(&self, registry: &str) -> RegistryAuth {
+        match &self.docker_config {
+            None => docker_auth(registry),
+            Some(path) => docker_auth_from(path, registry),
+        }
     }
 
     /// The underlying client (for the fetcher's Range requests).
@@ -101,14 +215,14 @@ impl Registry {
     pub(crate) async fn ensure_login(&self, r: &Reference) {
         let registry = r.resolve_registry();
         self.client
-            .store_auth_if_needed(registry, &docker_auth(registry))
+            .store_auth_if_needed(registry, &self.auth(registry))
             .await;
     }
 
     /// Make sure credentials for `r`'s registry are known to the client.
     async fn login(&self, r: &Reference) -> Result<()> {
         let registry = r.resolve_registry();
-        let auth = docker_auth(registry);
+        let auth = self.auth(registry);
         self.client.store_auth_if_needed(registry, &auth).await;
         Ok(())
     }
@@ -120,7 +234,7 @@ impl Registry {
             .client
             .pull_manifest_raw(
                 r,
-                &docker_auth(r.resolve_registry()),
+                &self.auth(r.resolve_registry()),
                 oci::MANIFEST_MEDIA_TYPES,
             )
             .await
@@ -396,12 +510,36 @@ pub fn is_not_found(e: &anyhow::Error) -> bool {
 
 /// Credentials for `registry` from the Docker config; anonymous when there are none.
 /// Never logged.
-pub fn docker_auth(registry: &str) -> RegistryAuth {
-    let server = if registry == "docker.io" || registry == "index.docker.io" {
+fn docker_server(registry: &str) -> &str {
+    if registry == "docker.io" || registry == "index.docker.io" {
         "https://index.docker.io/v1/"
     } else {
         registry
-    };
+    }
+}
+
+/// Credentials for `registry` from the Docker config file `path` (and its helpers).
+pub fn docker_auth_from(path: &Path, registry: &str) -> RegistryAuth {
+    let server = docker_server(registry);
+    let cred = std::fs::File::open(path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            docker_credential::get_credential_from_reader(f, server).map_err(|e| e.to_string())
+        });
+    match cred {
+        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
+            RegistryAuth::Basic(u, p)
+        }
+        Ok(docker_credential::DockerCredential::IdentityToken(t)) => RegistryAuth::Bearer(t),
+        Err(e) => {
+            tracing::debug!(registry, config = %path.display(), "no credentials: {e}");
+            RegistryAuth::Anonymous
+        }
+    }
+}
+
+pub fn docker_auth(registry: &str) -> RegistryAuth {
+    let server = docker_server(registry);
     match docker_credential::get_credential(server) {
         Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
             RegistryAuth::Basic(u, p)
@@ -411,5 +549,71 @@ pub fn docker_auth(registry: &str) -> RegistryAuth {
             tracing::debug!(registry, "no credentials from the Docker config: {e}");
             RegistryAuth::Anonymous
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pulls_settings_reach_the_daemons_options_for_its_host_only() {
+        let cli = RemoteOptions {
+            plain_http: true,
+            ca_files: vec!["/etc/ca.pem".into()],
+            host_mirrors: [("r:5000".to_string(), vec!["m:5000".to_string()])].into(),
+            mirrors: vec!["all:5000".into()],
+            docker_config: Some("/home/u/.docker/config.json".into()),
+            ..Default::default()
+        };
+        let t = cli.transport_for("r:5000");
+        assert!(t.plain_http && !t.is_empty());
+        assert_eq!(t.mirrors, ["m:5000", "all:5000"]);
+        // Through the label and back.
+        let label = serde_json::to_string(&t).unwrap();
+        let back: PullTransport = serde_json::from_str(&label).unwrap();
+        assert_eq!(back, t);
+
+        let daemon = RemoteOptions {
+            plain_http_hosts: vec!["other:5000".into()],
+            host_mirrors: [("r:5000".to_string(), vec!["d:5000".to_string()])].into(),
+            ..Default::default()
+        };
+        let o = daemon.with_transport(&back);
+        assert!(!o.plain_http, "plain HTTP for the pull's host only");
+        assert_eq!(o.plain_http_hosts, ["other:5000", "r:5000"]);
+        assert_eq!(o.ca_files, [PathBuf::from("/etc/ca.pem")]);
+        assert_eq!(o.host_mirrors["r:5000"], ["m:5000", "all:5000", "d:5000"]);
+        assert_eq!(
+            o.docker_config,
+            Some(PathBuf::from("/home/u/.docker/config.json"))
+        );
+        // A pull with no settings of its own sends nothing.
+        assert!(RemoteOptions::default().transport_for("r:5000").is_empty());
+        // Only keys `beam pull` makes.
+        assert!(is_pull_key("default/12/beam-pull-1-abcd sha256:00"));
+        assert!(is_pull_key("beam-pull-1-abcd sha256:00"));
+        assert!(!is_pull_key("k8s.io/3/extract-1-ab sha256:00"));
+        assert!(!is_pull_key("k8s.io/x/beam-pull-1"));
+        // Unknown fields are refused, not ignored.
+        assert!(
+            serde_json::from_str::<PullTransport>(r#"{"host":"r","skip_verify":true}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn credentials_come_from_the_given_docker_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        // "u:p" in base64.
+        std::fs::write(&path, r#"{"auths":{"r:5000":{"auth":"dTpw"}}}"#).unwrap();
+        assert!(matches!(
+            docker_auth_from(&path, "r:5000"),
+            RegistryAuth::Basic(u, p) if u == "u" && p == "p"
+        ));
+        assert!(matches!(
+            docker_auth_from(&path, "elsewhere:5000"),
+            RegistryAuth::Anonymous
+        ));
     }
 }

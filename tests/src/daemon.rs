@@ -1,5 +1,8 @@
 //! A beam-snapshotter started by a test: its own root, socket and log in a short temporary
-//! directory, stopped by PID on drop; [`BeamDaemon::stop`] also checks it left no mount.
+//! directory, with the defaults a user gets (takeover on, so the daemon starts an fd holder).
+//! Dropping it kills the daemon and its fd holder by PID and unmounts what they left;
+//! [`BeamDaemon::stop`] stops both the documented way (`beam-snapshotter --stop`) and checks
+//! that nothing is left.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +15,8 @@ use crate::util::{self, ChildGuard};
 /// A running beam-snapshotter.
 pub struct BeamDaemon {
     child: ChildGuard,
+    /// Kills the fd holder (after the daemon: fields drop in order).
+    _holder: HolderGuard,
     socket: PathBuf,
     root: PathBuf,
     log: PathBuf,
@@ -50,6 +55,7 @@ impl BeamDaemon {
         );
         Ok(BeamDaemon {
             child,
+            _holder: HolderGuard(root.clone()),
             socket,
             _unmount: util::UnmountOnDrop(root.clone()),
             root,
@@ -98,14 +104,69 @@ impl BeamDaemon {
             .unwrap_or(0))
     }
 
-    /// Stops the daemon (SIGTERM) and checks it left no mount under its root.
+    /// The fd holder's PID, once the daemon started one (takeover on).
+    pub fn holder_pid(&self) -> Option<u32> {
+        holder_pid(&self.root)
+    }
+
+    /// Stops the daemon for good as an operator does (`beam-snapshotter --stop --root ROOT`:
+    /// SIGTERM, then the fd holder lets the lazy layers go) and checks that the daemon and
+    /// holder are gone and no mount is left under its root.
     pub fn stop(mut self) -> Result<()> {
-        self.child.stop(Duration::from_secs(10));
+        let holder = self.holder_pid();
+        let out = Command::new(util::cargo_bin("beam-snapshotter")?)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--stop")
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "beam-snapshotter --stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            util::wait_for(
+                || matches!(self.child.try_wait(), Ok(Some(_))),
+                Duration::from_secs(10)
+            ),
+            "the daemon still runs after --stop"
+        );
+        if let Some(pid) = holder {
+            ensure!(
+                util::wait_for(|| !util::pid_alive(pid), Duration::from_secs(10)),
+                "the fd holder (pid {pid}) still runs after --stop"
+            );
+        }
+        self.child.stop(Duration::from_secs(1));
         let left = util::mounts_under(&self.root)?;
         ensure!(
             left.is_empty(),
             "mounts left under the daemon root: {left:?}"
         );
         Ok(())
+    }
+}
+
+fn holder_pid(root: &Path) -> Option<u32> {
+    std::fs::read_to_string(root.join("holder.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Kills the fd holder a daemon on ROOT started (PID in ROOT/holder.pid) on drop.
+struct HolderGuard(PathBuf);
+
+impl Drop for HolderGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = holder_pid(&self.0) {
+            // Only the holder itself: the PID may be stale and reused by now.
+            let is_holder = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--fd-holder"));
+            if is_holder && util::pid_alive(pid) && !util::kill_pids(&[pid]).is_empty() {
+                eprintln!("cleanup: fd holder {pid} did not die");
+            }
+        }
     }
 }

@@ -189,6 +189,11 @@ impl RestartableDaemon {
             .ok()
     }
 
+    /// The fd holder's log (ROOT/holder.log).
+    pub fn holder_log(&self) -> String {
+        util::tail_file(&self.root().join("holder.log"), 200)
+    }
+
     /// How many `/dev/fuse` descriptors the fd holder has open.
     pub fn holder_fuse_fds(&self) -> Result<usize> {
         let pid = self.holder_pid().context("no fd holder")?;

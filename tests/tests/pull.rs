@@ -1,6 +1,10 @@
 //! `beam pull` + `ctr run --snapshotter beam` through a real containerd, registry and
 //! beam-snapshotter: converted layers are never downloaded, only the chunks the container
 //! reads; unconverted images are pulled in full; removing the image leaves nothing behind.
+//!
+//! The registry is plain HTTP and the daemon is given no registry settings at all: `beam pull
+//! --plain-http` carries the setting to it (issue 12). A daemon that does not take the pull's
+//! settings falls back, and `beam pull` and `beam doctor` say why and what to change.
 
 use anyhow::{ensure, Context, Result};
 use beam_tests::util;
@@ -97,7 +101,8 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
     let reg = Registry::start()?;
     let proxy = Proxy::start(&reg.addr())?;
     let images = build_images(&proxy.addr())?;
-    let d = BeamDaemon::start(&["--plain-http", "--no-background-fetch"])?;
+    // No registry settings: the daemon learns plain HTTP from `beam pull --plain-http`.
+    let d = BeamDaemon::start(&["--no-background-fetch"])?;
     let c = Containerd::start_with(ContainerdOptions {
         extra_config: d.containerd_config(),
         ..Default::default()
@@ -220,7 +225,7 @@ fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
     let reg = Registry::start()?;
     let proxy = Proxy::start(&reg.addr())?;
     let images = build_images(&proxy.addr())?;
-    let d = BeamDaemon::start(&["--plain-http", "--no-background-fetch"])?;
+    let d = BeamDaemon::start(&["--no-background-fetch"])?;
     let c = Containerd::start_with(ContainerdOptions {
         extra_config: d.containerd_config(),
         ..Default::default()
@@ -259,6 +264,94 @@ fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
         ),
         "snapshots left after image removal: {:?}",
         snapshot_names(&c)?
+    );
+    drop(c);
+    d.stop()
+}
+
+/// A daemon that cannot reach the registry the way the pull does (it ignores the pull's
+/// settings and tries HTTPS on a plain-HTTP registry): every layer is downloaded in full, and
+/// `beam pull` says per layer why and what to change; `beam doctor` fails with the same fix.
+#[test]
+fn beam_pull_names_the_cause_and_fix_of_a_fallback() -> Result<()> {
+    util::require_root()?;
+    let reg = Registry::start()?;
+    let proxy = Proxy::start(&reg.addr())?;
+    let images = build_images(&proxy.addr())?;
+    let d = BeamDaemon::start(&["--no-background-fetch", "--ignore-pull-settings"])?;
+    let c = Containerd::start_with(ContainerdOptions {
+        extra_config: d.containerd_config(),
+        ..Default::default()
+    })?;
+    let out = beam::run(&[
+        "pull",
+        "--address",
+        c.address().to_str().context("utf-8")?,
+        "--namespace",
+        c.namespace(),
+        "--plain-http",
+        &images.converted,
+    ])?;
+    ensure!(out.status.success(), "beam pull failed: {out:?}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fix = "pass --plain-http to beam pull, or add it to hosts.toml";
+    for i in 1..=2 {
+        let line = format!("layer {i}/2 ");
+        let at = text
+            .find(&line)
+            .with_context(|| format!("no line for layer {i}:\n{text}"))?;
+        let rest = &text[at..];
+        let block: String = rest.lines().take(3).collect::<Vec<_>>().join("\n");
+        ensure!(
+            block.contains("downloaded")
+                && block.contains("not lazy:")
+                && block.contains("plain HTTP")
+                && block.contains(fix),
+            "layer {i}: no reason and fix in beam pull's output:\n{block}\n---\n{text}"
+        );
+    }
+    // The JSON report says the same per layer (pulled again once containerd collected the
+    // first pull's snapshots).
+    c.ctr(&["images", "rm", "--sync", &images.converted])?;
+    ensure!(
+        util::wait_for(
+            || snapshot_names(&c).is_ok_and(|s| s.is_empty()),
+            Duration::from_secs(20)
+        ),
+        "snapshots left after image removal: {:?}",
+        snapshot_names(&c)?
+    );
+    let r = beam_pull(&c, &images.converted)?;
+    let layers = r["layers"].as_array().context("no layers")?;
+    ensure!(
+        layers.len() == 2
+            && layers.iter().all(|l| l["how"] == "downloaded"
+                && l["fallback_reason"].is_string()
+                && l["fallback_fix"].as_str().is_some_and(|f| f.contains(fix))),
+        "beam pull --json: {r}"
+    );
+    // `beam doctor` fails and names the same fix.
+    let doc = beam::run(&[
+        "doctor",
+        "--containerd-config",
+        c.config_path().to_str().context("utf-8")?,
+        "--address",
+        c.address().to_str().context("utf-8")?,
+        "--beam-address",
+        d.socket().to_str().context("utf-8")?,
+    ])?;
+    let report = String::from_utf8_lossy(&doc.stdout).into_owned();
+    ensure!(
+        !doc.status.success(),
+        "beam doctor passed after a fallback:\n{report}"
+    );
+    ensure!(
+        report.contains("last fallback") && report.contains(fix),
+        "beam doctor does not name the fix:\n{report}"
     );
     drop(c);
     d.stop()

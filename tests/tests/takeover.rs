@@ -1,6 +1,6 @@
 //! Running containers survive a beam-snapshotter restart, crash or upgrade (issue 7).
 //!
-//! With `--takeover` every lazy layer's FUSE connection is parked in the fd holder, and a new
+//! With takeover (the default) every lazy layer's FUSE connection is parked in the fd holder, and a new
 //! daemon takes live connections over instead of remounting. The workload is
 //! `takeover-reader` (tests/src/bin): it reads a small file whole, preads a file it keeps open,
 //! and on request a never-read region of a cold file, checking every byte, and reports rounds,
@@ -13,7 +13,7 @@
 //!   and every restart's stall is the
 //!   longest reader round overlapping it. After each way: containerd's snapshots equal the
 //!   daemon's, a new container starts; at the end nothing is left once the image is removed.
-//!   The control runs the same container without `--takeover` and must see read errors.
+//!   The control runs the same container with `--no-takeover` and must see read errors.
 //! - `snapshots_*`: the same mechanism without containerd (layers prepared over the snapshots
 //!   socket, the overlay mounted by the test, the reader a plain process), quick to debug.
 
@@ -111,14 +111,13 @@ struct Setup {
 
 const READER_ID: &str = "reader";
 
-fn setup(takeover: bool) -> Result<Option<Setup>> {
+/// The container on a daemon started with `args` besides `--root` and `--address`. The daemon
+/// has no registry settings: `beam pull --plain-http` hands them over with each layer, and
+/// they are kept with the layer for every restart.
+fn setup(args: &[&str]) -> Result<Option<Setup>> {
     util::require_root()?;
     let image = image()?;
-    let mut args = vec!["--plain-http", "--no-background-fetch"];
-    if takeover {
-        args.push("--takeover");
-    }
-    let mut daemon = RestartableDaemon::new(&args)?;
+    let mut daemon = RestartableDaemon::new(args)?;
     daemon.start()?;
     let containerd = Containerd::start_with(ContainerdOptions {
         extra_config: daemon.containerd_config(),
@@ -440,7 +439,7 @@ impl Setup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_keeps_reading_through_restarts_crashes_and_upgrades() -> Result<()> {
-    let Some(mut s) = setup(true)? else {
+    let Some(mut s) = setup(&["--no-background-fetch"])? else {
         return Ok(());
     };
     let holder = s.daemon.holder_pid().context("no holder.pid")?;
@@ -509,12 +508,12 @@ async fn container_keeps_reading_through_restarts_crashes_and_upgrades() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_sees_read_errors_after_kill_9_without_takeover() -> Result<()> {
-    let Some(mut s) = setup(false)? else {
+    let Some(mut s) = setup(&["--no-background-fetch", "--no-takeover"])? else {
         return Ok(());
     };
     ensure!(
         s.daemon.holder_pid().is_none(),
-        "no holder without --takeover"
+        "no holder with --no-takeover"
     );
     let before = s.stats()?;
     ensure!(
@@ -542,6 +541,35 @@ async fn container_sees_read_errors_after_kill_9_without_takeover() -> Result<()
         "reads kept working without takeover: {}",
         st.summary()
     );
+    s.remove_everything()?;
+    Ok(())
+}
+
+/// Issue 12: takeover is the default. A daemon started with nothing but its root and socket
+/// (no config file, no flag; background fetch on), a container reading a lazy file in a loop,
+/// `kill -9` and a new start, five times: no read error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_on_a_default_daemon_survives_kill_9() -> Result<()> {
+    let Some(mut s) = setup(&[])? else {
+        return Ok(());
+    };
+    ensure!(
+        s.daemon.holder_pid().is_some(),
+        "a default daemon started no fd holder"
+    );
+    let mut stalls = Vec::new();
+    for cycle in 0..5 {
+        stalls.push(s.restart(Way::Kill9, cycle)?);
+    }
+    let st = s.stats()?;
+    let (median, max) = takeover::median_max(&stalls);
+    eprintln!(
+        "default daemon, 5 x kill -9: {} read rounds, {} errors, stall median {median:?}, max \
+         {max:?}",
+        st.rounds, st.errors
+    );
+    ensure!(st.errors == 0, "read errors: {:?}", st.first_error);
+    s.check_new_container("new-default")?;
     s.remove_everything()?;
     Ok(())
 }
@@ -650,11 +678,7 @@ impl Rig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_reads_survive_kill_9_with_takeover() -> Result<()> {
     let img = image()?;
-    let mut rig = Rig::start(
-        &img,
-        &["--takeover", "--plain-http", "--no-background-fetch"],
-    )
-    .await?;
+    let mut rig = Rig::start(&img, &["--plain-http", "--no-background-fetch"]).await?;
     let holder = rig
         .d
         .holder_pid()
@@ -696,8 +720,12 @@ async fn snapshots_reads_survive_kill_9_with_takeover() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_reads_fail_after_kill_9_without_takeover() -> Result<()> {
     let img = image()?;
-    let mut rig = Rig::start(&img, &["--plain-http", "--no-background-fetch"]).await?;
-    ensure!(rig.d.holder_pid().is_none(), "no holder without --takeover");
+    let mut rig = Rig::start(
+        &img,
+        &["--no-takeover", "--plain-http", "--no-background-fetch"],
+    )
+    .await?;
+    ensure!(rig.d.holder_pid().is_none(), "no holder with --no-takeover");
     rig.d.kill();
     ensure!(
         rig.reader_fails()?,
@@ -710,17 +738,14 @@ async fn snapshots_reads_fail_after_kill_9_without_takeover() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_turning_takeover_off_releases_held_connections() -> Result<()> {
     let img = image()?;
-    let mut rig = Rig::start(
-        &img,
-        &["--takeover", "--plain-http", "--no-background-fetch"],
-    )
-    .await?;
+    let mut rig = Rig::start(&img, &["--plain-http", "--no-background-fetch"]).await?;
     ensure!(rig.d.holder_fuse_fds()? == 3, "3 held connections expected");
     // Stopped with takeover on: the layers stay held. Started with it off: the daemon lets the
     // held connections go (and remounts), so the old mounts' readers fail instead of waiting
     // forever for a daemon that will not serve them.
     rig.d.terminate();
-    rig.d.set_args(&["--plain-http", "--no-background-fetch"]);
+    rig.d
+        .set_args(&["--no-takeover", "--plain-http", "--no-background-fetch"]);
     rig.d.start()?;
     ensure!(
         rig.reader_fails()?,
@@ -738,6 +763,110 @@ async fn snapshots_turning_takeover_off_releases_held_connections() -> Result<()
             .contains("releasing a connection the fd holder kept"),
         "{}",
         rig.d.log_tail(30)
+    );
+    Ok(())
+}
+
+/// Issue 12: a daemon stopped and not started again must not leave readers waiting for ever.
+/// After the grace period (2 s here, 180 s by default) the holder lets the connections go:
+/// the reader gets errors, the lazy mounts are gone, the holder has exited and the state
+/// directory can be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_readers_fail_after_the_grace_period_without_a_daemon() -> Result<()> {
+    let img = image()?;
+    let grace = Duration::from_secs(2);
+    let mut rig = Rig::start(
+        &img,
+        &[
+            "--plain-http",
+            "--no-background-fetch",
+            "--takeover-grace",
+            "2",
+        ],
+    )
+    .await?;
+    let holder = rig.d.holder_pid().context("no fd holder")?;
+    let st = rig.d.status()?;
+    ensure!(st["takeover_grace_secs"] == 2.0, "beam status: {st}");
+    // The operator stops the service; nothing starts again.
+    rig.d.terminate();
+    let stopped = std::time::Instant::now();
+    ensure!(
+        rig.d.holder_fuse_fds()? == 3,
+        "the holder should keep the layers during the grace period"
+    );
+    ensure!(
+        rig.reader_fails()?,
+        "the reader saw no error after the grace period: {:?}",
+        rig.summary()
+    );
+    let waited = stopped.elapsed();
+    ensure!(
+        waited >= grace.mul_f64(0.9),
+        "reads failed after {waited:?}, before the {grace:?} grace period ended"
+    );
+    ensure!(
+        util::wait_for(|| !util::pid_alive(holder), Duration::from_secs(10)),
+        "the fd holder still runs"
+    );
+    ensure!(
+        util::mounts_under(&rig.d.root())?.is_empty(),
+        "lazy mounts left: {:?}",
+        util::mounts_under(&rig.d.root())?
+    );
+    // The test's own overlay goes with the test; then the state directory can be removed.
+    util::unmount_all_under(&rig.d.dir().join("rootfs"))?;
+    std::fs::remove_dir_all(rig.d.root()).context("removing the state directory")?;
+    ensure!(
+        rig.d.holder_log().contains("takeover grace period"),
+        "the holder did not log why it let go:\n{}",
+        rig.d.holder_log()
+    );
+    eprintln!("grace {grace:?}: the reader failed {waited:?} after the stop");
+    Ok(())
+}
+
+/// Issue 12: `beam-snapshotter --stop` is a real stop: the daemon exits and the holder lets go
+/// at once (the reader fails long before the default grace period), leaving no mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_stop_releases_at_once() -> Result<()> {
+    let img = image()?;
+    let mut rig = Rig::start(&img, &["--plain-http", "--no-background-fetch"]).await?;
+    let holder = rig.d.holder_pid().context("no fd holder")?;
+    let t0 = std::time::Instant::now();
+    let out = Command::new(util::cargo_bin("beam-snapshotter")?)
+        .arg("--root")
+        .arg(rig.d.root())
+        .arg("--stop")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "beam-snapshotter --stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        rig.reader_fails()?,
+        "the reader saw no error after --stop: {:?}",
+        rig.summary()
+    );
+    ensure!(
+        t0.elapsed() < Duration::from_secs(30),
+        "--stop took {:?}",
+        t0.elapsed()
+    );
+    ensure!(
+        util::wait_for(|| !util::pid_alive(holder), Duration::from_secs(10)),
+        "the fd holder still runs after --stop"
+    );
+    ensure!(
+        util::mounts_under(&rig.d.root())?.is_empty(),
+        "lazy mounts left: {:?}",
+        util::mounts_under(&rig.d.root())?
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        said.contains("released 3 lazy layer(s)"),
+        "--stop printed: {said}"
     );
     Ok(())
 }

@@ -36,6 +36,10 @@ struct Args {
     /// Serve only ordinary snapshots (no lazy layers).
     #[arg(long)]
     no_remote: bool,
+    /// Ignore the registry settings `beam pull` sends with its layers (its --plain-http,
+    /// --ca-file, --hosts-dir, Docker config); use only this daemon's own.
+    #[arg(long)]
+    ignore_pull_settings: bool,
     /// Do not fetch the rest of lazy layers in the background.
     #[arg(long)]
     no_background_fetch: bool,
@@ -55,8 +59,21 @@ struct Args {
     #[arg(long)]
     hosts_dir: Option<PathBuf>,
     /// Keep lazy layers' FUSE connections alive across restarts (fd holder, docs/takeover.md).
-    #[arg(long)]
+    /// On by default; the flag is kept for scripts that pass it.
+    #[arg(long, conflicts_with = "no_takeover")]
     takeover: bool,
+    /// Do not keep lazy layers alive across restarts: a stopped daemon unmounts them, and
+    /// running containers reading them get errors.
+    #[arg(long)]
+    no_takeover: bool,
+    /// Seconds the fd holder keeps lazy layers of a stopped daemon for a successor before it
+    /// lets them go (readers then get errors instead of waiting). 0 = for ever. Default 180.
+    #[arg(long, value_name = "SECS")]
+    takeover_grace: Option<f64>,
+    /// Stop the daemon on this root for good: SIGTERM it, wait for it to exit, then have the
+    /// fd holder let every lazy layer go at once (a plain SIGTERM leaves them to a successor).
+    #[arg(long)]
+    stop: bool,
     /// Internal: run as the fd holder on this socket (started by the daemon itself).
     #[arg(long, hide = true, value_name = "SOCKET")]
     fd_holder: Option<PathBuf>,
@@ -84,6 +101,9 @@ impl Args {
         if self.no_remote {
             c.remote.enabled = false;
         }
+        if self.ignore_pull_settings {
+            c.remote.accept_pull_settings = false;
+        }
         if self.no_background_fetch {
             c.fetch.background = false;
         }
@@ -98,6 +118,16 @@ impl Args {
         }
         if self.takeover {
             c.takeover.enabled = true;
+        }
+        if self.no_takeover {
+            c.takeover.enabled = false;
+        }
+        if let Some(g) = self.takeover_grace {
+            anyhow::ensure!(
+                g.is_finite() && g >= 0.0,
+                "--takeover-grace takes seconds >= 0"
+            );
+            c.takeover.grace_secs = g;
         }
         for h in &self.plain_http_hosts {
             match c.registry.iter_mut().find(|r| r.host == *h) {
@@ -133,7 +163,12 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(socket) = &args.fd_holder {
         // The fd holder process: no runtime, no config, just the held fds (see takeover::holder).
-        return match beam::takeover::run_holder(socket) {
+        let grace = std::time::Duration::from_secs_f64(
+            args.takeover_grace
+                .filter(|g| g.is_finite() && *g >= 0.0)
+                .unwrap_or(beam::config::DEFAULT_TAKEOVER_GRACE_SECS),
+        );
+        return match beam::takeover::run_holder(socket, grace) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("beam-snapshotter --fd-holder: {e}");
@@ -151,6 +186,15 @@ fn main() -> std::process::ExitCode {
     if args.print_config {
         print!("{}", config.to_toml());
         return std::process::ExitCode::SUCCESS;
+    }
+    if args.stop {
+        return match stop(&config) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("beam-snapshotter --stop: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -221,11 +265,13 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
             work_dir: config.root.join("mounts"),
             record: false,
         };
-        let mut r = beam::daemon::remote::RemoteLayers::new(fetcher, registry, mount)?;
+        let mut r = beam::daemon::remote::RemoteLayers::new(fetcher, registry, mount)?
+            .accept_pull_settings(config.remote.accept_pull_settings);
         if config.takeover.enabled {
             let socket = config.holder_socket();
-            ensure_holder(&socket, &config.root)?;
-            r = r.with_holder(socket);
+            let grace = std::time::Duration::from_secs_f64(config.takeover.grace_secs);
+            let attached = ensure_holder(&socket, &config.root, grace)?;
+            r = r.with_holder(socket, attached, grace);
         } else {
             release_held(&config.holder_socket());
         }
@@ -293,10 +339,52 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
     Ok(())
 }
 
-/// Connect to the fd holder on `socket`, or start one: this binary with `--fd-holder SOCKET`,
-/// detached (its own session, stdio to ROOT/holder.log) so that it outlives this daemon, which
-/// never stops it. Its PID goes to ROOT/holder.pid (for operators and tests).
-fn ensure_holder(socket: &std::path::Path, root: &std::path::Path) -> Result<()> {
+/// Connect to the fd holder on `socket`, or start one, and attach to it as the serving daemon
+/// (the returned client stays open for this daemon's lifetime: once it closes, the holder waits
+/// `grace` for a successor before it lets the layers go). `None`: a holder that predates the
+/// grace period, used without it.
+fn ensure_holder(
+    socket: &std::path::Path,
+    root: &std::path::Path,
+    grace: std::time::Duration,
+) -> Result<Option<beam::takeover::HolderClient>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        start_holder(socket, root, grace)?;
+        let attached =
+            beam::takeover::HolderClient::connect(socket).and_then(|c| c.attach(grace).map(|()| c));
+        match attached {
+            Ok(c) => return Ok(Some(c)),
+            Err(beam::takeover::TakeoverError::Refused(m)) if m.contains("releasing") => {
+                // Its grace period ran out just now: it is exiting. Start a new one.
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!("the fd holder on {} keeps releasing", socket.display());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(beam::takeover::TakeoverError::Refused(m)) => {
+                tracing::warn!(
+                    "the running fd holder predates the takeover grace period ({m}): if this \
+                     daemon stops for good, readers of lazy layers wait until the holder is \
+                     stopped (`beam-snapshotter --stop`); restart the holder on a drained node \
+                     to get the grace period"
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(e).context("attaching to the fd holder"),
+        }
+    }
+}
+
+/// Make sure an fd holder listens on `socket`: the running one, or this binary started with
+/// `--fd-holder SOCKET`, detached (its own session, stdio to ROOT/holder.log) so that it
+/// outlives this daemon, which never stops it. Its PID goes to ROOT/holder.pid (for operators,
+/// `--stop` and tests).
+fn start_holder(
+    socket: &std::path::Path,
+    root: &std::path::Path,
+    grace: std::time::Duration,
+) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let ping = || beam::takeover::HolderClient::connect(socket).and_then(|c| c.ping());
     match ping() {
@@ -326,6 +414,8 @@ fn ensure_holder(socket: &std::path::Path, root: &std::path::Path) -> Result<()>
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--fd-holder")
         .arg(socket)
+        .arg("--takeover-grace")
+        .arg(grace.as_secs_f64().to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -377,7 +467,15 @@ async fn lock_root(root: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(lock),
+            Ok(lock) => {
+                // The PID of the daemon holding the lock, for `--stop`.
+                use std::io::Write;
+                let mut f: &std::fs::File = &lock;
+                f.set_len(0)
+                    .and_then(|()| f.write_all(format!("{}\n", std::process::id()).as_bytes()))
+                    .with_context(|| format!("writing {}", path.display()))?;
+                return Ok(lock);
+            }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
                 if std::time::Instant::now() > deadline {
                     anyhow::bail!(
@@ -425,4 +523,61 @@ fn release_held(socket: &std::path::Path) {
         }
         Err(e) => tracing::warn!("listing the fd holder on {}: {e}", socket.display()),
     }
+}
+
+/// `beam-snapshotter --stop`: SIGTERM the daemon that holds ROOT/daemon.lock, wait for it to
+/// exit, then have the fd holder release every held connection at once and exit. Safe when
+/// nothing runs.
+fn stop(config: &Config) -> Result<()> {
+    let lock_path = config.root.join("daemon.lock");
+    let held = |path: &std::path::Path| -> Result<bool> {
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
+            return Ok(false);
+        };
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(_) => Ok(false),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
+            Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+    };
+    if held(&lock_path)? {
+        let text = std::fs::read_to_string(&lock_path)
+            .with_context(|| format!("reading {}", lock_path.display()))?;
+        let pid: i32 = text.trim().parse().with_context(|| {
+            format!(
+                "{} holds no PID ({text:?}): a daemon of an older version runs; stop it by hand",
+                lock_path.display()
+            )
+        })?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM)
+            .with_context(|| format!("sending SIGTERM to beam-snapshotter (pid {pid})"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while held(&lock_path)? {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("beam-snapshotter (pid {pid}) did not exit within a minute");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        println!("stopped beam-snapshotter (pid {pid})");
+    } else {
+        println!("no beam-snapshotter runs on {}", config.root.display());
+    }
+    let socket = config.holder_socket();
+    match beam::takeover::HolderClient::connect(&socket) {
+        Ok(c) => {
+            let n = c.list().map(|l| l.len()).unwrap_or(0);
+            let c = beam::takeover::HolderClient::connect(&socket)?;
+            c.release().with_context(|| {
+                format!(
+                    "asking the fd holder on {} to release (a holder of an older version: kill \
+                     the PID in {})",
+                    socket.display(),
+                    config.root.join("holder.pid").display()
+                )
+            })?;
+            println!("the fd holder released {n} lazy layer(s) and exited");
+        }
+        Err(_) => println!("no fd holder runs on {}", socket.display()),
+    }
+    Ok(())
 }

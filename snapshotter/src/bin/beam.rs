@@ -49,6 +49,7 @@ impl RegistryFlags {
             ca_files: self.ca_files.clone(),
             mirrors: self.mirrors.clone(),
             host_mirrors: Default::default(),
+            docker_config: None,
         }
         .with_env();
         if let Some(dir) = &self.hosts_dir {
@@ -416,19 +417,25 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let r = beam::pull::pull(&image, &opts).await?;
             let lazy = r.count(|o| *o == beam::pull::LayerOutcome::Lazy);
-            let downloaded = r.count(|o| matches!(o, beam::pull::LayerOutcome::Downloaded(_)));
+            let downloaded = r.count(|o| matches!(o, beam::pull::LayerOutcome::Downloaded(..)));
             let present = r.count(|o| *o == beam::pull::LayerOutcome::Present);
             if json {
                 let layers: Vec<_> = r
                     .layers
                     .iter()
                     .map(|(digest, chain, o)| {
-                        let (how, bytes) = match o {
-                            beam::pull::LayerOutcome::Lazy => ("lazy", 0),
-                            beam::pull::LayerOutcome::Present => ("present", 0),
-                            beam::pull::LayerOutcome::Downloaded(n) => ("downloaded", *n),
+                        let (how, bytes, why) = match o {
+                            beam::pull::LayerOutcome::Lazy => ("lazy", 0, None),
+                            beam::pull::LayerOutcome::Present => ("present", 0, None),
+                            beam::pull::LayerOutcome::Downloaded(n, why) => {
+                                ("downloaded", *n, why.as_ref())
+                            }
                         };
-                        serde_json::json!({"digest": digest, "chain_id": chain, "how": how, "bytes": bytes})
+                        serde_json::json!({
+                            "digest": digest, "chain_id": chain, "how": how, "bytes": bytes,
+                            "fallback_reason": why.map(|w| &w.reason),
+                            "fallback_fix": why.and_then(|w| w.fix.as_ref()),
+                        })
                     })
                     .collect();
                 let v = serde_json::json!({
@@ -455,11 +462,29 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             if r.converted && downloaded > 0 {
-                eprintln!(
-                    "beam: {} has a Beam conversion, yet {downloaded} layer(s) were downloaded \
-                     in full: see beam-snapshotter's log for the reason, or run `beam doctor`",
-                    r.name
-                );
+                let mut fixes: Vec<&str> = r
+                    .layers
+                    .iter()
+                    .filter_map(|(_, _, o)| match o {
+                        beam::pull::LayerOutcome::Downloaded(_, Some(w)) => w.fix.as_deref(),
+                        _ => None,
+                    })
+                    .collect();
+                fixes.dedup();
+                if fixes.is_empty() {
+                    eprintln!(
+                        "beam: {} has a Beam conversion, yet {downloaded} layer(s) were \
+                         downloaded in full (reasons above; `beam doctor` checks the setup)",
+                        r.name
+                    );
+                } else {
+                    eprintln!(
+                        "beam: {} has a Beam conversion, yet {downloaded} layer(s) were \
+                         downloaded in full. Fix: {}",
+                        r.name,
+                        fixes.join("; ")
+                    );
+                }
             } else if !r.converted && downloaded > 0 {
                 eprintln!(
                     "beam: {} has no Beam conversion (run `beam convert {}`): its layers were \
@@ -747,7 +772,10 @@ async fn run(cli: Cli) -> Result<()> {
                         "fetch_failures": s.fetch_failures, "lazy_mounts": s.lazy_mounts,
                         "fallbacks": s.fallbacks,
                         "unlabelled_layer_prepares": s.unlabelled_layer_prepares,
-                        "last_fallback": s.last_fallback, "takeover": s.takeover,
+                        "last_fallback": s.last_fallback,
+                        "last_fallback_fix": s.last_fallback_fix,
+                        "takeover": s.takeover,
+                        "takeover_grace_secs": s.takeover_grace_secs,
                     })
                 );
             } else {
@@ -762,6 +790,9 @@ async fn run(cli: Cli) -> Result<()> {
                 );
                 if !s.last_fallback.is_empty() {
                     println!("last fallback: {}", s.last_fallback);
+                    if !s.last_fallback_fix.is_empty() {
+                        println!("  fix: {}", s.last_fallback_fix);
+                    }
                 }
                 if s.unlabelled_layer_prepares > 0 {
                     println!(
@@ -779,14 +810,22 @@ async fn run(cli: Cli) -> Result<()> {
                         format!("{:.1} MB", s.cache_budget_bytes as f64 / 1e6)
                     }
                 );
-                println!(
-                    "takeover {}",
-                    if s.takeover {
-                        "on: lazy layers survive a daemon restart"
+                if s.takeover {
+                    let grace = if s.takeover_grace_secs > 0.0 {
+                        format!(
+                            "a stopped daemon's layers are kept {:.0} s for a successor, then \
+                             let go (readers get errors)",
+                            s.takeover_grace_secs
+                        )
                     } else {
-                        "off: a daemon restart breaks containers reading lazy layers"
-                    }
-                );
+                        "a stopped daemon's layers are kept until a successor comes".to_string()
+                    };
+                    println!("takeover on: lazy layers survive a daemon restart; {grace}");
+                } else {
+                    println!(
+                        "takeover off: a daemon restart breaks containers reading lazy layers"
+                    );
+                }
                 for l in &s.layers {
                     let connection = if l.taken_over_unix_ms > 0 {
                         let at = std::time::UNIX_EPOCH

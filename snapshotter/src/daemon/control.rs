@@ -43,6 +43,12 @@ impl ControlService {
                 .lock()
                 .map(|s| s.clone())
                 .unwrap_or_default(),
+            last_fallback_fix: self
+                .counters
+                .last_fallback_fix
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
             cache_budget_bytes: self.cache_budget,
             ..Default::default()
         };
@@ -50,6 +56,9 @@ impl ControlService {
             return s;
         };
         s.takeover = remote.takeover_enabled();
+        if s.takeover {
+            s.takeover_grace_secs = remote.takeover_grace().as_secs_f64();
+        }
         let f = &remote.fetcher;
         s.fetch_requests = f.counters.requests.load(Ordering::Relaxed);
         s.fetch_bytes = f.counters.bytes.load(Ordering::Relaxed);

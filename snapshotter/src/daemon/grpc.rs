@@ -135,7 +135,7 @@ impl cs::Snapshotter for SnapshotService {
         let l = labels(l);
         if let Some(remote) = &self.remote {
             if let Some(target) = l.get(super::remote::labels::TARGET_REF) {
-                match remote.prepare(&self.snapshots, &parent, &l).await {
+                match remote.prepare(&self.snapshots, &key, &parent, &l).await {
                     Ok(true) => {
                         self.counters
                             .lazy_mounts
@@ -150,22 +150,58 @@ impl cs::Snapshotter for SnapshotService {
                         self.counters.fallbacks.fetch_add(1, Relaxed);
                         let layer = l
                             .get(super::remote::labels::LAYER_DIGEST)
-                            .map(String::as_str)
-                            .unwrap_or("?");
+                            .cloned()
+                            .unwrap_or_else(|| "?".into());
                         if !l.contains_key(super::remote::labels::IMAGE_REF)
                             && !l.contains_key(super::remote::labels::LAYER_DIGEST)
                         {
                             self.counters.unlabelled.fetch_add(1, Relaxed);
                         }
+                        let host = l
+                            .get(super::remote::labels::IMAGE_REF)
+                            .and_then(|r| crate::remote::parse_reference(r).ok())
+                            .map(|r| r.registry().to_string())
+                            .unwrap_or_else(|| "the registry".into());
+                        let fix = super::remote::explain_fallback(&e, &host)
+                            .await
+                            .unwrap_or_default();
                         let reason = format!("layer {layer} (target {target}): {e:#}");
                         tracing::info!(
                             layer,
                             target = %target,
+                            fix,
                             "no lazy mount, containerd will download the layer: {e:#}"
                         );
                         if let Ok(mut last) = self.counters.last_fallback.lock() {
                             *last = reason;
                         }
+                        if let Ok(mut last) = self.counters.last_fallback_fix.lock() {
+                            last.clone_from(&fix);
+                        }
+                        // Said on the fallback snapshot too, for the client that asked
+                        // (containerd's 4 KiB label limit).
+                        let cut = |s: String| -> String {
+                            let mut s = s;
+                            if s.len() > 3000 {
+                                let mut at = 3000;
+                                while !s.is_char_boundary(at) {
+                                    at -= 1;
+                                }
+                                s.truncate(at);
+                            }
+                            s
+                        };
+                        let mut l2 = l.clone();
+                        l2.insert(
+                            super::remote::fallback_labels::REASON.into(),
+                            cut(format!("{e:#}")),
+                        );
+                        if !fix.is_empty() {
+                            l2.insert(super::remote::fallback_labels::FIX.into(), cut(fix));
+                        }
+                        let s = self.snapshots.clone();
+                        let r = blocking(move || s.create(Kind::Active, &key, &parent, l2)).await;
+                        return self.counted(r).map(to_pb_mounts);
                     }
                 }
             }

@@ -29,16 +29,147 @@ pub mod labels {
     pub const IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 }
 
+/// Labels Beam adds to a layer's ordinary (fallback) snapshot, so that the client that asked
+/// for a lazy layer (`beam pull`, through containerd's Stat of the active key) can say why it
+/// was not lazy and what to change.
+pub mod fallback_labels {
+    /// Why the layer was not mounted lazily.
+    pub const REASON: &str = "dev.beam.lazy.fallback";
+    /// The setting to change, when the cause is one.
+    pub const FIX: &str = "dev.beam.lazy.fix";
+}
+
+/// What to change so that a lazy mount that failed with `e` succeeds, when the cause is a
+/// setting (plain HTTP vs HTTPS, an untrusted certificate, credentials, an unreachable host);
+/// `None` otherwise (no conversion, a broken artifact: the message says it). A failed TLS
+/// handshake is checked by asking `host` over plain HTTP (2 s at most): only a registry that
+/// answers it is said to serve plain HTTP.
+pub async fn explain_fallback(e: &anyhow::Error, host: &str) -> Option<String> {
+    if is_tls_handshake_failure(e) {
+        return Some(if answers_plain_http(host).await {
+            plain_http_fix(host)
+        } else {
+            format!(
+                "the TLS handshake with {host} failed: check that it serves HTTPS on that \
+                 port; a registry on plain HTTP needs --plain-http (beam pull) or \
+                 server = \"http://{host}\" in its hosts.toml"
+            )
+        });
+    }
+    fallback_fix(e, host)
+}
+
+fn plain_http_fix(host: &str) -> String {
+    format!(
+        "the registry {host} answered plain HTTP; it serves plain HTTP: pass --plain-http to \
+         beam pull, or add it to hosts.toml (server = \"http://{host}\") or to beam-snapshotter's \
+         config ([[registry]] host = \"{host}\", plain_http = true) for every pull"
+    )
+}
+
+fn is_tls_handshake_failure(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}").to_ascii_lowercase();
+    [
+        "tls handshake eof",
+        "invalid http version",
+        "wrong version number",
+        "corrupt message",
+        "invalidcontenttype",
+        "invalid content type",
+        "http request to an https server",
+        "record overflow",
+    ]
+    .iter()
+    .any(|n| text.contains(n))
+}
+
+/// Whether `host` (`name[:port]`, port 80 if none) answers an HTTP/1.1 request in plain text.
+async fn answers_plain_http(host: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        host.to_string()
+    } else {
+        format!("{host}:80")
+    };
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        s.write_all(
+            format!("GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut buf = [0u8; 8];
+        s.read_exact(&mut buf).await.ok()?;
+        Some(buf.starts_with(b"HTTP/1."))
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// [`explain_fallback`] from the error text alone (no probe).
+pub fn fallback_fix(e: &anyhow::Error, host: &str) -> Option<String> {
+    let text = format!("{e:#}").to_ascii_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    if is_tls_handshake_failure(e) {
+        Some(plain_http_fix(host))
+    } else if has(&[
+        "invalid peer certificate",
+        "unknownissuer",
+        "unknown issuer",
+        "certificate verify failed",
+        "notvalidforname",
+        "bad certificate",
+    ]) {
+        Some(format!(
+            "the TLS certificate of {host} is not trusted: pass --ca-file CA.pem to beam pull, or \
+             add `ca = \"CA.pem\"` to its hosts.toml"
+        ))
+    } else if has(&["401", "unauthorized", "403 forbidden", "denied"]) {
+        Some(format!(
+            "{host} refused the credentials: log in (`docker login {host}` writes \
+             ~/.docker/config.json; beam pull passes $DOCKER_CONFIG on) or fix the pull secret"
+        ))
+    } else if has(&[
+        "connection refused",
+        "dns error",
+        "failed to lookup address",
+        "no route to host",
+        "timed out",
+    ]) {
+        Some(format!(
+            "beam-snapshotter cannot reach {host}: check the address and the node's network, or \
+             name a mirror in hosts.toml"
+        ))
+    } else {
+        None
+    }
+}
+
 /// Lazily mounted layers of the daemon, by snapshot id.
 pub struct RemoteLayers {
     pub fetcher: Arc<Fetcher>,
     pub registry: RemoteOptions,
-    /// The daemon's one registry client.
+    /// The daemon's registry client for its own settings.
     client: Arc<crate::remote::Registry>,
+    /// Clients for the settings `beam pull` sent with a layer (issue 12), by those settings.
+    pull_clients:
+        Mutex<HashMap<crate::remote::PullTransport, (RemoteOptions, Arc<crate::remote::Registry>)>>,
     pub mount: MountOptions,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
+    /// Whether the registry settings `beam pull` sends are used.
+    accept_pull_settings: bool,
     /// The fd holder's socket when takeover is on.
     holder: Option<PathBuf>,
+    /// This daemon's `attach` connection to the holder, open for its lifetime (the holder's
+    /// grace period starts when it closes).
+    _attached: Option<crate::takeover::HolderClient>,
+    /// The holder's grace period (takeover on).
+    grace: std::time::Duration,
 }
 
 /// What `beam status` shows of one mounted lazy layer.
@@ -87,19 +218,43 @@ impl RemoteLayers {
     ) -> Result<Self> {
         Ok(RemoteLayers {
             client: Arc::new(crate::remote::Registry::new(&registry)?),
+            pull_clients: Mutex::new(HashMap::new()),
             fetcher,
             registry,
             mount,
             mounted: Mutex::new(HashMap::new()),
+            accept_pull_settings: true,
             holder: None,
+            _attached: None,
+            grace: std::time::Duration::ZERO,
         })
     }
 
     /// Park every lazy layer's connection in the fd holder listening on `socket` (takeover on;
-    /// passthrough opens are written down per mount for the successor).
-    pub fn with_holder(mut self, socket: PathBuf) -> Self {
+    /// passthrough opens are written down per mount for the successor). `attached` is this
+    /// daemon's attach connection (kept open while the daemon runs), `grace` the holder's grace
+    /// period.
+    pub fn with_holder(
+        mut self,
+        socket: PathBuf,
+        attached: Option<crate::takeover::HolderClient>,
+        grace: std::time::Duration,
+    ) -> Self {
         self.holder = Some(socket);
+        self._attached = attached;
+        self.grace = grace;
         self
+    }
+
+    /// Use (default) or ignore the registry settings `beam pull` sends with its layers.
+    pub fn accept_pull_settings(mut self, yes: bool) -> Self {
+        self.accept_pull_settings = yes;
+        self
+    }
+
+    /// How long the fd holder keeps this daemon's lazy layers after it stops (takeover on).
+    pub fn takeover_grace(&self) -> std::time::Duration {
+        self.grace
     }
 
     /// A new holder entry for snapshot `id`, when takeover is on.
@@ -126,7 +281,8 @@ impl RemoteLayers {
             bail!("image {} is not in a registry", remote.image);
         };
         let at_manifest = crate::remote::with_digest(reference, &remote.manifest);
-        let store = Store::with_registry(at_manifest, self.client.clone(), &self.registry);
+        let (options, client) = self.client_for(remote.transport.as_ref())?;
+        let store = Store::with_registry(at_manifest, client, &options);
         let layer = match known.filter(|l| l.source == remote.layer) {
             Some(l) => l,
             None => {
@@ -155,11 +311,34 @@ impl RemoteLayers {
         )
     }
 
+    /// The registry options and client for a layer: the daemon's own, or those with a pull's
+    /// transport settings added (one client per distinct settings, reused).
+    fn client_for(
+        &self,
+        transport: Option<&crate::remote::PullTransport>,
+    ) -> Result<(RemoteOptions, Arc<crate::remote::Registry>)> {
+        let Some(t) = transport.filter(|t| self.accept_pull_settings && !t.is_empty()) else {
+            return Ok((self.registry.clone(), self.client.clone()));
+        };
+        let mut clients = self.pull_clients.lock().expect("pull clients lock");
+        if let Some((o, c)) = clients.get(t) {
+            return Ok((o.clone(), c.clone()));
+        }
+        let options = self.registry.with_transport(t);
+        let client = Arc::new(
+            crate::remote::Registry::new(&options)
+                .with_context(|| format!("registry settings of the pull for {}", t.host))?,
+        );
+        clients.insert(t.clone(), (options.clone(), client.clone()));
+        Ok((options, client))
+    }
+
     /// Try to serve a Prepare lazily. `Ok(true)`: the target snapshot now exists (answer
     /// AlreadyExists). `Ok(false)`: this is not a remote-snapshot request.
     pub async fn prepare(
         &self,
         snapshots: &Snapshots,
+        key: &str,
         parent: &str,
         req_labels: &BTreeMap<String, String>,
     ) -> Result<bool> {
@@ -176,10 +355,31 @@ impl RemoteLayers {
         if snapshots.record(target)?.is_some() {
             return Ok(true);
         }
+        // Only from `beam pull`: on other pulls an image's layer annotation could set it.
+        let transport = match req_labels.get(crate::remote::PULL_TRANSPORT_LABEL) {
+            Some(_) if !crate::remote::is_pull_key(key) => {
+                tracing::warn!(
+                    key,
+                    "ignoring {} on a Prepare that beam pull did not make",
+                    crate::remote::PULL_TRANSPORT_LABEL
+                );
+                None
+            }
+            None => None,
+            Some(v) => Some(
+                serde_json::from_str::<crate::remote::PullTransport>(v).with_context(|| {
+                    format!(
+                        "label {} is not Beam's pull settings",
+                        crate::remote::PULL_TRANSPORT_LABEL
+                    )
+                })?,
+            ),
+        };
         let remote = RemoteLayer {
             image: image.clone(),
             manifest: manifest.clone(),
             layer: layer.clone(),
+            transport,
         };
         let (id, fs) = snapshots.reserve()?;
         let mounted = match self.mount_at(&remote, &fs, self.held(id), None).await {
@@ -373,5 +573,60 @@ impl RemoteLayers {
             .drain()
             .map(|(_, m)| m)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_handshake_is_called_plain_http_only_if_the_host_answers_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = anyhow::anyhow!("client error (Connect): tls handshake eof");
+        // A plain-HTTP server.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 256];
+            let _ = c.read(&mut buf).await;
+            let _ = c
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                .await;
+        });
+        let fix = explain_fallback(&e, &host).await.unwrap();
+        assert!(
+            fix.contains("answered plain HTTP") && fix.contains("--plain-http"),
+            "{fix}"
+        );
+        // A server that closes without a word: not said to be plain HTTP.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (c, _) = l.accept().await.unwrap();
+            drop(c);
+        });
+        let fix = explain_fallback(&e, &host).await.unwrap();
+        assert!(fix.contains("TLS handshake with"), "{fix}");
+    }
+
+    #[test]
+    fn fallback_fixes_name_the_setting() {
+        let http = anyhow::anyhow!("invalid HTTP version parsed")
+            .context("error sending request for url (https://r:5000/v2/)")
+            .context("fetching manifest r:5000/a/b@sha256:00");
+        let fix = fallback_fix(&http, "r:5000").unwrap();
+        assert!(
+            fix.contains("plain HTTP") && fix.contains("--plain-http"),
+            "{fix}"
+        );
+        let cert = anyhow::anyhow!("invalid peer certificate: UnknownIssuer");
+        assert!(fallback_fix(&cert, "r").unwrap().contains("--ca-file"));
+        let auth = anyhow::anyhow!("Not authorized: url https://r/v2/ 401");
+        assert!(fallback_fix(&auth, "r").unwrap().contains("credentials"));
+        // Not a setting: the message says it all.
+        let none = anyhow::anyhow!("image sha256:00 has no Beam conversion");
+        assert!(fallback_fix(&none, "r").is_none());
     }
 }

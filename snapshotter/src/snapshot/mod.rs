@@ -955,6 +955,7 @@ mod tests {
             image: "r/i:t".into(),
             manifest: "sha256:m".into(),
             layer: "sha256:l".into(),
+            transport: None,
         };
         s.commit_remote(id, "lazy", "", labels(&[]), remote)
             .unwrap();

@@ -20,6 +20,10 @@ pub struct RemoteLayer {
     pub manifest: String,
     /// Digest of the original layer.
     pub layer: String,
+    /// The transport settings of the `beam pull` that asked for it, used again when the layer
+    /// is remounted after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<crate::remote::PullTransport>,
 }
 
 /// One snapshot, as stored.

@@ -10,6 +10,15 @@
 //! Entries are not validated: after a mount is unmounted, its fd stays held (and the
 //! connection object alive) until the daemon drops the entry. The daemon should `drop_entry` when
 //! it unmounts, and reconcile the list against its mounts after a takeover.
+//!
+//! Why a grace period (issue 12): a held connection nobody serves makes every reader of the
+//! mount wait for ever (and `rm -rf` of the state directory with it). The serving daemon keeps
+//! one `attach` connection open; when none has been open for the grace period (the operator
+//! stopped the service, a script ended, the node is drained), the holder *releases*: it closes
+//! every held fd, which for a connection no daemon serves is the last one, so the kernel aborts
+//! the connection and waiting readers get ENOTCONN; it detaches the mountpoints (recorded in
+//! the entries' state as `mountpoint`), logs why, removes its socket and exits. `release` does
+//! the same at once (`beam-snapshotter --stop`).
 
 use super::proto::{self, Message};
 use super::TakeoverError;
@@ -18,6 +27,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::sockopt::PeerCredentials;
 use nix::sys::socket::{
@@ -38,11 +48,31 @@ pub struct HolderEntry {
 
 type Entries = Arc<Mutex<BTreeMap<String, (String, OwnedFd)>>>;
 
+/// Whether a daemon serves the held connections, and since when none does.
+#[derive(Debug)]
+struct Life {
+    /// Open `attach` connections.
+    attached: usize,
+    /// When the last attached daemon went away (or the holder started).
+    unattached_since: Instant,
+    /// The grace period the last attached daemon asked for; zero = for ever.
+    grace: Duration,
+    /// Set once everything was let go: the holder is exiting.
+    released: bool,
+}
+
+type Lives = Arc<Mutex<Life>>;
+
+/// What a holder does once it let go of everything (the holder process exits).
+type OnRelease = Arc<dyn Fn() + Send + Sync>;
+
 /// The listening side of a holder. [`run_holder`] is bind + serve.
 pub struct Holder {
     listener: OwnedFd,
     path: PathBuf,
     entries: Entries,
+    life: Lives,
+    on_release: OnRelease,
 }
 
 fn seqpacket() -> Result<OwnedFd, TakeoverError> {
@@ -100,7 +130,63 @@ impl Holder {
             listener,
             path: socket_path.to_owned(),
             entries: Arc::default(),
+            life: Arc::new(Mutex::new(Life {
+                attached: 0,
+                unattached_since: Instant::now(),
+                grace: Duration::ZERO,
+                released: false,
+            })),
+            on_release: Arc::new(|| std::process::exit(0)),
         })
+    }
+
+    /// Call `f` instead of exiting the process once everything was released (tests).
+    pub fn on_release(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_release = Arc::new(f);
+        self
+    }
+
+    /// Let go of everything once no daemon has been attached for `grace` (the grace period of
+    /// the last daemon that attached wins). Runs a watchdog thread; after a release the
+    /// process exits.
+    pub fn start_watchdog(&self, grace: Duration) -> Result<(), TakeoverError> {
+        lock_life(&self.life).grace = grace;
+        let life = self.life.clone();
+        let entries = self.entries.clone();
+        let path = self.path.clone();
+        let on_release = self.on_release.clone();
+        std::thread::Builder::new()
+            .name("holder-grace".into())
+            .spawn(move || loop {
+                // Decided and marked under one lock, so that an `attach` either comes first
+                // (and keeps everything) or is refused (and its daemon starts a new holder).
+                let expired = {
+                    let mut l = lock_life(&life);
+                    let expired = !l.released
+                        && l.attached == 0
+                        && !l.grace.is_zero()
+                        && l.unattached_since.elapsed() >= l.grace;
+                    l.released |= expired;
+                    expired
+                };
+                if expired {
+                    let grace = lock_life(&life).grace;
+                    let n = lock_entries(&entries).len();
+                    tracing::warn!(
+                        held = n,
+                        "no beam-snapshotter has served the held connections for {:.0} s (the \
+                         takeover grace period): releasing them, readers of those mounts now \
+                         get errors instead of waiting",
+                        grace.as_secs_f64()
+                    );
+                    release_all(&entries, &life, &path);
+                    on_release();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            })
+            .map_err(|e| TakeoverError::io("starting the holder's grace thread", e))?;
+        Ok(())
     }
 
     /// The socket path.
@@ -131,10 +217,33 @@ impl Holder {
                 }
             }
             let entries = self.entries.clone();
+            let life = self.life.clone();
+            let path = self.path.clone();
+            let on_release = self.on_release.clone();
             let spawned = std::thread::Builder::new()
                 .name("holder-conn".into())
                 .spawn(move || {
-                    if let Err(e) = serve_connection(conn.as_fd(), &entries) {
+                    let mut attached = false;
+                    let shared = Shared {
+                        entries: &entries,
+                        life: &life,
+                        socket: &path,
+                        on_release: &on_release,
+                    };
+                    let r = serve_connection(conn.as_fd(), &shared, &mut attached);
+                    if attached {
+                        let mut l = lock_life(&life);
+                        l.attached -= 1;
+                        if l.attached == 0 {
+                            l.unattached_since = Instant::now();
+                            tracing::info!(
+                                "the serving daemon went away; held connections wait {:.0} s \
+                                 for a successor",
+                                l.grace.as_secs_f64()
+                            );
+                        }
+                    }
+                    if let Err(e) = r {
                         tracing::warn!("holder connection: {e}");
                     }
                 });
@@ -145,14 +254,78 @@ impl Holder {
     }
 }
 
-/// Run a holder on `socket_path` until killed. This is all the holder process does.
-pub fn run_holder(socket_path: &Path) -> Result<(), TakeoverError> {
+/// Run a holder on `socket_path` until killed, or until no daemon has been attached for
+/// `grace` (zero: never). This is all the holder process does.
+pub fn run_holder(socket_path: &Path, grace: Duration) -> Result<(), TakeoverError> {
     let holder = Holder::bind(socket_path)?;
-    tracing::info!(socket = %socket_path.display(), "fd holder listening");
+    holder.start_watchdog(grace)?;
+    tracing::info!(
+        socket = %socket_path.display(),
+        grace_secs = grace.as_secs_f64(),
+        "fd holder listening"
+    );
     holder.serve()
 }
 
-fn serve_connection(conn: BorrowedFd<'_>, entries: &Entries) -> Result<(), TakeoverError> {
+fn lock_life(life: &Lives) -> std::sync::MutexGuard<'_, Life> {
+    life.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_entries(
+    entries: &Entries,
+) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, OwnedFd)>> {
+    entries.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Let go of every held connection: close its fd (the kernel aborts a connection whose last
+/// `/dev/fuse` fd closes, failing its waiting requests with ENOTCONN), detach its mountpoint,
+/// and remove the socket so no daemon finds a holder that is on its way out.
+fn release_all(entries: &Entries, life: &Lives, socket: &Path) {
+    lock_life(life).released = true;
+    let _ = std::fs::remove_file(socket);
+    let all = std::mem::take(&mut *lock_entries(entries));
+    for (name, (state, fd)) in all {
+        drop(fd);
+        let mountpoint = proto::decode_state(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("mountpoint")?.as_str().map(PathBuf::from));
+        match mountpoint {
+            Some(mp) => match nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH) {
+                Ok(()) => {
+                    tracing::info!(entry = %name, mountpoint = %mp.display(), "released and detached")
+                }
+                Err(nix::Error::EINVAL | nix::Error::ENOENT) => {
+                    tracing::info!(entry = %name, "released (no longer mounted)")
+                }
+                Err(e) => {
+                    tracing::warn!(entry = %name, mountpoint = %mp.display(), "released; detaching failed: {e}")
+                }
+            },
+            None => tracing::info!(entry = %name, "released (no mountpoint recorded)"),
+        }
+    }
+}
+
+/// What every connection of one holder shares.
+struct Shared<'a> {
+    entries: &'a Entries,
+    life: &'a Lives,
+    socket: &'a Path,
+    on_release: &'a OnRelease,
+}
+
+fn serve_connection(
+    conn: BorrowedFd<'_>,
+    shared: &Shared<'_>,
+    attached: &mut bool,
+) -> Result<(), TakeoverError> {
+    let Shared {
+        entries,
+        life,
+        socket,
+        on_release,
+    } = *shared;
     loop {
         let (msg, fd) = match proto::recv(conn) {
             Ok(Some(m)) => m,
@@ -205,6 +378,33 @@ fn serve_connection(conn: BorrowedFd<'_>, entries: &Entries) -> Result<(), Takeo
                     proto::send(conn, &Message::Entry { name, state }, Some(fd.as_fd()))?;
                 }
                 proto::send(conn, &Message::End, None)?;
+            }
+            (Message::Attach { grace_ms }, None) => {
+                let refused = {
+                    let mut l = lock_life(life);
+                    if !l.released && !*attached {
+                        l.attached += 1;
+                        l.grace = Duration::from_millis(grace_ms);
+                        *attached = true;
+                    }
+                    l.released
+                };
+                let reply = if refused {
+                    Message::Error {
+                        message: "this holder is releasing its connections and exiting".into(),
+                    }
+                } else {
+                    Message::Ok
+                };
+                proto::send(conn, &reply, None)?;
+            }
+            (Message::Release, None) => {
+                let n = lock_entries(entries).len();
+                tracing::info!(held = n, "asked to release everything (a real stop)");
+                release_all(entries, life, socket);
+                proto::send(conn, &Message::Ok, None)?;
+                on_release();
+                return Ok(());
             }
             (Message::Ping, None) => proto::send(
                 conn,
@@ -290,6 +490,22 @@ impl HolderClient {
             state: proto::encode_state(state),
         };
         Self::expect_ok(self.call(&msg, Some(fd.as_fd()))?)
+    }
+
+    /// Declare this connection the serving daemon's: while it stays open the holder keeps
+    /// everything; once no such connection has been open for `grace` it lets go (zero: never).
+    /// Keep the client alive for the daemon's lifetime.
+    pub fn attach(&self, grace: Duration) -> Result<(), TakeoverError> {
+        let msg = Message::Attach {
+            grace_ms: grace.as_millis().min(u64::MAX as u128) as u64,
+        };
+        Self::expect_ok(self.call(&msg, None)?)
+    }
+
+    /// Have the holder let go of every connection now (readers fail, mounts are detached)
+    /// and exit: a real stop.
+    pub fn release(&self) -> Result<(), TakeoverError> {
+        Self::expect_ok(self.call(&Message::Release, None)?)
     }
 
     /// Forget the entry `name` (closing the holder's fd). Not an error if there is none.

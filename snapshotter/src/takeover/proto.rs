@@ -2,7 +2,11 @@
 //! boundaries come from the socket, no framing), at most one fd attached with SCM_RIGHTS.
 //!
 //! Every message carries `"v"` (the protocol version) and `"op"`.
-//! - Requests: `put {name, state}` with an fd, `drop {name}`, `list`, `ping`.
+//! - Requests: `put {name, state}` with an fd, `drop {name}`, `list`, `ping`,
+//!   `attach {grace_ms}` (the sender is the serving daemon for as long as this connection
+//!   stays open; once no daemon is attached for `grace_ms`, the holder lets go of everything),
+//!   `release` (let go of everything now, then exit: a real stop). Both were added without a
+//!   version change: a holder that predates them answers `error`.
 //! - Replies: `ok`, `error {message}`, `entry {name, state}` with an fd (one per held entry,
 //!   answering `list`), `end` (after the last entry), `pong {version}`.
 //!
@@ -29,6 +33,8 @@ pub enum Message {
     Drop { name: String },
     List,
     Ping,
+    Attach { grace_ms: u64 },
+    Release,
     Ok,
     Error { message: String },
     Entry { name: String, state: String },

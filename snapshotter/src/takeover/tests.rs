@@ -379,7 +379,7 @@ fn run_role(role: &str) -> anyhow::Result<()> {
     match role {
         "holder" => {
             wait_for_go()?;
-            Ok(run_holder(&env_path(SOCK_ENV)?)?)
+            Ok(run_holder(&env_path(SOCK_ENV)?, std::time::Duration::ZERO)?)
         }
         "server" => {
             let mnt = env_path(MNT_ENV)?;
@@ -862,4 +862,116 @@ fn resend_redelivers_a_request_the_dead_server_read() {
         killed.elapsed().as_secs_f64() * 1e3
     );
     assert_eq!(got.expect("read of slow"), content());
+}
+
+/// A holder serving on a thread with grace period `grace`, whose release sends on a channel
+/// instead of exiting the process.
+fn start_holder_with_grace(
+    dir: &Path,
+    grace: std::time::Duration,
+) -> (PathBuf, std::sync::mpsc::Receiver<()>) {
+    let sock = dir.join("holder.sock");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let holder = Holder::bind(&sock)
+        .expect("bind holder")
+        .on_release(move || {
+            let _ = tx.lock().expect("tx").send(());
+        });
+    holder.start_watchdog(grace).expect("watchdog");
+    std::thread::spawn(move || {
+        if let Err(e) = holder.serve() {
+            eprintln!("holder: {e}");
+        }
+    });
+    (sock, rx)
+}
+
+/// A pipe whose write end the holder keeps: once the holder lets go, the read end sees EOF.
+fn held_pipe(client: &HolderClient, name: &str) -> std::fs::File {
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    client.put(name, &w, b"{}").expect("put");
+    drop(w);
+    std::fs::File::from(r)
+}
+
+fn released(pipe: &mut std::fs::File) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(pipe.read(&mut buf), Ok(0))
+}
+
+#[test]
+fn holder_keeps_everything_while_a_daemon_is_attached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grace = std::time::Duration::from_millis(300);
+    let (sock, rx) = start_holder_with_grace(dir.path(), grace);
+    let daemon = HolderClient::connect(&sock).expect("connect");
+    daemon.attach(grace).expect("attach");
+    let mut pipe = held_pipe(&daemon, "snapshot-1");
+    // Attached for four grace periods: nothing is released.
+    assert!(
+        rx.recv_timeout(grace * 4).is_err(),
+        "released while attached"
+    );
+    assert_eq!(
+        HolderClient::connect(&sock).unwrap().list().unwrap().len(),
+        1
+    );
+    // The daemon goes away: after the grace period everything is let go.
+    let gone = std::time::Instant::now();
+    drop(daemon);
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("no release after the grace period");
+    assert!(
+        gone.elapsed() >= grace,
+        "released before the grace period ended"
+    );
+    assert!(released(&mut pipe), "the held fd is still open");
+    assert!(!sock.exists(), "a released holder removes its socket");
+}
+
+#[test]
+fn holder_grace_restarts_when_a_successor_attaches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grace = std::time::Duration::from_millis(400);
+    let (sock, rx) = start_holder_with_grace(dir.path(), grace);
+    let first = HolderClient::connect(&sock).expect("connect");
+    first.attach(grace).expect("attach");
+    let _pipe = held_pipe(&first, "snapshot-1");
+    drop(first);
+    std::thread::sleep(grace / 2);
+    // A successor attaches within the grace period and stays: nothing is released.
+    let next = HolderClient::connect(&sock).expect("connect");
+    next.attach(grace).expect("attach");
+    assert!(
+        rx.recv_timeout(grace * 3).is_err(),
+        "released with a daemon attached"
+    );
+    drop(next);
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("no release after the successor went away");
+}
+
+#[test]
+fn holder_release_lets_go_at_once_and_refuses_late_attaches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sock, rx) = start_holder_with_grace(dir.path(), std::time::Duration::from_secs(3600));
+    let daemon = HolderClient::connect(&sock).expect("connect");
+    daemon
+        .attach(std::time::Duration::from_secs(3600))
+        .expect("attach");
+    let mut pipe = held_pipe(&daemon, "snapshot-1");
+    let late = HolderClient::connect(&sock).expect("connect");
+    HolderClient::connect(&sock)
+        .expect("connect")
+        .release()
+        .expect("release");
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("release did not finish");
+    assert!(released(&mut pipe), "the held fd is still open");
+    // A daemon attaching to a holder on its way out is told so (and starts a new holder).
+    match late.attach(std::time::Duration::from_secs(1)) {
+        Err(TakeoverError::Refused(m)) => assert!(m.contains("releasing"), "{m}"),
+        other => panic!("attach to a released holder: {other:?}"),
+    }
 }

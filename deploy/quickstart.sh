@@ -30,7 +30,9 @@ stop_pid() { if [ -n "$1" ] && kill -0 "$1" 2>/dev/null; then kill "$1"; wait "$
 cleanup() {
   # Containers run with --rm; containerd's shims exit with them.
   stop_pid "$ctd_pid"
-  stop_pid "$beam_pid"
+  # A real stop: the daemon exits and its fd holder (takeover is on by default) lets the lazy
+  # layers go at once instead of keeping them for a successor.
+  if [ -n "$beam_pid" ]; then "$snapshotter" --root "$scratch/beam" --stop >/dev/null || stop_pid "$beam_pid"; fi
   for m in $(grep -oE " $scratch[^ ]*" /proc/mounts | sort -r); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
   stop_pid "$reg_pid"
   rmdir /sys/fs/cgroup/$ns/* /sys/fs/cgroup/$ns /run/containerd/runc/$ns 2>/dev/null || true
@@ -87,7 +89,9 @@ echo "==> the Beam artifact, found from the original reference"
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 echo "==> starting beam-snapshotter and containerd"
-"$snapshotter" --root "$scratch/beam" --address "$scratch/beam.sock" --plain-http \
+# Defaults only: no registry settings (`beam pull --plain-http` hands them to the daemon),
+# takeover on.
+"$snapshotter" --root "$scratch/beam" --address "$scratch/beam.sock" \
   --no-background-fetch > "$scratch/beam.log" 2>&1 &
 beam_pid=$!
 for _ in $(seq 100); do [ -S "$scratch/beam.sock" ] && break; sleep 0.1; done

@@ -465,6 +465,12 @@ async fn container_keeps_reading_through_restarts_crashes_and_upgrades() -> Resu
             .await
             .with_context(|| s.daemon.log_tail(30))?;
         s.check_new_container(&format!("new-{way:?}").to_lowercase())?;
+        // containerd removes the new container's snapshot from the daemon at its next garbage
+        // collection, which it does not retry after a failed call until something else changes:
+        // let it finish before the next way kills the daemon.
+        s.check_views_agree(way)
+            .await
+            .with_context(|| s.daemon.log_tail(30))?;
         let (median, max) = takeover::median_max(&stalls);
         report.push(format!(
             "{way:?}: {n} restarts, reader stall median {median:?}, max {max:?}"
@@ -569,6 +575,9 @@ async fn container_on_a_default_daemon_survives_kill_9() -> Result<()> {
         st.rounds, st.errors
     );
     ensure!(st.errors == 0, "read errors: {:?}", st.first_error);
+    s.check_views_agree(Way::Kill9)
+        .await
+        .with_context(|| s.daemon.log_tail(30))?;
     s.check_new_container("new-default")?;
     s.remove_everything()?;
     Ok(())
@@ -814,14 +823,14 @@ async fn snapshots_readers_fail_after_the_grace_period_without_a_daemon() -> Res
         "lazy mounts left: {:?}",
         util::mounts_under(&rig.d.root())?
     );
-    // The test's own overlay goes with the test; then the state directory can be removed.
-    util::unmount_all_under(&rig.d.dir().join("rootfs"))?;
-    std::fs::remove_dir_all(rig.d.root()).context("removing the state directory")?;
     ensure!(
         rig.d.holder_log().contains("takeover grace period"),
         "the holder did not log why it let go:\n{}",
         rig.d.holder_log()
     );
+    // The test's own overlay goes with the test; then the state directory can be removed.
+    util::unmount_all_under(&rig.d.dir().join("rootfs"))?;
+    std::fs::remove_dir_all(rig.d.root()).context("removing the state directory")?;
     eprintln!("grace {grace:?}: the reader failed {waited:?} after the stop");
     Ok(())
 }

@@ -8,6 +8,13 @@
 //! - **Bounded concurrency**, with separate budgets for reads a process is blocked on
 //!   (foreground) and for background fetch, so background work never takes the slots
 //!   foreground reads need.
+//! - **The container's reads always win the link** ([`Priority`], issue 13): a read a process
+//!   waits on, then readahead of a sequential reader, then the recorded prefetch list, then
+//!   background fill. Background fill only uses bandwidth the foreground leaves idle: it waits
+//!   while any foreground fetch is queued or in flight and for an idle gap after the last one
+//!   (twice the measured foreground latency, 20-500 ms), and its requests are bounded to about
+//!   100 ms of the link's measured throughput, so a read that arrives meanwhile waits behind
+//!   at most that much. No fixed bytes-per-second: both adapt to the link they measure.
 //! - **Never serve a byte that does not match its digest**: each chunk is decompressed and
 //!   checked when it arrives; a mismatch is refetched; a chunk that keeps failing gives an
 //!   error after [`FetchOptions::deadline`], never a hang.
@@ -45,6 +52,35 @@ pub enum FetchError {
     },
     #[error("local cache: {0}")]
     Cache(String),
+}
+
+/// Who a fetch is for, most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// A read a process is blocked on.
+    Demand,
+    /// The next chunks of a sequential reader.
+    Readahead,
+    /// The layer's recorded prefetch list (what the workload read first when it was recorded).
+    Prefetch,
+    /// The rest of the layer, so that the node ends up with the whole image.
+    Background,
+}
+
+impl Priority {
+    /// Foreground work: counted as busy, never gated, on the foreground budget.
+    fn is_foreground(self) -> bool {
+        matches!(self, Priority::Demand | Priority::Readahead)
+    }
+}
+
+/// What the fetcher measured of the link (exponentially weighted).
+#[derive(Debug)]
+struct LinkEstimate {
+    /// Bytes per second of large completed requests.
+    throughput: f64,
+    /// Seconds per foreground request.
+    latency: f64,
 }
 
 /// Where a layer's chunk blob can be read by byte range.
@@ -149,6 +185,11 @@ pub struct Fetcher {
     inflight: Mutex<HashMap<ChunkDigest, Waiters>>,
     foreground: Semaphore,
     background: Semaphore,
+    /// Foreground `ensure` calls with something to fetch or wait for.
+    fg_busy: std::sync::atomic::AtomicUsize,
+    /// When `fg_busy` last dropped to zero.
+    fg_idle_since: Mutex<Instant>,
+    link: Mutex<LinkEstimate>,
     pub counters: FetchCounters,
     /// Latency of successful Range requests, for metrics.
     pub latency: prometheus_client::metrics::histogram::Histogram,
@@ -160,6 +201,12 @@ impl Fetcher {
             cache,
             foreground: Semaphore::new(opts.foreground_concurrency.max(1)),
             background: Semaphore::new(opts.background_concurrency.max(1)),
+            fg_busy: std::sync::atomic::AtomicUsize::new(0),
+            fg_idle_since: Mutex::new(Instant::now()),
+            link: Mutex::new(LinkEstimate {
+                throughput: 0.0,
+                latency: 0.0,
+            }),
             opts,
             inflight: Mutex::new(HashMap::new()),
             counters: FetchCounters::default(),
@@ -174,8 +221,99 @@ impl Fetcher {
     }
 
     /// Make every chunk of `chunks` present in the cache (fetching those that are missing),
-    /// or fail with the first error. `background` selects the background budget.
+    /// or fail with the first error. `background` selects background fill instead of a read a
+    /// process waits on (see [`Fetcher::ensure_with`]).
     pub async fn ensure(&self, chunks: &[ChunkRef], background: bool) -> Result<(), FetchError> {
+        let p = if background {
+            Priority::Background
+        } else {
+            Priority::Demand
+        };
+        self.ensure_with(chunks, p).await
+    }
+
+    /// [`Fetcher::ensure`] at priority `p`.
+    pub async fn ensure_with(&self, chunks: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
+        if p.is_foreground() && chunks.iter().any(|c| !self.cache.contains(&c.rec.digest)) {
+            self.fg_busy.fetch_add(1, Ordering::SeqCst);
+            let r = self.ensure_inner(chunks, p).await;
+            if self.fg_busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+                *self.fg_idle_since.lock().expect("idle lock") = Instant::now();
+            }
+            r
+        } else {
+            self.ensure_inner(chunks, p).await
+        }
+    }
+
+    /// The idle gap background fill leaves after foreground work: twice the measured
+    /// foreground latency, within 20-500 ms.
+    fn idle_gap(&self) -> Duration {
+        let l = self.link.lock().expect("link lock").latency;
+        Duration::from_secs_f64((2.0 * l).clamp(0.02, 0.5))
+    }
+
+    /// Largest request of background fill: about 100 ms of the measured throughput, within
+    /// 256 KiB and the configured maximum.
+    fn background_request_bytes(&self) -> u64 {
+        let t = self.link.lock().expect("link lock").throughput;
+        let max = self.opts.max_request_bytes;
+        if t <= 0.0 {
+            return (1 << 20).min(max);
+        }
+        ((t * 0.1) as u64).clamp(256 << 10, max.max(256 << 10))
+    }
+
+    /// Whether someone else waits on a chunk of `run` (a read that found it in flight): then
+    /// the run is needed now, whatever its priority.
+    fn has_waiters(&self, run: &[ChunkRef]) -> bool {
+        let inflight = self.inflight.lock().expect("inflight lock");
+        run.iter()
+            .any(|c| inflight.get(&c.rec.digest).is_some_and(|w| !w.is_empty()))
+    }
+
+    /// Wait until no foreground fetch is queued or in flight and the idle gap has passed, or
+    /// until a reader waits on `run` itself.
+    async fn yield_to_foreground(&self, run: &[ChunkRef]) {
+        loop {
+            if self.has_waiters(run) {
+                return;
+            }
+            let busy = self.fg_busy.load(Ordering::SeqCst);
+            let idle = self.fg_idle_since.lock().expect("idle lock").elapsed();
+            let gap = self.idle_gap();
+            if busy == 0 && idle >= gap {
+                return;
+            }
+            let wait = if busy > 0 {
+                Duration::from_millis(5)
+            } else {
+                gap - idle
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        }
+    }
+
+    /// Fold one completed request into the link estimate.
+    fn observe(&self, bytes: u64, took: Duration, foreground: bool) {
+        let secs = took.as_secs_f64().max(1e-6);
+        let mut l = self.link.lock().expect("link lock");
+        let ewma = |old: f64, new: f64| {
+            if old == 0.0 {
+                new
+            } else {
+                0.7 * old + 0.3 * new
+            }
+        };
+        if bytes >= 256 << 10 {
+            l.throughput = ewma(l.throughput, bytes as f64 / secs);
+        }
+        if foreground {
+            l.latency = ewma(l.latency, secs);
+        }
+    }
+
+    async fn ensure_inner(&self, chunks: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
         let mut mine: Vec<ChunkRef> = Vec::new();
         let mut waits = Vec::new();
         {
@@ -203,8 +341,13 @@ impl Fetcher {
         let mut result = Ok(());
         if !mine.is_empty() {
             mine.sort_by_key(|c| (Arc::as_ptr(&c.source) as *const () as usize, c.rec.offset));
-            let runs = self.runs(mine);
-            let futs = runs.into_iter().map(|run| self.fetch_run(run, background));
+            let max = if p == Priority::Background {
+                self.background_request_bytes()
+            } else {
+                self.opts.max_request_bytes
+            };
+            let runs = self.runs(mine, max);
+            let futs = runs.into_iter().map(|run| self.fetch_run(run, p));
             for r in futures_util::future::join_all(futs).await {
                 if let Err(e) = r {
                     result = Err(e);
@@ -221,8 +364,9 @@ impl Fetcher {
         result
     }
 
-    /// Group chunks (sorted by source, then offset) into contiguous runs of one source.
-    fn runs(&self, chunks: Vec<ChunkRef>) -> Vec<Vec<ChunkRef>> {
+    /// Group chunks (sorted by source, then offset) into contiguous runs of one source, each
+    /// at most `max` bytes (or one chunk).
+    fn runs(&self, chunks: Vec<ChunkRef>, max: u64) -> Vec<Vec<ChunkRef>> {
         let mut runs: Vec<Vec<ChunkRef>> = Vec::new();
         for c in chunks {
             if let Some(run) = runs.last_mut() {
@@ -231,7 +375,7 @@ impl Fetcher {
                 let end = last.rec.offset + last.rec.stored_len as u64;
                 if Arc::ptr_eq(&last.source, &c.source)
                     && c.rec.offset == end
-                    && end + c.rec.stored_len as u64 - start <= self.opts.max_request_bytes
+                    && end + c.rec.stored_len as u64 - start <= max
                 {
                     run.push(c);
                     continue;
@@ -243,8 +387,8 @@ impl Fetcher {
     }
 
     /// Fetch one run with retries until the deadline, store its chunks, wake their waiters.
-    async fn fetch_run(&self, run: Vec<ChunkRef>, background: bool) -> Result<(), FetchError> {
-        let result = self.fetch_run_inner(&run, background).await;
+    async fn fetch_run(&self, run: Vec<ChunkRef>, p: Priority) -> Result<(), FetchError> {
+        let result = self.fetch_run_inner(&run, p).await;
         let mut inflight = self.inflight.lock().expect("inflight lock");
         for c in &run {
             if let Some(waiters) = inflight.remove(&c.rec.digest) {
@@ -259,7 +403,8 @@ impl Fetcher {
         result
     }
 
-    async fn fetch_run_inner(&self, run: &[ChunkRef], background: bool) -> Result<(), FetchError> {
+    async fn fetch_run_inner(&self, run: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
+        let background = !p.is_foreground();
         let start = run[0].rec.offset;
         let last = &run[run.len() - 1].rec;
         let len = last.offset + last.stored_len as u64 - start;
@@ -275,7 +420,20 @@ impl Fetcher {
                 &self.foreground
             };
             let outcome = {
-                let _permit = sem.acquire().await.expect("semaphore never closed");
+                let _permit = loop {
+                    if p == Priority::Background {
+                        self.yield_to_foreground(run).await;
+                    }
+                    let permit = sem.acquire().await.expect("semaphore never closed");
+                    // Foreground work may have started while this waited for a slot.
+                    if p == Priority::Background
+                        && self.fg_busy.load(Ordering::SeqCst) > 0
+                        && !self.has_waiters(run)
+                    {
+                        continue;
+                    }
+                    break permit;
+                };
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let sent = Instant::now();
                 match tokio::time::timeout(self.opts.attempt_timeout, source.read_range(start, len))
@@ -283,6 +441,7 @@ impl Fetcher {
                 {
                     Ok(Ok(b)) => {
                         self.latency.observe(sent.elapsed().as_secs_f64());
+                        self.observe(b.len() as u64, sent.elapsed(), !background);
                         Ok(b)
                     }
                     Ok(r) => r,
@@ -430,6 +589,8 @@ mod tests {
     struct MemBlob {
         data: Vec<u8>,
         requests: Mutex<Vec<(u64, u64)>>,
+        /// When each request was sent.
+        sent: Mutex<Vec<Instant>>,
         fail_first: AtomicU64,
         corrupt_first: AtomicU64,
         delay: Duration,
@@ -442,6 +603,7 @@ mod tests {
             len: u64,
         ) -> BoxFuture<'static, Result<Bytes, FetchError>> {
             self.requests.lock().unwrap().push((offset, len));
+            self.sent.lock().unwrap().push(Instant::now());
             let fail = self
                 .fail_first
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -493,6 +655,7 @@ mod tests {
         let blob = Arc::new(MemBlob {
             data,
             requests: Mutex::new(Vec::new()),
+            sent: Mutex::new(Vec::new()),
             fail_first: AtomicU64::new(0),
             corrupt_first: AtomicU64::new(0),
             delay,
@@ -518,6 +681,89 @@ mod tests {
                 ..FetchOptions::default()
             },
         ))
+    }
+
+    /// Background fill sends nothing while a read is in flight, and waits an idle gap after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_fill_waits_for_the_foreground() {
+        let (dir, blob, refs, _) = setup(6, Duration::from_millis(200));
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        let t0 = Instant::now();
+        let fg = {
+            let (f, r) = (f.clone(), refs[..1].to_vec());
+            tokio::spawn(async move { f.ensure(&r, false).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let bg = {
+            let (f, r) = (f.clone(), refs[2..].to_vec());
+            tokio::spawn(async move { f.ensure(&r, true).await })
+        };
+        fg.await.unwrap().unwrap();
+        let fg_done = t0.elapsed();
+        bg.await.unwrap().unwrap();
+        let sent = blob.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2, "{:?}", blob.requests.lock().unwrap());
+        let bg_sent = sent[1] - t0;
+        assert!(
+            bg_sent >= fg_done + Duration::from_millis(15),
+            "background request sent at {bg_sent:?}, the read finished at {fg_done:?}"
+        );
+    }
+
+    /// A read of a chunk that a held-back background run has claimed gets it now, not after
+    /// the foreground goes idle (which it never would while that read waits).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_promotes_the_background_run_it_waits_on() {
+        let (dir, _blob, refs, _) = setup(4, Duration::from_millis(300));
+        let f = fetcher(dir.path(), Duration::from_secs(10));
+        // A long read keeps the foreground busy.
+        let long = {
+            let (f, r) = (f.clone(), refs[..1].to_vec());
+            tokio::spawn(async move { f.ensure(&r, false).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Background claims chunks 2 and 3 and is held back.
+        let bg = {
+            let (f, r) = (f.clone(), refs[2..].to_vec());
+            tokio::spawn(async move { f.ensure(&r, true).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3), f.ensure(&refs[3..], false))
+            .await
+            .expect("the read waited on a held-back background run")
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t.elapsed()
+        );
+        long.await.unwrap().unwrap();
+        bg.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn background_requests_follow_the_measured_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        assert_eq!(
+            f.background_request_bytes(),
+            1 << 20,
+            "before any measurement"
+        );
+        // 25 MB/s (200 Mbit/s): about 2.5 MB per request.
+        f.observe(
+            5 << 20,
+            Duration::from_secs_f64(5.0 * 1048576.0 / 25e6),
+            true,
+        );
+        let b = f.background_request_bytes();
+        assert!((2_400_000..2_600_000).contains(&b), "{b}");
+        // Loopback speeds are capped by the configured maximum.
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        f.observe(64 << 20, Duration::from_millis(20), true);
+        assert_eq!(f.background_request_bytes(), 8 << 20);
+        assert_eq!(f.idle_gap(), Duration::from_millis(40));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -581,7 +581,9 @@ impl Filesystem for LayerFs {
             if !ahead.is_empty() {
                 let fetcher = self.fetcher.clone();
                 self.rt.spawn(async move {
-                    let _ = fetcher.ensure(&ahead, false).await;
+                    let _ = fetcher
+                        .ensure_with(&ahead, crate::fetch::Priority::Readahead)
+                        .await;
                 });
             }
         }

@@ -457,7 +457,12 @@ pub async fn background_fetch(
             return;
         }
         if n == recorded && !batch.is_empty() {
-            if let Err(e) = fetcher.ensure(&batch, true).await {
+            // The recorded prefetch list: what the workload reads first, ahead of the fill and
+            // not held back by it.
+            if let Err(e) = fetcher
+                .ensure_with(&batch, crate::fetch::Priority::Prefetch)
+                .await
+            {
                 tracing::info!("background fetch: {e}; will retry on demand");
             }
             batch.clear();
@@ -473,7 +478,12 @@ pub async fn background_fetch(
             source: source.clone(),
         });
         if batch_bytes >= max {
-            if let Err(e) = fetcher.ensure(&batch, true).await {
+            let p = if n < recorded {
+                crate::fetch::Priority::Prefetch
+            } else {
+                crate::fetch::Priority::Background
+            };
+            if let Err(e) = fetcher.ensure_with(&batch, p).await {
                 tracing::info!("background fetch: {e}; will retry on demand");
             }
             batch.clear();

@@ -15,6 +15,7 @@
 //! background = true
 //! background_concurrency = 2
 //! background_bytes_per_sec = 0      # 0 = no cap
+//! whole_layer_max_bytes = 2097152   # layers this small are fetched whole while they mount
 //!
 //! metrics_address = "127.0.0.1:9465"  # Prometheus text on GET /metrics; off by default
 //!
@@ -73,6 +74,9 @@ pub struct FetchConfig {
     pub background: bool,
     pub background_concurrency: usize,
     pub background_bytes_per_sec: u64,
+    /// A lazy layer whose chunks take at most this many bytes is fetched whole, in one
+    /// request, while it mounts (lazy loading cannot win on a layer that small). 0 = never.
+    pub whole_layer_max_bytes: u64,
 }
 
 impl Default for FetchConfig {
@@ -83,6 +87,7 @@ impl Default for FetchConfig {
             background: true,
             background_concurrency: 2,
             background_bytes_per_sec: 0,
+            whole_layer_max_bytes: crate::daemon::remote::DEFAULT_WHOLE_LAYER_MAX_BYTES,
         }
     }
 }

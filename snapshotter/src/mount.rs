@@ -106,6 +106,8 @@ pub struct MountedLayer {
     pub layer: BeamLayer,
     pub mountpoint: PathBuf,
     pub index: SharedIndex,
+    /// Where its chunks are read from.
+    pub source: Arc<dyn RangeSource>,
     pub counters: Arc<LayerCounters>,
     pub recorder: Option<Arc<AccessRecorder>>,
     session: Option<fuser::BackgroundSession>,
@@ -399,13 +401,15 @@ pub fn mount_layer(
         .pin(&mountpoint.display().to_string(), digests);
     let stop = Arc::new(AtomicBool::new(false));
     if opts.background_fetch {
-        let (index, fetcher, stop) = (index.clone(), fetcher.clone(), stop.clone());
+        let (index, fetcher, stop, source) =
+            (index.clone(), fetcher.clone(), stop.clone(), source.clone());
         rt.spawn(async move { background_fetch(index, source, fetcher, stop).await });
     }
     Ok(MountedLayer {
         layer,
         mountpoint: mountpoint.to_path_buf(),
         index,
+        source,
         counters,
         recorder,
         session: Some(session),

@@ -29,11 +29,22 @@ pub fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
 
-/// `takeover-reader`'s cold file, `len` bytes (each 64 KiB unlike any chunk of the big one).
+/// `takeover-reader`'s cold file, `len` bytes: pseudo-random (splitmix64 of `i / 8`), so it
+/// shares no chunk with anything and does not compress (the data layer stays too big to be
+/// fetched whole while it mounts, and the cold file stays cold).
 pub fn cold_pattern(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i % 251) as u8 ^ ((i >> 16) % 255 + 1) as u8)
-        .collect()
+    let mut out = Vec::with_capacity(len + 8);
+    let mut i = 0u64;
+    while out.len() < len {
+        let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        out.extend_from_slice(&z.to_le_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
 }
 
 /// The data layer: the small file, a 1 MiB file kept open, a 16 MiB cold file.

@@ -266,7 +266,8 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
             record: false,
         };
         let mut r = beam::daemon::remote::RemoteLayers::new(fetcher, registry, mount)?
-            .accept_pull_settings(config.remote.accept_pull_settings);
+            .accept_pull_settings(config.remote.accept_pull_settings)
+            .whole_layer_max_bytes(config.fetch.whole_layer_max_bytes);
         if config.takeover.enabled {
             let socket = config.holder_socket();
             let grace = std::time::Duration::from_secs_f64(config.takeover.grace_secs);

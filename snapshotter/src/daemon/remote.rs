@@ -18,6 +18,22 @@ use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+/// How long a Beam artifact found for an image manifest is reused by the Prepares of the
+/// image's other layers (one referrers lookup per pull instead of one per layer).
+const ARTIFACT_TTL: Duration = Duration::from_secs(60);
+
+/// An index load shared by everyone who needs that index now.
+type IndexLoad = Shared<BoxFuture<'static, Result<crate::fs::SharedIndex, String>>>;
+
+/// A Beam artifact found for `(repository, manifest, pull settings)`.
+type ArtifactKey = (String, String, Option<crate::remote::PullTransport>);
+
+/// When a Beam artifact was found, its digest and its layers.
+type FoundArtifact = (Instant, String, Vec<crate::oci::BeamLayer>);
 
 /// The labels of the protocol (containerd's `snapshots` and `pkg/snapshotters`).
 pub mod labels {
@@ -28,6 +44,10 @@ pub mod labels {
     pub const LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
     pub const IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 }
+
+/// Default of `[fetch] whole_layer_max_bytes`: layers of at most 2 MiB of chunks are fetched
+/// whole while they mount.
+pub const DEFAULT_WHOLE_LAYER_MAX_BYTES: u64 = 2 << 20;
 
 /// Labels Beam adds to a layer's ordinary (fallback) snapshot, so that the client that asked
 /// for a lazy layer (`beam pull`, through containerd's Stat of the active key) can say why it
@@ -156,6 +176,13 @@ pub struct RemoteLayers {
     pub registry: RemoteOptions,
     /// The daemon's registry client for its own settings.
     client: Arc<crate::remote::Registry>,
+    /// Beam artifacts found lately, by repository, manifest and pull settings.
+    artifacts: Mutex<HashMap<ArtifactKey, FoundArtifact>>,
+    /// Index loads in flight, by index digest: a layer's Prepare joins the load that the
+    /// image's first layer started for it.
+    index_loads: Arc<Mutex<HashMap<String, IndexLoad>>>,
+    /// Layers whose chunk blob is at most this many bytes are fetched whole while they mount.
+    whole_layer_max_bytes: u64,
     /// Clients for the settings `beam pull` sent with a layer (issue 12), by those settings.
     pull_clients:
         Mutex<HashMap<crate::remote::PullTransport, (RemoteOptions, Arc<crate::remote::Registry>)>>,
@@ -219,6 +246,9 @@ impl RemoteLayers {
         Ok(RemoteLayers {
             client: Arc::new(crate::remote::Registry::new(&registry)?),
             pull_clients: Mutex::new(HashMap::new()),
+            artifacts: Mutex::new(HashMap::new()),
+            index_loads: Arc::new(Mutex::new(HashMap::new())),
+            whole_layer_max_bytes: DEFAULT_WHOLE_LAYER_MAX_BYTES,
             fetcher,
             registry,
             mount,
@@ -243,6 +273,12 @@ impl RemoteLayers {
         self.holder = Some(socket);
         self._attached = attached;
         self.grace = grace;
+        self
+    }
+
+    /// Fetch layers whose chunk blob is at most `bytes` whole while they mount (0: never).
+    pub fn whole_layer_max_bytes(mut self, bytes: u64) -> Self {
+        self.whole_layer_max_bytes = bytes;
         self
     }
 
@@ -282,13 +318,13 @@ impl RemoteLayers {
         };
         let at_manifest = crate::remote::with_digest(reference, &remote.manifest);
         let (options, client) = self.client_for(remote.transport.as_ref())?;
-        let store = Store::with_registry(at_manifest, client, &options);
+        let store = Store::with_registry(at_manifest.clone(), client.clone(), &options);
         let layer = match known.filter(|l| l.source == remote.layer) {
             Some(l) => l,
             None => {
-                let Some((artifact, layers)) = store.find_beam(&remote.manifest).await? else {
-                    bail!("image {} has no Beam conversion", remote.manifest);
-                };
+                let (artifact, layers) = self
+                    .find_artifact(&store, remote, &at_manifest, &client, &options)
+                    .await?;
                 layers
                     .into_iter()
                     .find(|l| l.source == remote.layer)
@@ -297,7 +333,10 @@ impl RemoteLayers {
                     })?
             }
         };
-        let index = mount::load_index(&store, &self.fetcher.cache, &layer).await?;
+        let index = self
+            .index_load(&at_manifest, &client, &options, &layer)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
         let source = store.range_source(&layer.chunks)?;
         mount::mount_layer(
             layer,
@@ -309,6 +348,114 @@ impl RemoteLayers {
             false,
             held,
         )
+    }
+
+    /// The Beam artifact of `remote`'s image: found once per pull (cached [`ARTIFACT_TTL`]),
+    /// and on finding it, the indexes of all its layers are fetched at once, so the Prepares
+    /// of the layers above (which containerd sends one after another) find them ready.
+    async fn find_artifact(
+        &self,
+        store: &Store,
+        remote: &RemoteLayer,
+        at_manifest: &oci_client::Reference,
+        client: &Arc<crate::remote::Registry>,
+        options: &RemoteOptions,
+    ) -> Result<(String, Vec<crate::oci::BeamLayer>)> {
+        let key: ArtifactKey = (
+            format!("{}/{}", at_manifest.registry(), at_manifest.repository()),
+            remote.manifest.clone(),
+            remote.transport.clone(),
+        );
+        {
+            let mut cache = self.artifacts.lock().expect("artifacts lock");
+            cache.retain(|_, (at, ..)| at.elapsed() < ARTIFACT_TTL);
+            if let Some((_, artifact, layers)) = cache.get(&key) {
+                return Ok((artifact.clone(), layers.clone()));
+            }
+        }
+        let Some((artifact, layers)) = store.find_beam(&remote.manifest).await? else {
+            bail!("image {} has no Beam conversion", remote.manifest);
+        };
+        for l in &layers {
+            if l.source != remote.layer {
+                let load = self.index_load(at_manifest, client, options, l);
+                tokio::spawn(async move {
+                    let _ = load.await;
+                });
+            }
+        }
+        self.artifacts
+            .lock()
+            .expect("artifacts lock")
+            .insert(key, (Instant::now(), artifact.clone(), layers.clone()));
+        Ok((artifact, layers))
+    }
+
+    /// Load `layer`'s index (from the cache, else the registry), joining a load of the same
+    /// index already under way.
+    fn index_load(
+        &self,
+        at_manifest: &oci_client::Reference,
+        client: &Arc<crate::remote::Registry>,
+        options: &RemoteOptions,
+        layer: &crate::oci::BeamLayer,
+    ) -> IndexLoad {
+        let digest = layer.index.digest.clone();
+        let mut loads = self.index_loads.lock().expect("index loads lock");
+        if let Some(l) = loads.get(&digest) {
+            return l.clone();
+        }
+        let store = Store::with_registry(at_manifest.clone(), client.clone(), options);
+        let cache = self.fetcher.cache.clone();
+        let layer = layer.clone();
+        let loads_map = self.index_loads.clone();
+        let key = digest.clone();
+        let load = async move {
+            let r = mount::load_index(&store, &cache, &layer)
+                .await
+                .map_err(|e| format!("{e:#}"));
+            // Done: later loads read the cached file.
+            loads_map.lock().expect("index loads lock").remove(&key);
+            r
+        }
+        .boxed()
+        .shared();
+        loads.insert(digest, load.clone());
+        load
+    }
+
+    /// Fetch every chunk of a small layer now, in one request (issue 13: lazy loading cannot
+    /// win on a layer that small; the container starts with it cached, as after a full pull).
+    async fn fetch_whole_if_small(&self, m: &MountedLayer) {
+        let size = m.layer.chunks.size;
+        if size == 0 || size > self.whole_layer_max_bytes {
+            return;
+        }
+        let source = m.source.clone();
+        let chunks: Vec<crate::fetch::ChunkRef> = (0..m.index.chunk_count())
+            .filter_map(|i| m.index.chunk(i).ok())
+            .map(|rec| crate::fetch::ChunkRef {
+                rec,
+                source: source.clone(),
+            })
+            .collect();
+        let t0 = Instant::now();
+        match self
+            .fetcher
+            .ensure_with(&chunks, crate::fetch::Priority::Demand)
+            .await
+        {
+            Ok(()) => tracing::debug!(
+                layer = %m.layer.source,
+                bytes = size,
+                secs = t0.elapsed().as_secs_f64(),
+                "small layer fetched whole"
+            ),
+            Err(e) => tracing::info!(
+                layer = %m.layer.source,
+                "fetching a small layer whole: {e}; its chunks are fetched on demand"
+            ),
+        }
     }
 
     /// The registry options and client for a layer: the daemon's own, or those with a pull's
@@ -383,7 +530,10 @@ impl RemoteLayers {
         };
         let (id, fs) = snapshots.reserve()?;
         let mounted = match self.mount_at(&remote, &fs, self.held(id), None).await {
-            Ok(m) => m,
+            Ok(m) => {
+                self.fetch_whole_if_small(&m).await;
+                m
+            }
             Err(e) => {
                 // Nothing is mounted on the reservation: give it back now.
                 snapshots.release(id);

@@ -37,10 +37,15 @@ fn pattern(i: u64) -> u8 {
     (i % 251) as u8
 }
 
-/// Byte `i` of the cold file: every 64 KiB differs from the big file's chunks, so no cold
-/// chunk is already cached (chunks are stored by digest, once).
+/// Byte `i` of the cold file: pseudo-random (splitmix64 of `i / 8`), so no cold chunk equals
+/// any other chunk (chunks are stored by digest, once) and the file does not compress (its
+/// layer stays too big to be fetched whole at mount: the cold file stays cold).
 fn cold_pattern(i: u64) -> u8 {
-    pattern(i) ^ ((i >> 16) % 255 + 1) as u8
+    let mut z = (i >> 3).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> ((i & 7) * 8)) as u8
 }
 
 const SLOW_ROUND: Duration = Duration::from_millis(2);

@@ -12,8 +12,8 @@
 //!   waits on, then readahead of a sequential reader, then the recorded prefetch list, then
 //!   background fill. Background fill only uses bandwidth the foreground leaves idle: it waits
 //!   while any foreground fetch is queued or in flight and for an idle gap after the last one
-//!   (twice the measured foreground latency, 20-500 ms), and its requests are bounded to about
-//!   100 ms of the link's measured throughput, so a read that arrives meanwhile waits behind
+//!   (four times the measured foreground latency, 100 ms-1 s), and its requests are bounded to
+//!   about 50 ms of the link's measured throughput, so a read that arrives meanwhile waits behind
 //!   at most that much. No fixed bytes-per-second: both adapt to the link they measure.
 //! - **Never serve a byte that does not match its digest**: each chunk is decompressed and
 //!   checked when it arrives; a mismatch is refetched; a chunk that keeps failing gives an
@@ -246,22 +246,24 @@ impl Fetcher {
         }
     }
 
-    /// The idle gap background fill leaves after foreground work: twice the measured
-    /// foreground latency, within 20-500 ms.
+    /// The idle gap background fill leaves after foreground work: four times the measured
+    /// foreground latency, within 100 ms-1 s (a starting program reads in bursts separated by
+    /// its own work; the gap keeps the fill out of those pauses).
     fn idle_gap(&self) -> Duration {
         let l = self.link.lock().expect("link lock").latency;
-        Duration::from_secs_f64((2.0 * l).clamp(0.02, 0.5))
+        Duration::from_secs_f64((4.0 * l).clamp(0.1, 1.0))
     }
 
-    /// Largest request of background fill: about 100 ms of the measured throughput, within
-    /// 256 KiB and the configured maximum.
+    /// Largest request of background fill: about 50 ms of the measured throughput, within
+    /// 256 KiB and the configured maximum (a read arriving meanwhile waits behind at most
+    /// that).
     fn background_request_bytes(&self) -> u64 {
         let t = self.link.lock().expect("link lock").throughput;
         let max = self.opts.max_request_bytes;
         if t <= 0.0 {
             return (1 << 20).min(max);
         }
-        ((t * 0.1) as u64).clamp(256 << 10, max.max(256 << 10))
+        ((t * 0.05) as u64).clamp(256 << 10, max.max(256 << 10))
     }
 
     /// Whether someone else waits on a chunk of `run` (a read that found it in flight): then
@@ -705,7 +707,7 @@ mod tests {
         assert_eq!(sent.len(), 2, "{:?}", blob.requests.lock().unwrap());
         let bg_sent = sent[1] - t0;
         assert!(
-            bg_sent >= fg_done + Duration::from_millis(15),
+            bg_sent >= fg_done + Duration::from_millis(90),
             "background request sent at {bg_sent:?}, the read finished at {fg_done:?}"
         );
     }
@@ -751,19 +753,24 @@ mod tests {
             1 << 20,
             "before any measurement"
         );
-        // 25 MB/s (200 Mbit/s): about 2.5 MB per request.
+        // 25 MB/s (200 Mbit/s): about 1.25 MB per request.
         f.observe(
             5 << 20,
             Duration::from_secs_f64(5.0 * 1048576.0 / 25e6),
             true,
         );
         let b = f.background_request_bytes();
-        assert!((2_400_000..2_600_000).contains(&b), "{b}");
+        assert!((1_200_000..1_300_000).contains(&b), "{b}");
         // Loopback speeds are capped by the configured maximum.
         let f = fetcher(dir.path(), Duration::from_secs(5));
         f.observe(64 << 20, Duration::from_millis(20), true);
         assert_eq!(f.background_request_bytes(), 8 << 20);
-        assert_eq!(f.idle_gap(), Duration::from_millis(40));
+        assert_eq!(f.idle_gap(), Duration::from_millis(100));
+        f.observe(4096, Duration::from_millis(100), true);
+        assert!(
+            f.idle_gap() > Duration::from_millis(100),
+            "grows with latency"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -206,17 +206,22 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         );
     }
     let layer_digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
-    let converted = match store.find_beam(&platform.desc.digest).await {
-        Ok(found) => found.is_some(),
-        Err(e) => {
-            tracing::warn!("looking for a Beam conversion of {name}: {e:#}");
-            false
+    // Whether the image has a Beam conversion only matters to this report (the snapshotter
+    // looks for itself): asked beside the pull, not before it, to keep it off the critical
+    // path.
+    let converted = async {
+        match store.find_beam(&platform.desc.digest).await {
+            Ok(found) => found.is_some(),
+            Err(e) => {
+                tracing::warn!("looking for a Beam conversion of {name}: {e:#}");
+                false
+            }
         }
     };
 
     let mut ctd = Containerd::connect(&opts.address, &opts.namespace).await?;
     ctd.begin_lease(LEASE_SECS).await?;
-    let result = pull_under_lease(
+    let pulled = pull_under_lease(
         &ctd,
         &store,
         &name,
@@ -229,8 +234,8 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         diff_ids,
         &layer_digests,
         opts,
-    )
-    .await;
+    );
+    let (result, converted) = tokio::join!(pulled, converted);
     // The image record now holds what it needs; the lease only protected the pull.
     if let Err(e) = ctd.end_lease().await {
         tracing::warn!("{e:#}");

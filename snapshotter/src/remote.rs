@@ -414,14 +414,20 @@ impl Registry {
     pub async fn referrers(&self, r: &Reference, subject: &str) -> Result<Vec<Descriptor>> {
         self.login(r).await?;
         let at = with_digest(r, subject);
-        if let Ok(index) = self.client.pull_referrers(&at, None).await {
+        // Both at once: the API and the tag fallback (registries without the API, such as
+        // Distribution 2.8, answer the first with 404), one round trip instead of two.
+        let (api, tag) = tokio::join!(
+            self.client.pull_referrers(&at, None),
+            self.referrers_tag_index(r, subject)
+        );
+        if let Ok(index) = api {
             let json = serde_json::to_vec(&index)?;
             let idx: ImageIndex = serde_json::from_slice(&json)?;
             if !idx.manifests.is_empty() {
                 return Ok(idx.manifests);
             }
         }
-        Ok(self.referrers_tag_index(r, subject).await?.manifests)
+        Ok(tag?.manifests)
     }
 
     async fn referrers_tag_index(&self, r: &Reference, subject: &str) -> Result<ImageIndex> {

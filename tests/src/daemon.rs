@@ -114,16 +114,7 @@ impl BeamDaemon {
     /// holder are gone and no mount is left under its root.
     pub fn stop(mut self) -> Result<()> {
         let holder = self.holder_pid();
-        let out = Command::new(util::cargo_bin("beam-snapshotter")?)
-            .arg("--root")
-            .arg(&self.root)
-            .arg("--stop")
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "beam-snapshotter --stop failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stop_for_good(&self.root)?;
         ensure!(
             util::wait_for(
                 || matches!(self.child.try_wait(), Ok(Some(_))),
@@ -145,6 +136,22 @@ impl BeamDaemon {
         );
         Ok(())
     }
+}
+
+/// `beam-snapshotter --root ROOT --stop` (the daemon on ROOT and its fd holder, for good);
+/// what it printed.
+pub fn stop_for_good(root: &Path) -> Result<String> {
+    let out = Command::new(util::cargo_bin("beam-snapshotter")?)
+        .arg("--root")
+        .arg(root)
+        .arg("--stop")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "beam-snapshotter --stop failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn holder_pid(root: &Path) -> Option<u32> {

@@ -95,18 +95,41 @@ fn build_images(registry: &str) -> Result<Images> {
     })
 }
 
-#[test]
-fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
+/// A registry behind the recording proxy with the test images, a beam-snapshotter started
+/// with `daemon_args`, and a containerd using it. Dropped in reverse order: containerd first.
+fn start(daemon_args: &[&str]) -> Result<(Registry, Proxy, Images, BeamDaemon, Containerd)> {
     util::require_root()?;
     let reg = Registry::start()?;
     let proxy = Proxy::start(&reg.addr())?;
     let images = build_images(&proxy.addr())?;
-    // No registry settings: the daemon learns plain HTTP from `beam pull --plain-http`.
-    let d = BeamDaemon::start(&["--no-background-fetch"])?;
+    let d = BeamDaemon::start(daemon_args)?;
     let c = Containerd::start_with(ContainerdOptions {
         extra_config: d.containerd_config(),
         ..Default::default()
     })?;
+    Ok((reg, proxy, images, d, c))
+}
+
+/// Remove `images` and wait until containerd's GC removed every snapshot.
+fn remove_images(c: &Containerd, images: &[&str]) -> Result<()> {
+    let mut args = vec!["images", "rm", "--sync"];
+    args.extend_from_slice(images);
+    c.ctr(&args)?;
+    ensure!(
+        util::wait_for(
+            || snapshot_names(c).is_ok_and(|s| s.is_empty()),
+            Duration::from_secs(20)
+        ),
+        "snapshots left after image removal: {:?}",
+        snapshot_names(c)?
+    );
+    Ok(())
+}
+
+#[test]
+fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
+    // No registry settings: the daemon learns plain HTTP from `beam pull --plain-http`.
+    let (_reg, proxy, images, d, c) = start(&["--no-background-fetch"])?;
 
     // The Beam blobs of the image, from `beam inspect`: per layer an index and a chunks blob.
     let inspect = beam::ok(&["inspect", "--plain-http", &images.converted])?;
@@ -192,15 +215,7 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
 
     // Removing the images and letting containerd collect garbage removes every snapshot,
     // lazy mount and cache pin.
-    c.ctr(&["images", "rm", "--sync", &images.converted, &images.plain])?;
-    ensure!(
-        util::wait_for(
-            || snapshot_names(&c).is_ok_and(|s| s.is_empty()),
-            Duration::from_secs(20)
-        ),
-        "snapshots left after image removal: {:?}",
-        snapshot_names(&c)?
-    );
+    remove_images(&c, &[&images.converted, &images.plain])?;
     ensure!(
         util::wait_for(
             || d.status()
@@ -221,15 +236,7 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
 
 #[test]
 fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
-    util::require_root()?;
-    let reg = Registry::start()?;
-    let proxy = Proxy::start(&reg.addr())?;
-    let images = build_images(&proxy.addr())?;
-    let d = BeamDaemon::start(&["--no-background-fetch"])?;
-    let c = Containerd::start_with(ContainerdOptions {
-        extra_config: d.containerd_config(),
-        ..Default::default()
-    })?;
+    let (_reg, proxy, images, d, c) = start(&["--no-background-fetch"])?;
     proxy.clear();
     let r = beam_pull(&c, &images.plain)?;
     ensure!(
@@ -256,15 +263,7 @@ fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
         out == "hello from a lazy layer\n",
         "container printed {out:?}"
     );
-    c.ctr(&["images", "rm", "--sync", &images.plain])?;
-    ensure!(
-        util::wait_for(
-            || snapshot_names(&c).is_ok_and(|s| s.is_empty()),
-            Duration::from_secs(20)
-        ),
-        "snapshots left after image removal: {:?}",
-        snapshot_names(&c)?
-    );
+    remove_images(&c, &[&images.plain])?;
     drop(c);
     d.stop()
 }
@@ -274,15 +273,7 @@ fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
 /// `beam pull` says per layer why and what to change; `beam doctor` fails with the same fix.
 #[test]
 fn beam_pull_names_the_cause_and_fix_of_a_fallback() -> Result<()> {
-    util::require_root()?;
-    let reg = Registry::start()?;
-    let proxy = Proxy::start(&reg.addr())?;
-    let images = build_images(&proxy.addr())?;
-    let d = BeamDaemon::start(&["--no-background-fetch", "--ignore-pull-settings"])?;
-    let c = Containerd::start_with(ContainerdOptions {
-        extra_config: d.containerd_config(),
-        ..Default::default()
-    })?;
+    let (_reg, _proxy, images, d, c) = start(&["--no-background-fetch", "--ignore-pull-settings"])?;
     let out = beam::run(&[
         "pull",
         "--address",
@@ -316,15 +307,7 @@ fn beam_pull_names_the_cause_and_fix_of_a_fallback() -> Result<()> {
     }
     // The JSON report says the same per layer (pulled again once containerd collected the
     // first pull's snapshots).
-    c.ctr(&["images", "rm", "--sync", &images.converted])?;
-    ensure!(
-        util::wait_for(
-            || snapshot_names(&c).is_ok_and(|s| s.is_empty()),
-            Duration::from_secs(20)
-        ),
-        "snapshots left after image removal: {:?}",
-        snapshot_names(&c)?
-    );
+    remove_images(&c, &[&images.converted])?;
     let r = beam_pull(&c, &images.converted)?;
     let layers = r["layers"].as_array().context("no layers")?;
     ensure!(

@@ -843,16 +843,7 @@ async fn snapshots_stop_releases_at_once() -> Result<()> {
     let mut rig = Rig::start(&img, &["--plain-http", "--no-background-fetch"]).await?;
     let holder = rig.d.holder_pid().context("no fd holder")?;
     let t0 = std::time::Instant::now();
-    let out = Command::new(util::cargo_bin("beam-snapshotter")?)
-        .arg("--root")
-        .arg(rig.d.root())
-        .arg("--stop")
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "beam-snapshotter --stop: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = beam_tests::daemon::stop_for_good(&rig.d.root())?;
     ensure!(
         rig.reader_fails()?,
         "the reader saw no error after --stop: {:?}",
@@ -872,7 +863,6 @@ async fn snapshots_stop_releases_at_once() -> Result<()> {
         "lazy mounts left: {:?}",
         util::mounts_under(&rig.d.root())?
     );
-    let said = String::from_utf8_lossy(&out.stdout);
     ensure!(
         said.contains("released 3 lazy layer(s)"),
         "--stop printed: {said}"

@@ -376,13 +376,34 @@ impl RemoteLayers {
         let Some((artifact, layers)) = store.find_beam(&remote.manifest).await? else {
             bail!("image {} has no Beam conversion", remote.manifest);
         };
+        // Every layer's index at once, and the chunks of the small layers (fetched whole at
+        // mount anyway): the Prepares of this and the layers above join what is under way.
         for l in &layers {
-            if l.source != remote.layer {
-                let load = self.index_load(at_manifest, client, options, l);
-                tokio::spawn(async move {
-                    let _ = load.await;
-                });
-            }
+            let load = self.index_load(at_manifest, client, options, l);
+            let small = l.chunks.size > 0 && l.chunks.size <= self.whole_layer_max_bytes;
+            let whole = if small {
+                Store::with_registry(at_manifest.clone(), client.clone(), options)
+                    .range_source(&l.chunks)
+                    .ok()
+                    .map(|source| (self.fetcher.clone(), source))
+            } else {
+                None
+            };
+            tokio::spawn(async move {
+                let Ok(index) = load.await else { return };
+                if let Some((fetcher, source)) = whole {
+                    let chunks: Vec<crate::fetch::ChunkRef> = (0..index.chunk_count())
+                        .filter_map(|i| index.chunk(i).ok())
+                        .map(|rec| crate::fetch::ChunkRef {
+                            rec,
+                            source: source.clone(),
+                        })
+                        .collect();
+                    let _ = fetcher
+                        .ensure_with(&chunks, crate::fetch::Priority::Prefetch)
+                        .await;
+                }
+            });
         }
         self.artifacts
             .lock()

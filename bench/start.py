@@ -309,6 +309,12 @@ def fmt(vals, unit):
 
 
 def main():
+    # SIGTERM/SIGINT end the run through the cleanup below (finally), not around it.
+    def interrupted(sig, _frame):
+        raise SystemExit(f"interrupted by signal {sig}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     ap = argparse.ArgumentParser()
     ap.add_argument("--registry-port", type=int, required=True)
     ap.add_argument("--images", required=True, help="JSON: name -> [reference path, workload]")
@@ -347,6 +353,10 @@ def main():
     finally:
         for p in list(STARTED):
             stop(p)
+        for d in os.listdir(scratch):
+            beam_root = os.path.join(scratch, d, "beam")
+            if os.path.isdir(beam_root):
+                subprocess.run([SNAPSHOTTER, "--root", beam_root, "--stop"], capture_output=True)
         unmount_under(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
 

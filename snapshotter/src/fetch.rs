@@ -234,6 +234,11 @@ impl Fetcher {
 
     /// [`Fetcher::ensure`] at priority `p`.
     pub async fn ensure_with(&self, chunks: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
+        if p == Priority::Background {
+            // Held back before claiming anything: a read that needs one of these chunks
+            // meanwhile fetches it itself instead of waiting on a held-back run.
+            self.yield_to_foreground(&[]).await;
+        }
         if p.is_foreground() && chunks.iter().any(|c| !self.cache.contains(&c.rec.digest)) {
             self.fg_busy.fetch_add(1, Ordering::SeqCst);
             let r = self.ensure_inner(chunks, p).await;
@@ -256,8 +261,8 @@ impl Fetcher {
 
     /// Largest request of background fill: about 50 ms of the measured throughput, within
     /// 256 KiB and the configured maximum (a read arriving meanwhile waits behind at most
-    /// that).
-    fn background_request_bytes(&self) -> u64 {
+    /// that). Background fill hands the fetcher batches of this size.
+    pub fn background_request_bytes(&self) -> u64 {
         let t = self.link.lock().expect("link lock").throughput;
         let max = self.opts.max_request_bytes;
         if t <= 0.0 {
@@ -416,26 +421,14 @@ impl Fetcher {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let sem = if background {
-                &self.background
-            } else {
-                &self.foreground
-            };
             let outcome = {
-                let _permit = loop {
-                    if p == Priority::Background {
-                        self.yield_to_foreground(run).await;
-                    }
-                    let permit = sem.acquire().await.expect("semaphore never closed");
-                    // Foreground work may have started while this waited for a slot.
-                    if p == Priority::Background
-                        && self.fg_busy.load(Ordering::SeqCst) > 0
-                        && !self.has_waiters(run)
-                    {
-                        continue;
-                    }
-                    break permit;
+                // A background run a reader now waits on takes a foreground slot.
+                let sem = if background && !self.has_waiters(run) {
+                    &self.background
+                } else {
+                    &self.foreground
                 };
+                let _permit = sem.acquire().await.expect("semaphore never closed");
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let sent = Instant::now();
                 match tokio::time::timeout(self.opts.attempt_timeout, source.read_range(start, len))

@@ -453,7 +453,8 @@ pub async fn background_fetch(
             order.push(c);
         }
     }
-    let max = fetcher.options().max_request_bytes;
+    // The recorded list in large merged requests; the fill in requests sized to the link (one
+    // request per batch, so that each waits its turn behind the foreground).
     let mut batch: Vec<ChunkRef> = Vec::new();
     let mut batch_bytes = 0u64;
     for (n, c) in order.into_iter().enumerate() {
@@ -481,6 +482,11 @@ pub async fn background_fetch(
             rec,
             source: source.clone(),
         });
+        let max = if n < recorded {
+            fetcher.options().max_request_bytes
+        } else {
+            fetcher.background_request_bytes()
+        };
         if batch_bytes >= max {
             let p = if n < recorded {
                 crate::fetch::Priority::Prefetch

@@ -317,7 +317,11 @@ def main():
     signal.signal(signal.SIGINT, interrupted)
     ap = argparse.ArgumentParser()
     ap.add_argument("--registry-port", type=int, required=True)
-    ap.add_argument("--images", required=True, help="JSON: name -> [reference path, workload]")
+    ap.add_argument(
+        "--images",
+        required=True,
+        help="JSON: name -> [reference path, workload, (systems to run it with)]",
+    )
     ap.add_argument("--containerd", default=shutil.which("containerd"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bandwidths", default="200,0", help="Mbit/s, 0 = unlimited")
@@ -337,9 +341,13 @@ def main():
             for rtt in [int(x) for x in a.rtts.split(",")]:
                 link.rate = bw * 1e6 / 8 if bw else None
                 link.delay = rtt / 2000.0
-                for name, (path, workload) in images.items():
+                for name, spec in images.items():
+                    path, workload = spec[0], spec[1]
+                    only = spec[2] if len(spec) > 2 else None
                     ref = f"127.0.0.1:{relay_port}/{path}"
                     for system in a.systems.split(","):
+                        if only is not None and system not in only:
+                            continue
                         results = []
                         for i in range(a.runs):
                             r = run_once(system, ref, workload, link, scratch, a.containerd)

@@ -94,7 +94,13 @@ for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break
 for tag in python busybox; do
   "$beam" convert --plain-http "oci:$work/layout:$tag" "127.0.0.1:$port/bench/$tag:1" >/dev/null
 done
+# The same python image with a recorded prefetch list (`beam record`: the files the workload
+# opens, in order), under its own name so the plain conversion stays as it is.
+"$beam" convert --plain-http "oci:$work/layout:python" "127.0.0.1:$port/bench/python-recorded:1" >/dev/null
+"$beam" record --plain-http --cache-dir "$scratch/record-cache" --work-dir "$scratch/record-mounts" \
+  "127.0.0.1:$port/bench/python-recorded:1" -- /usr/bin/python3 -c 'import json, sqlite3; print("ready")' >/dev/null
 images='{"python": ["bench/python:1", ["/usr/bin/python3", "-c", "import json, sqlite3; print(\"ready\")"]],
+         "python-recorded": ["bench/python-recorded:1", ["/usr/bin/python3", "-c", "import json, sqlite3; print(\"ready\")"], ["beam", "beam-nobg"]],
          "busybox": ["bench/busybox:1", ["/bin/echo", "ready"]]}'
 python3 bench/start.py --registry-port "$port" --images "$images" \
   --containerd "$containerd_bin" "${args[@]}"

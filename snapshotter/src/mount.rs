@@ -400,10 +400,13 @@ pub fn mount_layer(
         .cache
         .pin(&mountpoint.display().to_string(), digests);
     let stop = Arc::new(AtomicBool::new(false));
-    if opts.background_fetch {
+    // The recorded prefetch list is fetched as soon as the layer mounts; the rest of the layer
+    // too unless background fetch is off.
+    if opts.background_fetch || index.prefetch().next().is_some() {
         let (index, fetcher, stop, source) =
             (index.clone(), fetcher.clone(), stop.clone(), source.clone());
-        rt.spawn(async move { background_fetch(index, source, fetcher, stop).await });
+        let fill = opts.background_fetch;
+        rt.spawn(async move { background_fetch(index, source, fetcher, stop, fill).await });
     }
     Ok(MountedLayer {
         layer,
@@ -424,13 +427,15 @@ pub fn mount_layer(
     })
 }
 
-/// Fetch every chunk of a layer at background priority: first the chunks of the files in the
-/// recorded prefetch list, then the rest in blob order (merged into large requests).
+/// Fetch the chunks of the files in the layer's recorded prefetch list (merged into large
+/// requests, at prefetch priority), then, with `fill`, every other chunk in blob order at
+/// background priority (requests sized to the link, behind every read).
 pub async fn background_fetch(
     index: SharedIndex,
     source: Arc<dyn RangeSource>,
     fetcher: Arc<Fetcher>,
     stop: Arc<AtomicBool>,
+    fill: bool,
 ) {
     let mut order: Vec<u64> = Vec::new();
     let mut seen = BTreeSet::new();
@@ -448,9 +453,11 @@ pub async fn background_fetch(
     // The recorded files go first, in a batch of their own (a batch is fetched in offset
     // order, which would otherwise mix them with the rest).
     let recorded = order.len();
-    for c in 0..index.chunk_count() {
-        if seen.insert(c) {
-            order.push(c);
+    if fill {
+        for c in 0..index.chunk_count() {
+            if seen.insert(c) {
+                order.push(c);
+            }
         }
     }
     // The recorded list in large merged requests; the fill in requests sized to the link (one

@@ -73,6 +73,9 @@ pub struct PullReport {
     /// Per layer: digest, chain ID, outcome.
     pub layers: Vec<(String, String, LayerOutcome)>,
     pub seconds: f64,
+    /// Seconds per step: resolve (manifest), config, containerd (connect and lease; at the
+    /// same time as the first two), layers (content, every layer's Prepare, the image record).
+    pub steps: Vec<(&'static str, f64)>,
 }
 
 impl PullReport {
@@ -163,38 +166,66 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     };
     let name = reference.whole();
     let store = Store::open(loc.clone(), &opts.registry, false)?;
-    let (top, top_bytes) = match store.resolve_top().await {
-        Ok(t) => t,
-        Err(e) => {
-            let e = e.context(format!("resolving {name}"));
-            return Err(
-                match crate::daemon::remote::explain_fallback(&e, reference.registry()).await {
-                    Some(fix) => {
-                        anyhow::anyhow!("{e:#}\nfix: {}", fix.replace(" to beam pull", ""))
-                    }
-                    None => e,
-                },
-            );
-        }
+    let mut steps: Vec<(&'static str, f64)> = Vec::new();
+    // The registry's answers and containerd's connection at the same time.
+    let resolve = async {
+        let t0 = Instant::now();
+        let (top, top_bytes) = match store.resolve_top().await {
+            Ok(t) => t,
+            Err(e) => {
+                let e = e.context(format!("resolving {name}"));
+                return Err(
+                    match crate::daemon::remote::explain_fallback(&e, reference.registry()).await {
+                        Some(fix) => {
+                            anyhow::anyhow!("{e:#}\nfix: {}", fix.replace(" to beam pull", ""))
+                        }
+                        None => e,
+                    },
+                );
+            }
+        };
+        let top_mt = crate::remote::media_type_of(&top_bytes)?;
+        let is_index = top_mt == oci::MEDIA_TYPE_OCI_INDEX || top_mt == oci::MEDIA_TYPE_DOCKER_LIST;
+        let platform = if is_index {
+            store.platform_manifest().await?
+        } else {
+            let manifest: ImageManifest = serde_json::from_slice(&top_bytes)
+                .with_context(|| format!("parsing manifest {}", top.digest))?;
+            crate::store::ResolvedManifest {
+                desc: top.clone(),
+                manifest,
+                bytes: top_bytes.clone(),
+            }
+        };
+        let resolved = t0.elapsed().as_secs_f64();
+        let config_bytes = store
+            .blob_bytes(&platform.manifest.config, 16 << 20)
+            .await
+            .with_context(|| format!("fetching config {}", platform.manifest.config.digest))?;
+        let config_secs = t0.elapsed().as_secs_f64() - resolved;
+        anyhow::Ok((
+            top,
+            top_bytes,
+            is_index,
+            platform,
+            config_bytes,
+            resolved,
+            config_secs,
+        ))
     };
-    let top_mt = crate::remote::media_type_of(&top_bytes)?;
-    let is_index = top_mt == oci::MEDIA_TYPE_OCI_INDEX || top_mt == oci::MEDIA_TYPE_DOCKER_LIST;
-    let platform = if is_index {
-        store.platform_manifest().await?
-    } else {
-        let manifest: ImageManifest = serde_json::from_slice(&top_bytes)
-            .with_context(|| format!("parsing manifest {}", top.digest))?;
-        crate::store::ResolvedManifest {
-            desc: top.clone(),
-            manifest,
-            bytes: top_bytes.clone(),
-        }
+    let connect = async {
+        let t0 = Instant::now();
+        let mut ctd = Containerd::connect(&opts.address, &opts.namespace).await?;
+        ctd.begin_lease(LEASE_SECS).await?;
+        anyhow::Ok((ctd, t0.elapsed().as_secs_f64()))
     };
+    let (resolved, connected) = tokio::join!(resolve, connect);
+    let (top, top_bytes, is_index, platform, config_bytes, resolve_secs, config_secs) = resolved?;
+    let (mut ctd, connect_secs) = connected?;
+    steps.push(("resolve", resolve_secs));
+    steps.push(("config", config_secs));
+    steps.push(("containerd", connect_secs));
     let manifest = &platform.manifest;
-    let config_bytes = store
-        .blob_bytes(&manifest.config, 16 << 20)
-        .await
-        .with_context(|| format!("fetching config {}", manifest.config.digest))?;
     let config: ImageConfig = serde_json::from_slice(&config_bytes)
         .with_context(|| format!("parsing image config {}", manifest.config.digest))?;
     let diff_ids = &config.rootfs.diff_ids;
@@ -219,8 +250,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         }
     };
 
-    let mut ctd = Containerd::connect(&opts.address, &opts.namespace).await?;
-    ctd.begin_lease(LEASE_SECS).await?;
+    let layers_started = Instant::now();
     let pulled = pull_under_lease(
         &ctd,
         &store,
@@ -236,6 +266,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         opts,
     );
     let (result, converted) = tokio::join!(pulled, converted);
+    steps.push(("layers", layers_started.elapsed().as_secs_f64()));
     // The image record now holds what it needs; the lease only protected the pull.
     if let Err(e) = ctd.end_lease().await {
         tracing::warn!("{e:#}");
@@ -248,6 +279,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         converted,
         layers,
         seconds: started.elapsed().as_secs_f64(),
+        steps,
     };
     Ok(report)
 }

@@ -511,6 +511,25 @@ fn recorded_access_order_leads_background_fetch() -> Result<()> {
         "first background request should be f40's chunk: {ranges:?}"
     );
     m.stop()?;
+
+    // Background fill off: the recorded list is still fetched as the layer mounts, and
+    // nothing else.
+    env.proxy.clear();
+    let m = env.mount(&image, "mnt2", "fresh-cache-2", &["--no-background-fetch"])?;
+    ensure!(
+        util::wait_for(
+            || !env.proxy.range_requests_for(&data_chunks).is_empty(),
+            Duration::from_secs(30)
+        ),
+        "the recorded prefetch list was not fetched without background fill"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let ranges = env.proxy.range_requests_for(&data_chunks);
+    ensure!(
+        ranges == vec![(4_000_000, 4_099_999)],
+        "only f40's chunk should be fetched: {ranges:?}"
+    );
+    m.stop()?;
     Ok(())
 }
 

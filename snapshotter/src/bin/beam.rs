@@ -449,6 +449,8 @@ async fn run(cli: Cli) -> Result<()> {
                     "present": present,
                     "downloaded_bytes": r.downloaded_bytes(),
                     "seconds": r.seconds,
+                    "steps": r.steps.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+                        .collect::<serde_json::Map<String, serde_json::Value>>(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -460,6 +462,12 @@ async fn run(cli: Cli) -> Result<()> {
                     r.downloaded_bytes() as f64 / 1e6,
                     r.seconds
                 );
+                let steps: Vec<String> = r
+                    .steps
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.2}s"))
+                    .collect();
+                println!("steps: {}", steps.join(", "));
             }
             if r.converted && downloaded > 0 {
                 let mut fixes: Vec<&str> = r

@@ -439,6 +439,18 @@ impl Filesystem for LayerFs {
         *self.init_params.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(crate::takeover::InitParams::record(config));
         let _ = config.set_max_readahead(1 << 20);
+        // The tree never changes: entries and attributes come with directory listings
+        // (READDIRPLUS: `find` + `stat` needs no LOOKUP per file), symlink targets are cached,
+        // and lookups in one directory run in parallel. The same offer always gets the same
+        // answer (a successor daemon replays it at takeover).
+        for flag in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            // A kernel that does not offer one simply goes without it.
+            let _ = config.add_capabilities(flag);
+        }
         if self.passthrough_wanted {
             // Depth 1 keeps overlayfs stackable on top of this mount.
             if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -739,6 +751,48 @@ impl Filesystem for LayerFs {
                 }
             };
             if full {
+                break;
+            }
+            next += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let r = match self.index.inode(ino.0) {
+            Ok(r) if r.kind == InodeKind::Dir => r,
+            Ok(_) => return reply.error(Errno::ENOTDIR),
+            Err(_) => return reply.error(Errno::ENOENT),
+        };
+        // The same offsets as `readdir`, each entry with its attributes.
+        let mut next = offset;
+        loop {
+            let (child, name): (u64, &[u8]) = match next {
+                0 => (ino.0, b"."),
+                1 => (r.parent, b".."),
+                n => match self.index.dirent(&r, (n - 2) as u32) {
+                    Some((name, child)) => (child, name),
+                    None => break,
+                },
+            };
+            let Ok(c) = self.index.inode(child) else {
+                return reply.error(Errno::EIO);
+            };
+            if reply.add(
+                INodeNo(child),
+                next + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &self.attr(&c),
+                Generation(0),
+            ) {
                 break;
             }
             next += 1;

@@ -14,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 RUNS=${RUNS:-5}
+# Which parts to run (digits 1-4; 1 includes 2), e.g. SECTIONS=3 for find + stat only.
+SECTIONS=${SECTIONS:-1234}
 [ "$(id -u)" = 0 ] || { echo "bench/mount.sh: run as root" >&2; exit 1; }
 bash .ci/install-deps.sh
 cargo build --release -q -p beam --bin beam
@@ -92,6 +94,7 @@ stop_mount() {
 echo "== Beam lazy-mount benchmarks ($(nproc) cores, $RUNS runs each, medians)"
 
 # --- 1 and 2: one 100 MiB file ---
+if [[ $SECTIONS == *1* ]]; then
 mkdir -p "$scratch/big/data"
 head -c $((100 << 20)) /dev/urandom > "$scratch/big/data/big.bin"
 tar --numeric-owner -C "$scratch/big" -cf "$scratch/big.tar" data
@@ -128,8 +131,10 @@ p=$(printf '%s\n' "${warm_pt[@]}" | median); n=$(printf '%s\n' "${warm_nopt[@]}"
 o=$(printf '%s\n' "${ovl_t[@]}" | median)
 awk -v l="$l" -v c="$c" -v mb="$mb" 'BEGIN { printf "1. cold read, 100 MiB: beam mount %.0f MB/s, local disk %.0f MB/s: %.2fx of local\n", mb/c, mb/l, l/c }'
 awk -v o="$o" -v p="$p" -v n="$n" -v mb="$mb" 'BEGIN { printf "2. warm read, 100 MiB: passthrough %.0f MB/s (%.0f%% of overlay), no passthrough %.0f MB/s (%.0f%% of overlay), plain overlay %.0f MB/s\n", mb/p, 100*o/p, mb/n, 100*o/n, mb/o }'
+fi
 
 # --- 3: find + stat over 50k files ---
+if [[ $SECTIONS == *3* ]]; then
 mkdir -p "$scratch/many"
 python3 - "$scratch/many" <<'EOF'
 import os, sys
@@ -156,8 +161,10 @@ done
 stop_mount
 a=$(printf '%s\n' "${native_t[@]}" | median); b=$(printf '%s\n' "${lazy_t[@]}" | median)
 awk -v a="$a" -v b="$b" 'BEGIN { printf "3. find+stat, 50k files: beam mount %.3f s, native %.3f s: %.2fx the native time\n", b, a, b/a }'
+fi
 
 # --- 4: chunk-size sweep on the python3 image ---
+if [[ $SECTIONS == *4* ]]; then
 bash tests/fixtures/make-python-layers.sh "$scratch/py" > /dev/null
 mapfile -t pylayers < <(sed "s|^|$scratch/py/|" "$scratch/py/layers.txt")
 mklayout "$scratch/layout-py" v1 "${pylayers[@]}"
@@ -178,4 +185,5 @@ for cs in 65536 131072 262144 524288 1048576 2097152 4194304; do
   bm=$(printf '%s\n' "${bytes[@]}" | median); tm=$(printf '%s\n' "${times[@]}" | median)
   awk -v cs="$cs" -v b="$bm" -v g="$gzsize" -v t="$tm" 'BEGIN { printf "   %5d KiB  %8.2f MB   %6.1f%%            %.3f s\n", cs/1024, b/1e6, 100*b/g, t }'
 done
+fi
 } | tee target/bench/mount.txt

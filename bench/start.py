@@ -178,6 +178,8 @@ def drop_caches():
 
 
 class Node:
+    closed = 0
+
     def __init__(self, scratch, containerd_bin, beam_args):
         self.dir = tempfile.mkdtemp(prefix="node-", dir=scratch)
         self.sock = os.path.join(self.dir, "beam.sock")
@@ -235,6 +237,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         unmount_under(self.dir)
         for f in (self.beam_log, self.ctd_log):
             f.close()
+        # Every node's logs stay (numbered in run order), for a look at what happened.
+        logs = os.path.join(ROOT, "target/bench/start-logs")
+        os.makedirs(logs, exist_ok=True)
+        Node.closed += 1
+        for name in ("beam.log", "containerd.log"):
+            shutil.copy(os.path.join(self.dir, name), os.path.join(logs, f"{Node.closed:03}-{name}"))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -77,10 +77,44 @@ impl Priority {
 /// What the fetcher measured of the link (exponentially weighted).
 #[derive(Debug)]
 struct LinkEstimate {
-    /// Bytes per second of large completed requests.
+    /// Bytes per second of large completed requests, their round trip taken out.
     throughput: f64,
     /// Seconds per foreground request.
     latency: f64,
+    /// The shortest small request seen: about one round trip (0 until one is seen).
+    round_trip: f64,
+}
+
+/// One request on the wire, counted until it is answered or dropped.
+struct OnWire<'a> {
+    count: &'a std::sync::atomic::AtomicUsize,
+    at_start: usize,
+    left: bool,
+}
+
+impl<'a> OnWire<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        let at_start = count.fetch_add(1, Ordering::SeqCst) + 1;
+        OnWire {
+            count,
+            at_start,
+            left: false,
+        }
+    }
+
+    /// Done: the most requests that were on the wire with this one, at its start or end.
+    fn leave(mut self) -> usize {
+        self.left = true;
+        self.at_start.max(self.count.fetch_sub(1, Ordering::SeqCst))
+    }
+}
+
+impl Drop for OnWire<'_> {
+    fn drop(&mut self) {
+        if !self.left {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Where a layer's chunk blob can be read by byte range.
@@ -187,6 +221,8 @@ pub struct Fetcher {
     background: Semaphore,
     /// Foreground `ensure` calls with something to fetch or wait for.
     fg_busy: std::sync::atomic::AtomicUsize,
+    /// Range requests on the wire now (they share the link).
+    on_wire: std::sync::atomic::AtomicUsize,
     /// When `fg_busy` last dropped to zero.
     fg_idle_since: Mutex<Instant>,
     link: Mutex<LinkEstimate>,
@@ -202,10 +238,12 @@ impl Fetcher {
             foreground: Semaphore::new(opts.foreground_concurrency.max(1)),
             background: Semaphore::new(opts.background_concurrency.max(1)),
             fg_busy: std::sync::atomic::AtomicUsize::new(0),
+            on_wire: std::sync::atomic::AtomicUsize::new(0),
             fg_idle_since: Mutex::new(Instant::now()),
             link: Mutex::new(LinkEstimate {
                 throughput: 0.0,
                 latency: 0.0,
+                round_trip: 0.0,
             }),
             opts,
             inflight: Mutex::new(HashMap::new()),
@@ -301,8 +339,9 @@ impl Fetcher {
         }
     }
 
-    /// Fold one completed request into the link estimate.
-    fn observe(&self, bytes: u64, took: Duration, foreground: bool) {
+    /// Fold one completed request into the link estimate. `sharing`: how many requests were
+    /// on the wire with it (it had that share of the link).
+    fn observe(&self, bytes: u64, took: Duration, foreground: bool, sharing: usize) {
         let secs = took.as_secs_f64().max(1e-6);
         let mut l = self.link.lock().expect("link lock");
         let ewma = |old: f64, new: f64| {
@@ -312,8 +351,17 @@ impl Fetcher {
                 0.7 * old + 0.3 * new
             }
         };
+        if bytes < 64 << 10 && (l.round_trip == 0.0 || secs < l.round_trip) {
+            l.round_trip = secs;
+        }
         if bytes >= 256 << 10 {
-            l.throughput = ewma(l.throughput, bytes as f64 / secs);
+            // The link's rate, not the request's: a request also waits one round trip, and
+            // counting it would size requests ever smaller on a far registry.
+            let transfer = (secs - l.round_trip).max(1e-3);
+            l.throughput = ewma(
+                l.throughput,
+                bytes as f64 / transfer * sharing.max(1) as f64,
+            );
         }
         if foreground {
             l.latency = ewma(l.latency, secs);
@@ -353,7 +401,14 @@ impl Fetcher {
             } else {
                 self.opts.max_request_bytes
             };
-            let runs = self.runs(mine, max);
+            // Background fill bridges holes left by chunks already cached (up to a sixteenth
+            // of a request); reads fetch exactly what they need.
+            let max_gap = if p == Priority::Background {
+                max / 16
+            } else {
+                0
+            };
+            let runs = self.runs(mine, max, max_gap);
             let futs = runs.into_iter().map(|run| self.fetch_run(run, p));
             for r in futures_util::future::join_all(futs).await {
                 if let Err(e) = r {
@@ -371,9 +426,10 @@ impl Fetcher {
         result
     }
 
-    /// Group chunks (sorted by source, then offset) into contiguous runs of one source, each
-    /// at most `max` bytes (or one chunk).
-    fn runs(&self, chunks: Vec<ChunkRef>, max: u64) -> Vec<Vec<ChunkRef>> {
+    /// Group chunks (sorted by source, then offset) into runs of one source, each at most
+    /// `max` bytes (or one chunk). Chunks of a run are contiguous, or apart by at most
+    /// `max_gap` bytes (fetched and dropped: on a far registry a round trip costs more).
+    fn runs(&self, chunks: Vec<ChunkRef>, max: u64, max_gap: u64) -> Vec<Vec<ChunkRef>> {
         let mut runs: Vec<Vec<ChunkRef>> = Vec::new();
         for c in chunks {
             if let Some(run) = runs.last_mut() {
@@ -381,8 +437,9 @@ impl Fetcher {
                 let start = run[0].rec.offset;
                 let end = last.rec.offset + last.rec.stored_len as u64;
                 if Arc::ptr_eq(&last.source, &c.source)
-                    && c.rec.offset == end
-                    && end + c.rec.stored_len as u64 - start <= max
+                    && c.rec.offset >= end
+                    && c.rec.offset - end <= max_gap
+                    && c.rec.offset + c.rec.stored_len as u64 - start <= max
                 {
                     run.push(c);
                     continue;
@@ -431,12 +488,22 @@ impl Fetcher {
                 let _permit = sem.acquire().await.expect("semaphore never closed");
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let sent = Instant::now();
-                match tokio::time::timeout(self.opts.attempt_timeout, source.read_range(start, len))
-                    .await
-                {
+                let on_wire = OnWire::enter(&self.on_wire);
+                let answer =
+                    tokio::time::timeout(self.opts.attempt_timeout, source.read_range(start, len))
+                        .await;
+                let sharing = on_wire.leave();
+                match answer {
                     Ok(Ok(b)) => {
                         self.latency.observe(sent.elapsed().as_secs_f64());
-                        self.observe(b.len() as u64, sent.elapsed(), !background);
+                        self.observe(b.len() as u64, sent.elapsed(), !background, sharing);
+                        tracing::debug!(
+                            priority = ?p,
+                            offset = start,
+                            bytes = b.len(),
+                            ms = sent.elapsed().as_millis() as u64,
+                            "range fetched"
+                        );
                         Ok(b)
                     }
                     Ok(r) => r,
@@ -737,6 +804,32 @@ mod tests {
         bg.await.unwrap().unwrap();
     }
 
+    /// Background fill fetches the chunks around cached ones in one request (the cached bytes
+    /// between them are dropped); reads fetch each hole on its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_fill_bridges_small_holes() {
+        let (dir, blob, refs, plain) = setup(5, Duration::from_millis(1));
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        f.ensure(&[refs[1].clone()], false).await.unwrap();
+        f.ensure(&[refs[3].clone()], false).await.unwrap();
+        assert_eq!(blob.requests.lock().unwrap().len(), 2);
+        f.ensure(&refs, true).await.unwrap();
+        let requests = blob.requests.lock().unwrap().clone();
+        assert_eq!(
+            requests.len(),
+            3,
+            "one request for chunks 0, 2 and 4: {requests:?}"
+        );
+        let last = refs[4].rec.offset + refs[4].rec.stored_len as u64;
+        assert_eq!(requests[2], (0, last));
+        for (r, p) in refs.iter().zip(&plain) {
+            assert_eq!(
+                &f.cache.read_chunk(&r.rec.digest, p.len()).unwrap().unwrap(),
+                p
+            );
+        }
+    }
+
     #[test]
     fn background_requests_follow_the_measured_link() {
         let dir = tempfile::tempdir().unwrap();
@@ -746,20 +839,34 @@ mod tests {
             1 << 20,
             "before any measurement"
         );
-        // 25 MB/s (200 Mbit/s): about 1.25 MB per request.
+        // 25 MB/s (200 Mbit/s) 20 ms away: about 1.25 MB per request (the round trip, learnt
+        // from a small request, is not counted as transfer time).
+        f.observe(4096, Duration::from_millis(20), true, 1);
         f.observe(
             5 << 20,
-            Duration::from_secs_f64(5.0 * 1048576.0 / 25e6),
+            Duration::from_secs_f64(0.02 + 5.0 * 1048576.0 / 25e6),
             true,
+            1,
         );
+        // Two requests sharing the link each see half of it.
+        let f2 = fetcher(dir.path(), Duration::from_secs(5));
+        f2.observe(4096, Duration::from_millis(20), true, 1);
+        f2.observe(
+            5 << 20,
+            Duration::from_secs_f64(0.02 + 2.0 * 5.0 * 1048576.0 / 25e6),
+            false,
+            2,
+        );
+        let b2 = f2.background_request_bytes();
+        assert!((1_200_000..1_300_000).contains(&b2), "{b2}");
         let b = f.background_request_bytes();
         assert!((1_200_000..1_300_000).contains(&b), "{b}");
         // Loopback speeds are capped by the configured maximum.
         let f = fetcher(dir.path(), Duration::from_secs(5));
-        f.observe(64 << 20, Duration::from_millis(20), true);
+        f.observe(64 << 20, Duration::from_millis(20), true, 1);
         assert_eq!(f.background_request_bytes(), 8 << 20);
         assert_eq!(f.idle_gap(), Duration::from_millis(100));
-        f.observe(4096, Duration::from_millis(100), true);
+        f.observe(4096, Duration::from_millis(100), true, 1);
         assert!(
             f.idle_gap() > Duration::from_millis(100),
             "grows with latency"

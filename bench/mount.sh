@@ -32,16 +32,11 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$scratch/registry.yml" <<EOF
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $scratch/registry}}
-http: {addr: 127.0.0.1:$port}
-EOF
-docker-registry serve "$scratch/registry.yml" > "$scratch/registry.log" 2>&1 &
-reg_pid=$!
-for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.2; done
+# shellcheck source=tests/fixtures/lib-registry.sh
+. tests/fixtures/lib-registry.sh
+start_registry "$scratch/registry"
+port=$REGISTRY_PORT
+reg_pid=$REGISTRY_PID
 reg=127.0.0.1:$port
 
 now() { date +%s.%N; }
@@ -50,28 +45,9 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 # mklayout DIR TAG TAR...: an OCI layout of gzip layers.
 mklayout() {
-  python3 - "$@" <<'EOF'
-import gzip, hashlib, json, os, sys
-out, tag, tars = sys.argv[1], sys.argv[2], sys.argv[3:]
-os.makedirs(out + "/blobs/sha256", exist_ok=True)
-def put(data):
-    d = hashlib.sha256(data).hexdigest()
-    open(f"{out}/blobs/sha256/{d}", "wb").write(data)
-    return "sha256:" + d, len(data)
-layers, diffs = [], []
-for t in tars:
-    raw = open(t, "rb").read()
-    diffs.append("sha256:" + hashlib.sha256(raw).hexdigest())
-    d, s = put(gzip.compress(raw, 1, mtime=0))
-    layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s})
-cd, cs = put(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diffs}}).encode())
-m = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs}, "layers": layers}
-md, ms = put(json.dumps(m).encode())
-open(out + "/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
-json.dump({"schemaVersion": 2, "manifests": [{"mediaType": m["mediaType"], "digest": md, "size": ms,
-           "annotations": {"org.opencontainers.image.ref.name": tag}}]}, open(out + "/index.json", "w"))
-EOF
+  local out=$1 tag=$2
+  shift 2
+  python3 tests/fixtures/write-oci-layout.py --gzip-level 1 "$out" "$tag" "$@"
 }
 
 # start_mount IMAGE DIR CACHE [FLAGS...]: beam mount in the background, wait until mounted.

@@ -47,50 +47,15 @@ fi
 if [ ! -f "$work/busybox.tar" ]; then
   bash tests/fixtures/make-busybox-layer.sh "$work/busybox.tar"
 fi
-python3 - "$work/layout" "$work/python" "$work/busybox.tar" <<'EOF'
-import gzip, hashlib, json, os, sys
-out, pydir, bb = sys.argv[1], sys.argv[2], sys.argv[3]
-os.makedirs(out + "/blobs/sha256", exist_ok=True)
-def put(data):
-    d = hashlib.sha256(data).hexdigest()
-    p = f"{out}/blobs/sha256/{d}"
-    if not os.path.exists(p):
-        open(p, "wb").write(data)
-    return "sha256:" + d, len(data)
-def image(tars, tag, cmd):
-    layers, diffs = [], []
-    for t in tars:
-        raw = open(t, "rb").read()
-        diffs.append("sha256:" + hashlib.sha256(raw).hexdigest())
-        d, s = put(gzip.compress(raw, 6, mtime=0))
-        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s})
-    cfg = {"architecture": "amd64", "os": "linux", "config": {"Cmd": cmd},
-           "rootfs": {"type": "layers", "diff_ids": diffs}}
-    cd, cs = put(json.dumps(cfg).encode())
-    m = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-         "layers": layers}
-    md, ms = put(json.dumps(m).encode())
-    return {"mediaType": m["mediaType"], "digest": md, "size": ms,
-            "annotations": {"org.opencontainers.image.ref.name": tag}}
-py = [os.path.join(pydir, n) for n in open(pydir + "/layers.txt").read().split()]
-index = {"schemaVersion": 2, "manifests": [
-    image(py, "python", ["/usr/bin/python3"]),
-    image([bb], "busybox", ["/bin/sh"])]}
-open(out + "/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
-json.dump(index, open(out + "/index.json", "w"))
-EOF
+mapfile -t pylayers < <(sed "s|^|$work/python/|" "$work/python/layers.txt")
+python3 tests/fixtures/write-oci-layout.py --cmd '["/usr/bin/python3"]' "$work/layout" python "${pylayers[@]}"
+python3 tests/fixtures/write-oci-layout.py --cmd '["/bin/sh"]' "$work/layout" busybox "$work/busybox.tar"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$scratch/registry.yml" <<EOF
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $scratch/registry}}
-http: {addr: 127.0.0.1:$port}
-EOF
-docker-registry serve "$scratch/registry.yml" > "$scratch/registry.log" 2>&1 &
-reg_pid=$!
-for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.2; done
+# shellcheck source=tests/fixtures/lib-registry.sh
+. tests/fixtures/lib-registry.sh
+start_registry "$scratch/registry"
+port=$REGISTRY_PORT
+reg_pid=$REGISTRY_PID
 for tag in python busybox; do
   "$beam" convert --plain-http "oci:$work/layout:$tag" "127.0.0.1:$port/bench/$tag:1" >/dev/null
 done

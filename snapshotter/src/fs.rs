@@ -173,6 +173,15 @@ impl AccessRecorder {
 }
 
 impl LayerFs {
+    /// The record of directory `ino` (ENOTDIR for another kind, ENOENT if there is none).
+    fn dir_inode(&self, ino: INodeNo) -> Result<InodeRecord, Errno> {
+        match self.index.inode(ino.0) {
+            Ok(r) if r.kind == InodeKind::Dir => Ok(r),
+            Ok(_) => Err(Errno::ENOTDIR),
+            Err(_) => Err(Errno::ENOENT),
+        }
+    }
+
     pub fn new(
         index: SharedIndex,
         source: Arc<dyn RangeSource>,
@@ -708,13 +717,12 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.index.inode(ino.0) {
-            Ok(r) if r.kind == InodeKind::Dir => reply.opened(
+        match self.dir_inode(ino) {
+            Ok(_) => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
             ),
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(_) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -726,10 +734,9 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = match self.index.inode(ino.0) {
-            Ok(r) if r.kind == InodeKind::Dir => r,
-            Ok(_) => return reply.error(Errno::ENOTDIR),
-            Err(_) => return reply.error(Errno::ENOENT),
+        let r = match self.dir_inode(ino) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
         };
         // Offsets: 1 = ".", 2 = "..", 3 + i = entry i. Stable across calls.
         let mut next = offset;
@@ -766,10 +773,9 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        let r = match self.index.inode(ino.0) {
-            Ok(r) if r.kind == InodeKind::Dir => r,
-            Ok(_) => return reply.error(Errno::ENOTDIR),
-            Err(_) => return reply.error(Errno::ENOENT),
+        let r = match self.dir_inode(ino) {
+            Ok(r) => r,
+            Err(e) => return reply.error(e),
         };
         // The same offsets as `readdir`, each entry with its attributes.
         let mut next = offset;

@@ -111,5 +111,5 @@ ctr image rm --sync "$image" >/dev/null
 echo
 echo "== Beam quickstart results (python3 image of Debian packages, $((image_bytes / 1000000)) MB compressed, local registry)"
 awk -v a="$t0" -v b="$t1" -v n="$full_bytes" -v o="$full_out" 'BEGIN { printf "full pull: first output after %.2f s, %.1f MB fetched (\"%s\")\n", b - a, n / 1e6, o }'
-awk -v a="$t2" -v b="$t3" -v n="$lazy_bytes" -v o="$lazy_out" 'BEGIN { printf "Beam:      first output after %.2f s, %.1f MB fetched by then, background fill included (\"%s\")\n", b - a, n / 1e6, o }'
+awk -v a="$t2" -v b="$t3" -v n="$lazy_bytes" -v o="$lazy_out" 'BEGIN { printf "Beam:      first output after %.2f s, %.1f MB fetched by the time it exited (background fill included) (\"%s\")\n", b - a, n / 1e6, o }'
 echo "(the registry is local: on a real network the full pull grows with image size, Beam with what the program reads)"

@@ -210,6 +210,22 @@ pub struct ChunkRef {
     pub source: Arc<dyn RangeSource>,
 }
 
+impl ChunkRef {
+    /// Every chunk of a layer's index, read from `source` (a whole-layer fetch).
+    pub fn all_of<B: AsRef<[u8]>>(
+        index: &crate::format::index::IndexReader<B>,
+        source: &Arc<dyn RangeSource>,
+    ) -> Vec<ChunkRef> {
+        (0..index.chunk_count())
+            .filter_map(|i| index.chunk(i).ok())
+            .map(|rec| ChunkRef {
+                rec,
+                source: source.clone(),
+            })
+            .collect()
+    }
+}
+
 type Waiters = Vec<oneshot::Sender<Result<(), FetchError>>>;
 
 /// Fetches chunks into the cache. One per process.
@@ -258,35 +274,23 @@ impl Fetcher {
         &self.opts
     }
 
-    /// Make every chunk of `chunks` present in the cache (fetching those that are missing),
-    /// or fail with the first error. `background` selects background fill instead of a read a
-    /// process waits on (see [`Fetcher::ensure_with`]).
-    pub async fn ensure(&self, chunks: &[ChunkRef], background: bool) -> Result<(), FetchError> {
-        let p = if background {
-            Priority::Background
-        } else {
-            Priority::Demand
-        };
-        self.ensure_with(chunks, p).await
-    }
-
-    /// [`Fetcher::ensure`] at priority `p`.
-    pub async fn ensure_with(&self, chunks: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
+    /// Make every chunk of `chunks` present in the cache (fetching those that are missing) at
+    /// priority `p`, or fail with the first error.
+    pub async fn ensure(&self, chunks: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
         if p == Priority::Background {
             // Held back before claiming anything: a read that needs one of these chunks
             // meanwhile fetches it itself instead of waiting on a held-back run.
-            self.yield_to_foreground(&[]).await;
+            self.yield_to_foreground().await;
         }
-        if p.is_foreground() && chunks.iter().any(|c| !self.cache.contains(&c.rec.digest)) {
-            self.fg_busy.fetch_add(1, Ordering::SeqCst);
-            let r = self.ensure_inner(chunks, p).await;
-            if self.fg_busy.fetch_sub(1, Ordering::SeqCst) == 1 {
-                *self.fg_idle_since.lock().expect("idle lock") = Instant::now();
-            }
-            r
-        } else {
-            self.ensure_inner(chunks, p).await
+        if !p.is_foreground() {
+            return self.ensure_inner(chunks, p).await;
         }
+        self.fg_busy.fetch_add(1, Ordering::SeqCst);
+        let r = self.ensure_inner(chunks, p).await;
+        if self.fg_busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.fg_idle_since.lock().expect("idle lock") = Instant::now();
+        }
+        r
     }
 
     /// The idle gap background fill leaves after foreground work: four times the measured
@@ -317,13 +321,9 @@ impl Fetcher {
             .any(|c| inflight.get(&c.rec.digest).is_some_and(|w| !w.is_empty()))
     }
 
-    /// Wait until no foreground fetch is queued or in flight and the idle gap has passed, or
-    /// until a reader waits on `run` itself.
-    async fn yield_to_foreground(&self, run: &[ChunkRef]) {
+    /// Wait until no foreground fetch is queued or in flight and the idle gap has passed.
+    async fn yield_to_foreground(&self) {
         loop {
-            if self.has_waiters(run) {
-                return;
-            }
             let busy = self.fg_busy.load(Ordering::SeqCst);
             let idle = self.fg_idle_since.lock().expect("idle lock").elapsed();
             let gap = self.idle_gap();
@@ -753,12 +753,12 @@ mod tests {
         let t0 = Instant::now();
         let fg = {
             let (f, r) = (f.clone(), refs[..1].to_vec());
-            tokio::spawn(async move { f.ensure(&r, false).await })
+            tokio::spawn(async move { f.ensure(&r, Priority::Demand).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         let bg = {
             let (f, r) = (f.clone(), refs[2..].to_vec());
-            tokio::spawn(async move { f.ensure(&r, true).await })
+            tokio::spawn(async move { f.ensure(&r, Priority::Background).await })
         };
         fg.await.unwrap().unwrap();
         let fg_done = t0.elapsed();
@@ -781,20 +781,23 @@ mod tests {
         // A long read keeps the foreground busy.
         let long = {
             let (f, r) = (f.clone(), refs[..1].to_vec());
-            tokio::spawn(async move { f.ensure(&r, false).await })
+            tokio::spawn(async move { f.ensure(&r, Priority::Demand).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         // Background claims chunks 2 and 3 and is held back.
         let bg = {
             let (f, r) = (f.clone(), refs[2..].to_vec());
-            tokio::spawn(async move { f.ensure(&r, true).await })
+            tokio::spawn(async move { f.ensure(&r, Priority::Background).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         let t = Instant::now();
-        tokio::time::timeout(Duration::from_secs(3), f.ensure(&refs[3..], false))
-            .await
-            .expect("the read waited on a held-back background run")
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            f.ensure(&refs[3..], Priority::Demand),
+        )
+        .await
+        .expect("the read waited on a held-back background run")
+        .unwrap();
         assert!(
             t.elapsed() < Duration::from_millis(900),
             "{:?}",
@@ -810,10 +813,14 @@ mod tests {
     async fn background_fill_bridges_small_holes() {
         let (dir, blob, refs, plain) = setup(5, Duration::from_millis(1));
         let f = fetcher(dir.path(), Duration::from_secs(5));
-        f.ensure(&[refs[1].clone()], false).await.unwrap();
-        f.ensure(&[refs[3].clone()], false).await.unwrap();
+        f.ensure(&[refs[1].clone()], Priority::Demand)
+            .await
+            .unwrap();
+        f.ensure(&[refs[3].clone()], Priority::Demand)
+            .await
+            .unwrap();
         assert_eq!(blob.requests.lock().unwrap().len(), 2);
-        f.ensure(&refs, true).await.unwrap();
+        f.ensure(&refs, Priority::Background).await.unwrap();
         let requests = blob.requests.lock().unwrap().clone();
         assert_eq!(
             requests.len(),
@@ -881,7 +888,9 @@ mod tests {
         for _ in 0..32 {
             let f = f.clone();
             let refs = refs.clone();
-            tasks.push(tokio::spawn(async move { f.ensure(&refs, false).await }));
+            tasks.push(tokio::spawn(async move {
+                f.ensure(&refs, Priority::Demand).await
+            }));
         }
         for t in tasks {
             t.await.unwrap().unwrap();
@@ -894,7 +903,7 @@ mod tests {
             );
         }
         // Present chunks are not fetched again.
-        f.ensure(&refs, false).await.unwrap();
+        f.ensure(&refs, Priority::Demand).await.unwrap();
         assert_eq!(blob.requests.lock().unwrap().len(), 1);
     }
 
@@ -903,7 +912,7 @@ mod tests {
         let (dir, blob, refs, plain) = setup(2, Duration::ZERO);
         blob.corrupt_first.store(2, Ordering::SeqCst);
         let f = fetcher(dir.path(), Duration::from_secs(10));
-        f.ensure(&refs, false).await.unwrap();
+        f.ensure(&refs, Priority::Demand).await.unwrap();
         assert_eq!(blob.requests.lock().unwrap().len(), 3);
         assert_eq!(f.counters.corrupt.load(Ordering::Relaxed), 2);
         assert_eq!(
@@ -921,12 +930,12 @@ mod tests {
         blob.fail_first.store(u64::MAX, Ordering::SeqCst);
         let f = fetcher(dir.path(), Duration::from_millis(600));
         let t = Instant::now();
-        let e = f.ensure(&refs, false).await.unwrap_err();
+        let e = f.ensure(&refs, Priority::Demand).await.unwrap_err();
         assert!(matches!(e, FetchError::Deadline { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(3));
         assert!(!f.cache.contains(&refs[0].rec.digest));
         // And it works once the source is healthy again.
         blob.fail_first.store(0, Ordering::SeqCst);
-        f.ensure(&refs, false).await.unwrap();
+        f.ensure(&refs, Priority::Demand).await.unwrap();
     }
 }

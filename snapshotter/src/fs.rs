@@ -603,7 +603,7 @@ impl Filesystem for LayerFs {
                 let fetcher = self.fetcher.clone();
                 self.rt.spawn(async move {
                     let _ = fetcher
-                        .ensure_with(&ahead, crate::fetch::Priority::Readahead)
+                        .ensure(&ahead, crate::fetch::Priority::Readahead)
                         .await;
                 });
             }
@@ -637,7 +637,7 @@ impl Filesystem for LayerFs {
             // Two tries: a chunk evicted or found damaged between fetch and read is fetched
             // once more.
             for _ in 0..2 {
-                if let Err(e) = fetcher.ensure(&refs, false).await {
+                if let Err(e) = fetcher.ensure(&refs, crate::fetch::Priority::Demand).await {
                     tracing::warn!(ino = ino.0, offset, size, "read failed: {e}");
                     counters.read_errors.fetch_add(1, Ordering::Relaxed);
                     reply.error(Errno::EIO);

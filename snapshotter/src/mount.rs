@@ -472,7 +472,7 @@ pub async fn background_fetch(
             // The recorded prefetch list: what the workload reads first, ahead of the fill and
             // not held back by it.
             if let Err(e) = fetcher
-                .ensure_with(&batch, crate::fetch::Priority::Prefetch)
+                .ensure(&batch, crate::fetch::Priority::Prefetch)
                 .await
             {
                 tracing::info!("background fetch: {e}; will retry on demand");
@@ -500,7 +500,7 @@ pub async fn background_fetch(
             } else {
                 crate::fetch::Priority::Background
             };
-            if let Err(e) = fetcher.ensure_with(&batch, p).await {
+            if let Err(e) = fetcher.ensure(&batch, p).await {
                 tracing::info!("background fetch: {e}; will retry on demand");
             }
             batch.clear();
@@ -508,7 +508,10 @@ pub async fn background_fetch(
         }
     }
     if !batch.is_empty() && !stop.load(Ordering::Relaxed) {
-        if let Err(e) = fetcher.ensure(&batch, true).await {
+        if let Err(e) = fetcher
+            .ensure(&batch, crate::fetch::Priority::Background)
+            .await
+        {
             tracing::info!("background fetch: {e}; will retry on demand");
         }
     }

@@ -175,10 +175,8 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
             Err(e) => {
                 let e = e.context(format!("resolving {name}"));
                 return Err(
-                    match crate::daemon::remote::explain_fallback(&e, reference.registry()).await {
-                        Some(fix) => {
-                            anyhow::anyhow!("{e:#}\nfix: {}", fix.replace(" to beam pull", ""))
-                        }
+                    match crate::remote::diagnose(&e, reference.registry()).await {
+                        Some(fix) => anyhow::anyhow!("{e:#}\nfix: {fix}"),
                         None => e,
                     },
                 );

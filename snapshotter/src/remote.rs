@@ -558,6 +558,100 @@ pub fn docker_auth(registry: &str) -> RegistryAuth {
     }
 }
 
+/// What to change so that a registry request that failed with `e` succeeds, when the cause is
+/// a setting (plain HTTP vs HTTPS, an untrusted certificate, credentials, an unreachable
+/// host); `None` otherwise (the message says it all). A failed TLS handshake is checked by
+/// asking `host` over plain HTTP (2 s at most): only a registry that answers is said to serve
+/// plain HTTP. Used for the daemon's fallbacks and `beam pull`'s own errors.
+pub async fn diagnose(e: &anyhow::Error, host: &str) -> Option<String> {
+    let text = format!("{e:#}").to_ascii_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    if has(&[
+        "tls handshake eof",
+        "invalid http version",
+        "wrong version number",
+        "corrupt message",
+        "invalidcontenttype",
+        "invalid content type",
+        "http request to an https server",
+        "record overflow",
+    ]) {
+        return Some(if answers_plain_http(host).await {
+            format!(
+                "the registry {host} answered plain HTTP; it serves plain HTTP: pass --plain-http \
+                 to beam pull, or add it to hosts.toml (server = \"http://{host}\") or to \
+                 beam-snapshotter's config ([[registry]] host = \"{host}\", plain_http = true) \
+                 for every pull"
+            )
+        } else {
+            format!(
+                "the TLS handshake with {host} failed: check that it serves HTTPS on that port; a \
+                 registry on plain HTTP needs --plain-http (beam pull) or server = \"http://{host}\" \
+                 in its hosts.toml"
+            )
+        });
+    }
+    if has(&[
+        "invalid peer certificate",
+        "unknownissuer",
+        "unknown issuer",
+        "certificate verify failed",
+        "notvalidforname",
+        "bad certificate",
+    ]) {
+        Some(format!(
+            "the TLS certificate of {host} is not trusted: pass --ca-file CA.pem to beam pull, or \
+             add `ca = \"CA.pem\"` to its hosts.toml"
+        ))
+    } else if has(&["401", "unauthorized", "403 forbidden", "denied"]) {
+        Some(format!(
+            "{host} refused the credentials: log in (`docker login {host}` writes \
+             ~/.docker/config.json; beam pull passes $DOCKER_CONFIG on) or fix the pull secret"
+        ))
+    } else if has(&[
+        "connection refused",
+        "dns error",
+        "failed to lookup address",
+        "no route to host",
+        "timed out",
+    ]) {
+        Some(format!(
+            "{host} cannot be reached: check the address and the node's network, or name a \
+             mirror in hosts.toml"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Whether `host` (`name[:port]`, port 80 if none) answers an HTTP/1.1 request in plain text.
+async fn answers_plain_http(host: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        host.to_string()
+    } else {
+        format!("{host}:80")
+    };
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        s.write_all(
+            format!("GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut buf = [0u8; 8];
+        s.read_exact(&mut buf).await.ok()?;
+        Some(buf.starts_with(b"HTTP/1."))
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
+        Ok(Some(true))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -621,5 +715,47 @@ mod tests {
             docker_auth_from(&path, "elsewhere:5000"),
             RegistryAuth::Anonymous
         ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_handshake_is_called_plain_http_only_if_the_host_answers_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = anyhow::anyhow!("client error (Connect): tls handshake eof");
+        // A plain-HTTP server.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 256];
+            let _ = c.read(&mut buf).await;
+            let _ = c
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                .await;
+        });
+        let fix = diagnose(&e, &host).await.unwrap();
+        assert!(
+            fix.contains("answered plain HTTP") && fix.contains("--plain-http"),
+            "{fix}"
+        );
+        // A server that closes without a word: not said to be plain HTTP.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (c, _) = l.accept().await.unwrap();
+            drop(c);
+        });
+        let fix = diagnose(&e, &host).await.unwrap();
+        assert!(fix.contains("TLS handshake with"), "{fix}");
+    }
+
+    #[tokio::test]
+    async fn other_registry_errors_name_the_setting() {
+        let cert = anyhow::anyhow!("invalid peer certificate: UnknownIssuer");
+        assert!(diagnose(&cert, "r").await.unwrap().contains("--ca-file"));
+        let auth = anyhow::anyhow!("Not authorized: url https://r/v2/ 401");
+        assert!(diagnose(&auth, "r").await.unwrap().contains("credentials"));
+        // Not a setting: the message says it all.
+        let none = anyhow::anyhow!("image sha256:00 has no Beam conversion");
+        assert!(diagnose(&none, "r").await.is_none());
     }
 }

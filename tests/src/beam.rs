@@ -27,6 +27,43 @@ pub fn ok(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `beam pull --address CONTAINERD --namespace NS --plain-http [--json] IMAGE`, to completion.
+pub fn pull(c: &crate::Containerd, image: &str, json: bool) -> Result<Output> {
+    let mut args = vec![
+        "pull",
+        "--address",
+        c.address()
+            .to_str()
+            .context("containerd socket path is not UTF-8")?,
+        "--namespace",
+        c.namespace(),
+        "--plain-http",
+    ];
+    if json {
+        args.push("--json");
+    }
+    args.push(image);
+    run(&args)
+}
+
+/// `beam doctor` against containerd `c` (its config file and socket) and the daemon on
+/// `beam_socket`: (success, stdout).
+pub fn doctor(c: &crate::Containerd, beam_socket: &Path) -> Result<(bool, String)> {
+    let out = run(&[
+        "doctor",
+        "--containerd-config",
+        c.config_path().to_str().context("utf-8")?,
+        "--address",
+        c.address().to_str().context("utf-8")?,
+        "--beam-address",
+        beam_socket.to_str().context("utf-8")?,
+    ])?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
 /// Whether `path` is a mountpoint (per /proc/self/mountinfo).
 pub fn is_mountpoint(path: &Path) -> bool {
     let Ok(canon) = path.canonicalize() else {

@@ -144,19 +144,7 @@ impl Env {
 
     /// `beam doctor` against this containerd and daemon: (success, stdout).
     fn doctor(&self) -> Result<(bool, String)> {
-        let out = beam::run(&[
-            "doctor",
-            "--containerd-config",
-            self.containerd.config_path().to_str().context("utf-8")?,
-            "--address",
-            self.containerd.address().to_str().context("utf-8")?,
-            "--beam-address",
-            self.daemon.socket().to_str().context("utf-8")?,
-        ])?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        ))
+        beam::doctor(&self.containerd, self.daemon.socket())
     }
 
     /// Asserts that none of `layers` was downloaded whole.

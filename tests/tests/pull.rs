@@ -14,16 +14,9 @@ use std::time::Duration;
 
 /// `beam pull --address ... --namespace ... --plain-http IMAGE --json`.
 fn beam_pull(c: &Containerd, image: &str) -> Result<serde_json::Value> {
-    let out = beam::ok(&[
-        "pull",
-        "--address",
-        c.address().to_str().context("utf-8")?,
-        "--namespace",
-        c.namespace(),
-        "--plain-http",
-        "--json",
-        image,
-    ])?;
+    let out = beam::pull(c, image, true)?;
+    ensure!(out.status.success(), "beam pull failed: {out:?}");
+    let out = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(&out).with_context(|| format!("beam pull printed {out}"))
 }
 
@@ -274,15 +267,7 @@ fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
 #[test]
 fn beam_pull_names_the_cause_and_fix_of_a_fallback() -> Result<()> {
     let (_reg, _proxy, images, d, c) = start(&["--no-background-fetch", "--ignore-pull-settings"])?;
-    let out = beam::run(&[
-        "pull",
-        "--address",
-        c.address().to_str().context("utf-8")?,
-        "--namespace",
-        c.namespace(),
-        "--plain-http",
-        &images.converted,
-    ])?;
+    let out = beam::pull(&c, &images.converted, false)?;
     ensure!(out.status.success(), "beam pull failed: {out:?}");
     let text = format!(
         "{}{}",
@@ -318,20 +303,8 @@ fn beam_pull_names_the_cause_and_fix_of_a_fallback() -> Result<()> {
         "beam pull --json: {r}"
     );
     // `beam doctor` fails and names the same fix.
-    let doc = beam::run(&[
-        "doctor",
-        "--containerd-config",
-        c.config_path().to_str().context("utf-8")?,
-        "--address",
-        c.address().to_str().context("utf-8")?,
-        "--beam-address",
-        d.socket().to_str().context("utf-8")?,
-    ])?;
-    let report = String::from_utf8_lossy(&doc.stdout).into_owned();
-    ensure!(
-        !doc.status.success(),
-        "beam doctor passed after a fallback:\n{report}"
-    );
+    let (doctor_ok, report) = beam::doctor(&c, d.socket())?;
+    ensure!(!doctor_ok, "beam doctor passed after a fallback:\n{report}");
     ensure!(
         report.contains("last fallback") && report.contains(fix),
         "beam doctor does not name the fix:\n{report}"

@@ -356,7 +356,7 @@ fn ensure_holder(
             beam::takeover::HolderClient::connect(socket).and_then(|c| c.attach(grace).map(|()| c));
         match attached {
             Ok(c) => return Ok(Some(c)),
-            Err(beam::takeover::TakeoverError::Refused(m)) if m.contains("releasing") => {
+            Err(beam::takeover::TakeoverError::Refused(m)) if m == beam::takeover::RELEASING => {
                 // Its grace period ran out just now: it is exiting. Start a new one.
                 if std::time::Instant::now() > deadline {
                     anyhow::bail!("the fd holder on {} keeps releasing", socket.display());
@@ -567,7 +567,6 @@ fn stop(config: &Config) -> Result<()> {
     match beam::takeover::HolderClient::connect(&socket) {
         Ok(c) => {
             let n = c.list().map(|l| l.len()).unwrap_or(0);
-            let c = beam::takeover::HolderClient::connect(&socket)?;
             c.release().with_context(|| {
                 format!(
                     "asking the fd holder on {} to release (a holder of an older version: kill \

@@ -21,6 +21,42 @@ pub struct SnapshotService {
 }
 
 impl SnapshotService {
+    /// Count, log and remember a lazy mount that failed with `e` (containerd downloads the
+    /// layer instead); the labels that say why and what to change, for the fallback snapshot.
+    async fn note_fallback(
+        &self,
+        e: &anyhow::Error,
+        target: &str,
+        l: &BTreeMap<String, String>,
+    ) -> Vec<(String, String)> {
+        use super::remote::labels as rl;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counters.fallbacks.fetch_add(1, Relaxed);
+        let layer = l.get(rl::LAYER_DIGEST).map(String::as_str).unwrap_or("?");
+        if !l.contains_key(rl::IMAGE_REF) && !l.contains_key(rl::LAYER_DIGEST) {
+            self.counters.unlabelled.fetch_add(1, Relaxed);
+        }
+        let host = l
+            .get(rl::IMAGE_REF)
+            .and_then(|r| crate::remote::parse_reference(r).ok())
+            .map(|r| r.registry().to_string())
+            .unwrap_or_else(|| "the registry".into());
+        let fix = crate::remote::diagnose(e, &host).await.unwrap_or_default();
+        tracing::info!(
+            layer,
+            target,
+            fix,
+            "no lazy mount, containerd will download the layer: {e:#}"
+        );
+        if let Ok(mut last) = self.counters.last_fallback.lock() {
+            *last = format!("layer {layer} (target {target}): {e:#}");
+        }
+        if let Ok(mut last) = self.counters.last_fallback_fix.lock() {
+            last.clone_from(&fix);
+        }
+        super::remote::fallback_labels::labels(&format!("{e:#}"), &fix)
+    }
+
     /// Count an error answer (a Stat of a missing snapshot is a question, not an error).
     fn counted<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
         if let Err(e) = &r {
@@ -132,9 +168,9 @@ impl cs::Snapshotter for SnapshotService {
         parent: String,
         l: HashMap<String, String>,
     ) -> Result<Vec<cs::api::types::Mount>, Status> {
-        let l = labels(l);
+        let mut l = labels(l);
         if let Some(remote) = &self.remote {
-            if let Some(target) = l.get(super::remote::labels::TARGET_REF) {
+            if let Some(target) = l.get(super::remote::labels::TARGET_REF).cloned() {
                 match remote.prepare(&self.snapshots, &key, &parent, &l).await {
                     Ok(true) => {
                         self.counters
@@ -146,62 +182,9 @@ impl cs::Snapshotter for SnapshotService {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        use std::sync::atomic::Ordering::Relaxed;
-                        self.counters.fallbacks.fetch_add(1, Relaxed);
-                        let layer = l
-                            .get(super::remote::labels::LAYER_DIGEST)
-                            .cloned()
-                            .unwrap_or_else(|| "?".into());
-                        if !l.contains_key(super::remote::labels::IMAGE_REF)
-                            && !l.contains_key(super::remote::labels::LAYER_DIGEST)
-                        {
-                            self.counters.unlabelled.fetch_add(1, Relaxed);
-                        }
-                        let host = l
-                            .get(super::remote::labels::IMAGE_REF)
-                            .and_then(|r| crate::remote::parse_reference(r).ok())
-                            .map(|r| r.registry().to_string())
-                            .unwrap_or_else(|| "the registry".into());
-                        let fix = super::remote::explain_fallback(&e, &host)
-                            .await
-                            .unwrap_or_default();
-                        let reason = format!("layer {layer} (target {target}): {e:#}");
-                        tracing::info!(
-                            layer,
-                            target = %target,
-                            fix,
-                            "no lazy mount, containerd will download the layer: {e:#}"
-                        );
-                        if let Ok(mut last) = self.counters.last_fallback.lock() {
-                            *last = reason;
-                        }
-                        if let Ok(mut last) = self.counters.last_fallback_fix.lock() {
-                            last.clone_from(&fix);
-                        }
-                        // Said on the fallback snapshot too, for the client that asked
-                        // (containerd's 4 KiB label limit).
-                        let cut = |s: String| -> String {
-                            let mut s = s;
-                            if s.len() > 3000 {
-                                let mut at = 3000;
-                                while !s.is_char_boundary(at) {
-                                    at -= 1;
-                                }
-                                s.truncate(at);
-                            }
-                            s
-                        };
-                        let mut l2 = l.clone();
-                        l2.insert(
-                            super::remote::fallback_labels::REASON.into(),
-                            cut(format!("{e:#}")),
-                        );
-                        if !fix.is_empty() {
-                            l2.insert(super::remote::fallback_labels::FIX.into(), cut(fix));
-                        }
-                        let s = self.snapshots.clone();
-                        let r = blocking(move || s.create(Kind::Active, &key, &parent, l2)).await;
-                        return self.counted(r).map(to_pb_mounts);
+                        // The ordinary snapshot containerd fills says why, for the client.
+                        let said = self.note_fallback(&e, &target, &l).await;
+                        l.extend(said);
                     }
                 }
             }

@@ -57,116 +57,23 @@ pub mod fallback_labels {
     pub const REASON: &str = "dev.beam.lazy.fallback";
     /// The setting to change, when the cause is one.
     pub const FIX: &str = "dev.beam.lazy.fix";
-}
+    /// Longest value written (containerd limits a label to 4 KiB, name included).
+    const MAX_VALUE: usize = 3000;
 
-/// What to change so that a lazy mount that failed with `e` succeeds, when the cause is a
-/// setting (plain HTTP vs HTTPS, an untrusted certificate, credentials, an unreachable host);
-/// `None` otherwise (no conversion, a broken artifact: the message says it). A failed TLS
-/// handshake is checked by asking `host` over plain HTTP (2 s at most): only a registry that
-/// answers it is said to serve plain HTTP.
-pub async fn explain_fallback(e: &anyhow::Error, host: &str) -> Option<String> {
-    if is_tls_handshake_failure(e) {
-        return Some(if answers_plain_http(host).await {
-            plain_http_fix(host)
-        } else {
-            format!(
-                "the TLS handshake with {host} failed: check that it serves HTTPS on that \
-                 port; a registry on plain HTTP needs --plain-http (beam pull) or \
-                 server = \"http://{host}\" in its hosts.toml"
-            )
-        });
-    }
-    fallback_fix(e, host)
-}
-
-fn plain_http_fix(host: &str) -> String {
-    format!(
-        "the registry {host} answered plain HTTP; it serves plain HTTP: pass --plain-http to \
-         beam pull, or add it to hosts.toml (server = \"http://{host}\") or to beam-snapshotter's \
-         config ([[registry]] host = \"{host}\", plain_http = true) for every pull"
-    )
-}
-
-fn is_tls_handshake_failure(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}").to_ascii_lowercase();
-    [
-        "tls handshake eof",
-        "invalid http version",
-        "wrong version number",
-        "corrupt message",
-        "invalidcontenttype",
-        "invalid content type",
-        "http request to an https server",
-        "record overflow",
-    ]
-    .iter()
-    .any(|n| text.contains(n))
-}
-
-/// Whether `host` (`name[:port]`, port 80 if none) answers an HTTP/1.1 request in plain text.
-async fn answers_plain_http(host: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = if host
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        host.to_string()
-    } else {
-        format!("{host}:80")
-    };
-    let probe = async {
-        let mut s = tokio::net::TcpStream::connect(&addr).await.ok()?;
-        s.write_all(
-            format!("GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut buf = [0u8; 8];
-        s.read_exact(&mut buf).await.ok()?;
-        Some(buf.starts_with(b"HTTP/1."))
-    };
-    matches!(
-        tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
-        Ok(Some(true))
-    )
-}
-
-/// [`explain_fallback`] from the error text alone (no probe).
-pub fn fallback_fix(e: &anyhow::Error, host: &str) -> Option<String> {
-    let text = format!("{e:#}").to_ascii_lowercase();
-    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
-    if is_tls_handshake_failure(e) {
-        Some(plain_http_fix(host))
-    } else if has(&[
-        "invalid peer certificate",
-        "unknownissuer",
-        "unknown issuer",
-        "certificate verify failed",
-        "notvalidforname",
-        "bad certificate",
-    ]) {
-        Some(format!(
-            "the TLS certificate of {host} is not trusted: pass --ca-file CA.pem to beam pull, or \
-             add `ca = \"CA.pem\"` to its hosts.toml"
-        ))
-    } else if has(&["401", "unauthorized", "403 forbidden", "denied"]) {
-        Some(format!(
-            "{host} refused the credentials: log in (`docker login {host}` writes \
-             ~/.docker/config.json; beam pull passes $DOCKER_CONFIG on) or fix the pull secret"
-        ))
-    } else if has(&[
-        "connection refused",
-        "dns error",
-        "failed to lookup address",
-        "no route to host",
-        "timed out",
-    ]) {
-        Some(format!(
-            "beam-snapshotter cannot reach {host}: check the address and the node's network, or \
-             name a mirror in hosts.toml"
-        ))
-    } else {
-        None
+    /// The labels saying `reason` and `fix` (none for an empty fix), cut to fit.
+    pub fn labels(reason: &str, fix: &str) -> Vec<(String, String)> {
+        let cut = |s: &str| {
+            let mut at = s.len().min(MAX_VALUE);
+            while !s.is_char_boundary(at) {
+                at -= 1;
+            }
+            s[..at].to_string()
+        };
+        let mut out = vec![(REASON.to_string(), cut(reason))];
+        if !fix.is_empty() {
+            out.push((FIX.to_string(), cut(fix)));
+        }
+        out
     }
 }
 
@@ -392,15 +299,9 @@ impl RemoteLayers {
             tokio::spawn(async move {
                 let Ok(index) = load.await else { return };
                 if let Some((fetcher, source)) = whole {
-                    let chunks: Vec<crate::fetch::ChunkRef> = (0..index.chunk_count())
-                        .filter_map(|i| index.chunk(i).ok())
-                        .map(|rec| crate::fetch::ChunkRef {
-                            rec,
-                            source: source.clone(),
-                        })
-                        .collect();
+                    let chunks = crate::fetch::ChunkRef::all_of(&index, &source);
                     let _ = fetcher
-                        .ensure_with(&chunks, crate::fetch::Priority::Prefetch)
+                        .ensure(&chunks, crate::fetch::Priority::Prefetch)
                         .await;
                 }
             });
@@ -452,18 +353,11 @@ impl RemoteLayers {
         if size == 0 || size > self.whole_layer_max_bytes {
             return;
         }
-        let source = m.source.clone();
-        let chunks: Vec<crate::fetch::ChunkRef> = (0..m.index.chunk_count())
-            .filter_map(|i| m.index.chunk(i).ok())
-            .map(|rec| crate::fetch::ChunkRef {
-                rec,
-                source: source.clone(),
-            })
-            .collect();
+        let chunks = crate::fetch::ChunkRef::all_of(&m.index, &m.source);
         let t0 = Instant::now();
         match self
             .fetcher
-            .ensure_with(&chunks, crate::fetch::Priority::Demand)
+            .ensure(&chunks, crate::fetch::Priority::Demand)
             .await
         {
             Ok(()) => tracing::debug!(
@@ -744,60 +638,5 @@ impl RemoteLayers {
             .drain()
             .map(|(_, m)| m)
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_failed_handshake_is_called_plain_http_only_if_the_host_answers_it() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let e = anyhow::anyhow!("client error (Connect): tls handshake eof");
-        // A plain-HTTP server.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let host = l.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut c, _) = l.accept().await.unwrap();
-            let mut buf = [0u8; 256];
-            let _ = c.read(&mut buf).await;
-            let _ = c
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-                .await;
-        });
-        let fix = explain_fallback(&e, &host).await.unwrap();
-        assert!(
-            fix.contains("answered plain HTTP") && fix.contains("--plain-http"),
-            "{fix}"
-        );
-        // A server that closes without a word: not said to be plain HTTP.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let host = l.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (c, _) = l.accept().await.unwrap();
-            drop(c);
-        });
-        let fix = explain_fallback(&e, &host).await.unwrap();
-        assert!(fix.contains("TLS handshake with"), "{fix}");
-    }
-
-    #[test]
-    fn fallback_fixes_name_the_setting() {
-        let http = anyhow::anyhow!("invalid HTTP version parsed")
-            .context("error sending request for url (https://r:5000/v2/)")
-            .context("fetching manifest r:5000/a/b@sha256:00");
-        let fix = fallback_fix(&http, "r:5000").unwrap();
-        assert!(
-            fix.contains("plain HTTP") && fix.contains("--plain-http"),
-            "{fix}"
-        );
-        let cert = anyhow::anyhow!("invalid peer certificate: UnknownIssuer");
-        assert!(fallback_fix(&cert, "r").unwrap().contains("--ca-file"));
-        let auth = anyhow::anyhow!("Not authorized: url https://r/v2/ 401");
-        assert!(fallback_fix(&auth, "r").unwrap().contains("credentials"));
-        // Not a setting: the message says it all.
-        let none = anyhow::anyhow!("image sha256:00 has no Beam conversion");
-        assert!(fallback_fix(&none, "r").is_none());
     }
 }

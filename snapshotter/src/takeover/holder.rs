@@ -63,6 +63,10 @@ struct Life {
 
 type Lives = Arc<Mutex<Life>>;
 
+/// What a holder answers an `attach` while it lets go of everything (the daemon then starts a
+/// new holder).
+pub const RELEASING: &str = "this holder is releasing its connections and exiting";
+
 /// What a holder does once it let go of everything (the holder process exits).
 type OnRelease = Arc<dyn Fn() + Send + Sync>;
 
@@ -391,7 +395,7 @@ fn serve_connection(
                 };
                 let reply = if refused {
                     Message::Error {
-                        message: "this holder is releasing its connections and exiting".into(),
+                        message: RELEASING.into(),
                     }
                 } else {
                     Message::Ok

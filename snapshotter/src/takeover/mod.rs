@@ -33,7 +33,7 @@ pub mod session;
 #[cfg(test)]
 mod tests;
 
-pub use holder::{run_holder, HolderClient, HolderEntry};
+pub use holder::{run_holder, HolderClient, HolderEntry, RELEASING};
 pub use open_table::{OpenSlot, OpenTable};
 pub use session::{notify_resend, take_over, InitParams};
 

@@ -745,21 +745,25 @@ mod tests {
         ))
     }
 
+    /// `f.ensure(chunks, p)` on a task of its own.
+    fn spawn_ensure(
+        f: &Arc<Fetcher>,
+        chunks: &[ChunkRef],
+        p: Priority,
+    ) -> tokio::task::JoinHandle<Result<(), FetchError>> {
+        let (f, r) = (f.clone(), chunks.to_vec());
+        tokio::spawn(async move { f.ensure(&r, p).await })
+    }
+
     /// Background fill sends nothing while a read is in flight, and waits an idle gap after it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn background_fill_waits_for_the_foreground() {
         let (dir, blob, refs, _) = setup(6, Duration::from_millis(200));
         let f = fetcher(dir.path(), Duration::from_secs(5));
         let t0 = Instant::now();
-        let fg = {
-            let (f, r) = (f.clone(), refs[..1].to_vec());
-            tokio::spawn(async move { f.ensure(&r, Priority::Demand).await })
-        };
+        let fg = spawn_ensure(&f, &refs[..1], Priority::Demand);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let bg = {
-            let (f, r) = (f.clone(), refs[2..].to_vec());
-            tokio::spawn(async move { f.ensure(&r, Priority::Background).await })
-        };
+        let bg = spawn_ensure(&f, &refs[2..], Priority::Background);
         fg.await.unwrap().unwrap();
         let fg_done = t0.elapsed();
         bg.await.unwrap().unwrap();
@@ -772,23 +776,18 @@ mod tests {
         );
     }
 
-    /// A read of a chunk that a held-back background run has claimed gets it now, not after
-    /// the foreground goes idle (which it never would while that read waits).
+    /// A read of a chunk that held-back background fill also wants gets it now, not after the
+    /// foreground goes idle (which it never would while that read waits): the fill claims no
+    /// chunk while it is held back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_read_promotes_the_background_run_it_waits_on() {
+    async fn a_read_never_waits_on_held_back_fill() {
         let (dir, _blob, refs, _) = setup(4, Duration::from_millis(300));
         let f = fetcher(dir.path(), Duration::from_secs(10));
         // A long read keeps the foreground busy.
-        let long = {
-            let (f, r) = (f.clone(), refs[..1].to_vec());
-            tokio::spawn(async move { f.ensure(&r, Priority::Demand).await })
-        };
+        let long = spawn_ensure(&f, &refs[..1], Priority::Demand);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        // Background claims chunks 2 and 3 and is held back.
-        let bg = {
-            let (f, r) = (f.clone(), refs[2..].to_vec());
-            tokio::spawn(async move { f.ensure(&r, Priority::Background).await })
-        };
+        // Background fill wants chunks 2 and 3 and is held back.
+        let bg = spawn_ensure(&f, &refs[2..], Priority::Background);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let t = Instant::now();
         tokio::time::timeout(

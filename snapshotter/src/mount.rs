@@ -450,69 +450,45 @@ pub async fn background_fetch(
             }
         }
     }
-    // The recorded files go first, in a batch of their own (a batch is fetched in offset
-    // order, which would otherwise mix them with the rest).
-    let recorded = order.len();
+    // The recorded files first, at prefetch priority in large merged requests, then (with
+    // `fill`) the rest at background priority in requests sized to the link, one per batch so
+    // that each waits its turn behind the foreground. Batches never mix the two (a batch is
+    // fetched in offset order).
+    let mut rest = Vec::new();
     if fill {
-        for c in 0..index.chunk_count() {
-            if seen.insert(c) {
-                order.push(c);
-            }
-        }
+        rest.extend((0..index.chunk_count()).filter(|c| !seen.contains(c)));
     }
-    // The recorded list in large merged requests; the fill in requests sized to the link (one
-    // request per batch, so that each waits its turn behind the foreground).
-    let mut batch: Vec<ChunkRef> = Vec::new();
-    let mut batch_bytes = 0u64;
-    for (n, c) in order.into_iter().enumerate() {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        if n == recorded && !batch.is_empty() {
-            // The recorded prefetch list: what the workload reads first, ahead of the fill and
-            // not held back by it.
-            if let Err(e) = fetcher
-                .ensure(&batch, crate::fetch::Priority::Prefetch)
-                .await
-            {
-                tracing::info!("background fetch: {e}; will retry on demand");
+    for (chunks, p) in [
+        (order, crate::fetch::Priority::Prefetch),
+        (rest, crate::fetch::Priority::Background),
+    ] {
+        let mut batch: Vec<ChunkRef> = Vec::new();
+        let mut batch_bytes = 0u64;
+        let n = chunks.len();
+        for (i, c) in chunks.into_iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                return;
             }
-            batch.clear();
-            batch_bytes = 0;
-        }
-        let Ok(rec) = index.chunk(c) else { continue };
-        if fetcher.cache.contains(&rec.digest) {
-            continue;
-        }
-        batch_bytes += rec.stored_len as u64;
-        batch.push(ChunkRef {
-            rec,
-            source: source.clone(),
-        });
-        let max = if n < recorded {
-            fetcher.options().max_request_bytes
-        } else {
-            fetcher.background_request_bytes()
-        };
-        if batch_bytes >= max {
-            let p = if n < recorded {
-                crate::fetch::Priority::Prefetch
-            } else {
-                crate::fetch::Priority::Background
+            if let Ok(rec) = index.chunk(c) {
+                if !fetcher.cache.contains(&rec.digest) {
+                    batch_bytes += rec.stored_len as u64;
+                    batch.push(ChunkRef {
+                        rec,
+                        source: source.clone(),
+                    });
+                }
+            }
+            let max = match p {
+                crate::fetch::Priority::Background => fetcher.background_request_bytes(),
+                _ => fetcher.options().max_request_bytes,
             };
-            if let Err(e) = fetcher.ensure(&batch, p).await {
-                tracing::info!("background fetch: {e}; will retry on demand");
+            if !batch.is_empty() && (batch_bytes >= max || i + 1 == n) {
+                if let Err(e) = fetcher.ensure(&batch, p).await {
+                    tracing::info!("background fetch: {e}; will retry on demand");
+                }
+                batch.clear();
+                batch_bytes = 0;
             }
-            batch.clear();
-            batch_bytes = 0;
-        }
-    }
-    if !batch.is_empty() && !stop.load(Ordering::Relaxed) {
-        if let Err(e) = fetcher
-            .ensure(&batch, crate::fetch::Priority::Background)
-            .await
-        {
-            tracing::info!("background fetch: {e}; will retry on demand");
         }
     }
     tracing::debug!(source = %source.describe(), "background fetch done");

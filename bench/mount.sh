@@ -19,7 +19,7 @@ SECTIONS=${SECTIONS:-1234}
 [ "$(id -u)" = 0 ] || { echo "bench/mount.sh: run as root" >&2; exit 1; }
 bash .ci/install-deps.sh
 cargo build --release -q -p beam --bin beam
-beam=$root/target/release/beam
+beam=${CARGO_TARGET_DIR:-$root/target}/release/beam
 mkdir -p target/bench
 scratch=$(mktemp -d /tmp/beam-bench.XXXXXX)
 reg_pid=

@@ -32,8 +32,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEAM = os.path.join(ROOT, "target/release/beam")
-SNAPSHOTTER = os.path.join(ROOT, "target/release/beam-snapshotter")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+BEAM = os.path.join(TARGET, "release/beam")
+SNAPSHOTTER = os.path.join(TARGET, "release/beam-snapshotter")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ case "$containerd_version" in
   *) echo "bench/start.sh: --containerd takes 1.6, 1.7 or 2" >&2; exit 1 ;;
 esac
 cargo build --release -q -p beam --bins
-beam=$root/target/release/beam
+beam=${CARGO_TARGET_DIR:-$root/target}/release/beam
 
 work=$root/target/bench/start
 mkdir -p "$work"

@@ -18,8 +18,8 @@ echo "==> installing packages"
 bash .ci/install-deps.sh
 echo "==> building beam and beam-snapshotter (release)"
 cargo build --release -p beam --bins -q
-beam=$root/target/release/beam
-snapshotter=$root/target/release/beam-snapshotter
+beam=${CARGO_TARGET_DIR:-$root/target}/release/beam
+snapshotter=${CARGO_TARGET_DIR:-$root/target}/release/beam-snapshotter
 
 scratch=$(mktemp -d /tmp/beam-quickstart.XXXXXX)
 ns=beam-quickstart

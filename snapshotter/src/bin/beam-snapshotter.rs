@@ -203,7 +203,21 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config, args.plain_http)) {
+    // One daemon per root. A successor started while its predecessor is still exiting waits
+    // for this lock: taking a FUSE connection over while the old process still reads it would
+    // race. It is let go only once the runtime, and with it every fetch task still writing to
+    // the cache, has stopped (`--stop` and successors go by it).
+    let root_lock = match rt.block_on(lock_root(&config.root)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("beam-snapshotter: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(run(config, args.plain_http));
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    drop(root_lock);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("beam-snapshotter: {e:#}");
@@ -213,9 +227,6 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
-    // One daemon per root. A successor started while its predecessor is still exiting waits
-    // here: taking a FUSE connection over while the old process still reads it would race.
-    let _root_lock = lock_root(&config.root).await?;
     let snapshots = Arc::new(
         beam::snapshot::Snapshots::open(&config.root.join("snapshotter"))
             .with_context(|| format!("opening snapshots under {}", config.root.display()))?,

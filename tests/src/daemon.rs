@@ -162,8 +162,16 @@ fn holder_pid(root: &Path) -> Option<u32> {
         .ok()
 }
 
-/// Kills the fd holder a daemon on ROOT started (PID in ROOT/holder.pid) on drop.
-struct HolderGuard(PathBuf);
+/// Kills the fd holder a daemon on ROOT started (PID in ROOT/holder.pid) on drop: with
+/// takeover on (the default) a daemon leaves one behind, which would otherwise keep the test's
+/// layers for the grace period. Drop it after the daemon.
+pub struct HolderGuard(PathBuf);
+
+impl HolderGuard {
+    pub fn new(root: &Path) -> HolderGuard {
+        HolderGuard(root.to_path_buf())
+    }
+}
 
 impl Drop for HolderGuard {
     fn drop(&mut self) {

@@ -35,6 +35,7 @@ fn start_daemon(root: &Path, socket: &Path, log: &Path, args: &[&str]) -> Result
 /// A running beam-snapshotter, stopped by PID on drop.
 struct Daemon {
     child: ChildGuard,
+    _holder: beam_tests::daemon::HolderGuard,
     socket: PathBuf,
     root: PathBuf,
     _unmount: util::UnmountOnDrop,
@@ -49,6 +50,7 @@ impl Daemon {
         let child = start_daemon(&root, &socket, &dir.path().join("daemon.log"), &[])?;
         Ok(Daemon {
             child,
+            _holder: beam_tests::daemon::HolderGuard::new(&root),
             socket,
             _unmount: util::UnmountOnDrop(root.clone()),
             root,
@@ -311,6 +313,7 @@ mod remote {
         let dir = util::short_tempdir()?;
         let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");
+        let _holder = beam_tests::daemon::HolderGuard::new(&root);
         let socket = dir.path().join("beam.sock");
         let log = dir.path().join("daemon.log");
         let metrics = format!("127.0.0.1:{}", util::free_port()?);
@@ -559,6 +562,7 @@ mod storm {
         let dir = util::short_tempdir()?;
         let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");
+        let _holder = beam_tests::daemon::HolderGuard::new(&root);
         let socket = dir.path().join("beam.sock");
         let log = dir.path().join("d.log");
         let mut daemon = start(&root, &socket, &log)?;
@@ -653,6 +657,7 @@ mod footprint {
         let dir = util::short_tempdir()?;
         let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");
+        let _holder = beam_tests::daemon::HolderGuard::new(&root);
         let socket = dir.path().join("beam.sock");
         let log = dir.path().join("d.log");
         let mut daemon = start_daemon(

@@ -21,14 +21,11 @@
 //! - Retries with exponential backoff and jitter on 5xx, truncated bodies, connection errors
 //!   and timeouts; every attempt has a timeout.
 
+use crate::blob::BlobError;
+pub use crate::blob::RangeSource;
 use crate::cache::ChunkCache;
 use crate::format::chunk::{self, ChunkDigest};
 use crate::format::index::ChunkRecord;
-use crate::remote::Registry;
-use bytes::Bytes;
-use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
-use oci_client::Reference;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +49,15 @@ pub enum FetchError {
     },
     #[error("local cache: {0}")]
     Cache(String),
+}
+
+impl From<BlobError> for FetchError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::Remote(m) => FetchError::Remote(m),
+            BlobError::Truncated { got, want } => FetchError::Truncated { got, want },
+        }
+    }
 }
 
 /// Who a fetch is for, most urgent first.
@@ -113,50 +119,6 @@ impl Drop for OnWire<'_> {
     fn drop(&mut self) {
         if !self.left {
             self.count.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Where a layer's chunk blob can be read by byte range.
-pub trait RangeSource: Send + Sync + 'static {
-    /// `len` bytes at `offset` of the chunk blob.
-    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, FetchError>>;
-    /// A name for logs (never includes credentials).
-    fn describe(&self) -> String;
-}
-
-/// A chunk blob in a registry, with mirrors tried in order before the origin.
-pub struct RegistryBlob {
-    pub registry: Arc<Registry>,
-    /// Mirrors first, origin last; same repository and digest on each.
-    pub locations: Vec<Reference>,
-    pub digest: String,
-}
-
-impl RangeSource for RegistryBlob {
-    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, FetchError>> {
-        let registry = self.registry.clone();
-        let locations = self.locations.clone();
-        let digest = self.digest.clone();
-        Box::pin(async move {
-            let mut last = FetchError::Remote("no registry location".into());
-            for r in &locations {
-                match registry.blob_range(r, &digest, offset, len).await {
-                    Ok(b) => return Ok(b),
-                    Err(e) => {
-                        tracing::debug!(location = %r, "range fetch failed: {e}");
-                        last = e;
-                    }
-                }
-            }
-            Err(last)
-        })
-    }
-
-    fn describe(&self) -> String {
-        match self.locations.last() {
-            Some(r) => format!("{}/{}@{}", r.registry(), r.repository(), self.digest),
-            None => self.digest.clone(),
         }
     }
 }
@@ -506,7 +468,7 @@ impl Fetcher {
                         );
                         Ok(b)
                     }
-                    Ok(r) => r,
+                    Ok(Err(e)) => Err(FetchError::from(e)),
                     Err(_) => Err(FetchError::Remote(format!(
                         "no answer within {:?}",
                         self.opts.attempt_timeout
@@ -597,55 +559,11 @@ impl Fetcher {
     }
 }
 
-/// A registry-backed range read, used by [`RegistryBlob`].
-impl Registry {
-    /// `len` bytes at `offset` of blob `digest` in `r`'s repository, by HTTP Range.
-    pub async fn blob_range(
-        &self,
-        r: &Reference,
-        digest: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Bytes, FetchError> {
-        self.ensure_login(r).await;
-        let resp = self
-            .client()
-            .pull_blob_stream_partial(r, digest, offset, Some(len))
-            .await
-            .map_err(|e| FetchError::Remote(format!("{e}")))?;
-        let (mut stream, skip) = match resp {
-            oci_client::client::BlobResponse::Partial(s) => (s, 0u64),
-            // A registry that ignores Range sends the whole blob: skip to the range.
-            oci_client::client::BlobResponse::Full(s) => (s, offset),
-        };
-        let mut out = bytes::BytesMut::with_capacity(len as usize);
-        let mut to_skip = skip;
-        while let Some(piece) = stream.next().await {
-            let mut piece = piece.map_err(|e| FetchError::Remote(format!("reading body: {e}")))?;
-            if to_skip > 0 {
-                let k = to_skip.min(piece.len() as u64) as usize;
-                let _ = piece.split_to(k);
-                to_skip -= k as u64;
-            }
-            let room = len as usize - out.len();
-            out.extend_from_slice(&piece[..piece.len().min(room)]);
-            if out.len() as u64 == len {
-                break;
-            }
-        }
-        if (out.len() as u64) < len {
-            return Err(FetchError::Truncated {
-                got: out.len() as u64,
-                want: len,
-            });
-        }
-        Ok(out.freeze())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use futures_util::future::BoxFuture;
 
     /// An in-memory blob that counts requests and can fail or corrupt the first answers.
     struct MemBlob {
@@ -663,7 +581,7 @@ mod tests {
             &self,
             offset: u64,
             len: u64,
-        ) -> BoxFuture<'static, Result<Bytes, FetchError>> {
+        ) -> BoxFuture<'static, Result<Bytes, BlobError>> {
             self.requests.lock().unwrap().push((offset, len));
             self.sent.lock().unwrap().push(Instant::now());
             let fail = self
@@ -682,7 +600,7 @@ mod tests {
             Box::pin(async move {
                 tokio::time::sleep(delay).await;
                 if fail {
-                    return Err(FetchError::Remote("HTTP 500".into()));
+                    return Err(BlobError::Remote("HTTP 500".into()));
                 }
                 Ok(Bytes::from(b))
             })

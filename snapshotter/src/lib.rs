@@ -7,6 +7,7 @@
 //!   interface over both;
 //! - [`unpack`]: Beam layers back into a root filesystem.
 
+pub mod blob;
 pub mod cache;
 pub mod config;
 pub mod containerd;
@@ -17,6 +18,7 @@ pub mod fetch;
 pub mod format;
 pub mod fs;
 pub mod hosts;
+pub mod labels;
 pub mod layout;
 pub mod metrics;
 pub mod mount;

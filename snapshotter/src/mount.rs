@@ -13,15 +13,14 @@
 //! registering process knows them, so a held mount writes them (and its caching-mode open
 //! counts) to `WORK_DIR/NAME.opens` (`takeover::OpenTable`), which the successor adopts.
 
+use crate::blob::RangeSource;
 use crate::cache::ChunkCache;
-use crate::fetch::{ChunkRef, FetchError, Fetcher, RangeSource};
+use crate::fetch::{ChunkRef, Fetcher};
 use crate::format::index::{IndexReader, InodeKind};
 use crate::fs::{AccessRecorder, LayerCounters, LayerFs, SharedIndex};
 use crate::oci::BeamLayer;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use std::collections::{BTreeSet, HashSet};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -64,41 +63,6 @@ pub struct HeldState {
     pub beam_layer: Option<BeamLayer>,
     pub mountpoint: PathBuf,
     pub init: crate::takeover::InitParams,
-}
-
-/// A chunk blob in an OCI image layout, read by file offset.
-pub struct LayoutBlob {
-    pub path: PathBuf,
-}
-
-impl RangeSource for LayoutBlob {
-    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, FetchError>> {
-        let path = self.path.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let f =
-                    std::fs::File::open(&path).map_err(|e| FetchError::Remote(e.to_string()))?;
-                let mut buf = vec![0u8; len as usize];
-                let n = f
-                    .read_at(&mut buf, offset)
-                    .map_err(|e| FetchError::Remote(e.to_string()))?;
-                if (n as u64) < len {
-                    return Err(FetchError::Truncated {
-                        got: n as u64,
-                        want: len,
-                    });
-                }
-                Ok(Bytes::from(buf))
-            })
-            .await
-            .map_err(|e| FetchError::Remote(e.to_string()))?
-        })
-    }
-
-    fn describe(&self) -> String {
-        self.path.display().to_string()
-    }
 }
 
 /// One mounted layer.

@@ -11,7 +11,7 @@
 //! lease, so a pull that dies midway leaves nothing GC keeps.
 
 use crate::containerd::{Containerd, Desc, Prepared};
-use crate::daemon::remote::{fallback_labels, labels};
+use crate::labels::{self, fallback};
 use crate::oci::{self, ImageConfig, ImageManifest};
 use crate::remote::RemoteOptions;
 use crate::store::{Location, Store};
@@ -152,7 +152,7 @@ fn unique_key(chain: &str) -> String {
         .unwrap_or(0);
     format!(
         "{}{nanos}-{:08x} {chain}",
-        crate::remote::PULL_KEY_PREFIX,
+        labels::PULL_KEY_PREFIX,
         fastrand::u32(..)
     )
 }
@@ -365,7 +365,7 @@ async fn pull_under_lease(
         } else {
             let mut labels = layer_labels(name, &platform.desc.digest, layer_digests, i, chain);
             if let Some(t) = &transport {
-                labels.insert(crate::remote::PULL_TRANSPORT_LABEL.to_string(), t.clone());
+                labels.insert(labels::PULL_TRANSPORT.to_string(), t.clone());
             }
             let key = unique_key(chain);
             match ctd
@@ -386,9 +386,9 @@ async fn pull_under_lease(
                 Prepared::Mounts(mounts) => {
                     // The snapshotter's reason for not mounting it lazily, if it gave one.
                     let why = match ctd.snapshot_stat(&opts.snapshotter, &key).await {
-                        Ok(Some(l)) => l.get(fallback_labels::REASON).map(|r| Fallback {
+                        Ok(Some(l)) => l.get(fallback::REASON).map(|r| Fallback {
                             reason: r.clone(),
-                            fix: l.get(fallback_labels::FIX).cloned(),
+                            fix: l.get(fallback::FIX).cloned(),
                         }),
                         _ => None,
                     };

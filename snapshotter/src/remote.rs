@@ -35,7 +35,7 @@ pub struct RemoteOptions {
 }
 
 /// The transport settings one `beam pull` used for its registry, carried to beam-snapshotter
-/// with each layer's Prepare (label [`PULL_TRANSPORT_LABEL`]) so the daemon reaches the
+/// with each layer's Prepare (label [`crate::labels::PULL_TRANSPORT`]) so the daemon reaches the
 /// registry the way the user's command did (issue 12: `beam pull --plain-http` was lazy only
 /// if the daemon had been configured the same way). Paths, never secrets: the label is stored
 /// in containerd's and the daemon's metadata.
@@ -52,27 +52,6 @@ pub struct PullTransport {
     pub mirrors: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_config: Option<PathBuf>,
-}
-
-/// Prepare label carrying a [`PullTransport`] as JSON. containerd passes a snapshotter only
-/// labels under `containerd.io/snapshot/`, and on CRI pulls it also passes layer annotations
-/// under that prefix, which an image author controls. So the daemon honours this label only on
-/// a Prepare whose key `beam pull` made ([`PULL_KEY_PREFIX`]: containerd's unpacker names its
-/// keys `extract-…`, and no image can choose a key).
-pub const PULL_TRANSPORT_LABEL: &str = "containerd.io/snapshot/beam.pull-transport";
-
-/// How `beam pull` begins its Prepare keys (the daemon sees `NAMESPACE/ID/KEY`).
-pub const PULL_KEY_PREFIX: &str = "beam-pull-";
-
-/// Whether the backend snapshot key `key` (`NAMESPACE/ID/KEY` as containerd passes it, or a
-/// bare key from a direct client) was made by `beam pull`.
-pub fn is_pull_key(key: &str) -> bool {
-    let bare = key.splitn(3, '/').nth(2).filter(|_| {
-        key.split('/')
-            .nth(1)
-            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
-    });
-    bare.unwrap_or(key).starts_with(PULL_KEY_PREFIX)
 }
 
 impl PullTransport {
@@ -690,11 +669,6 @@ mod tests {
         );
         // A pull with no settings of its own sends nothing.
         assert!(RemoteOptions::default().transport_for("r:5000").is_empty());
-        // Only keys `beam pull` makes.
-        assert!(is_pull_key("default/12/beam-pull-1-abcd sha256:00"));
-        assert!(is_pull_key("beam-pull-1-abcd sha256:00"));
-        assert!(!is_pull_key("k8s.io/3/extract-1-ab sha256:00"));
-        assert!(!is_pull_key("k8s.io/x/beam-pull-1"));
         // Unknown fields are refused, not ignored.
         assert!(
             serde_json::from_str::<PullTransport>(r#"{"host":"r","skip_verify":true}"#).is_err()

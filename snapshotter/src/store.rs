@@ -48,13 +48,22 @@ impl std::fmt::Display for Location {
     }
 }
 
-/// An image store at a location.
-pub struct Store {
-    pub location: Location,
-    registry: Option<Arc<Registry>>,
-    layout: Option<Layout>,
-    mirrors: Vec<String>,
-    host_mirrors: std::collections::BTreeMap<String, Vec<String>>,
+/// An image store: a registry repository or an OCI layout.
+pub enum Store {
+    Registry {
+        reference: Reference,
+        /// One client per daemon or command: connections and tokens are reused across layers.
+        registry: Arc<Registry>,
+        /// Mirrors tried for every host, before the origin.
+        mirrors: Vec<String>,
+        /// Mirrors of one host (containerd's `hosts.toml`), tried first.
+        host_mirrors: std::collections::BTreeMap<String, Vec<String>>,
+    },
+    Layout {
+        dir: PathBuf,
+        tag: Option<String>,
+        layout: Layout,
+    },
 }
 
 /// A resolved image manifest (one platform).
@@ -73,10 +82,9 @@ impl Store {
         registry: Arc<Registry>,
         opts: &RemoteOptions,
     ) -> Self {
-        Store {
-            registry: Some(registry),
-            layout: None,
-            location: Location::Registry(reference),
+        Store::Registry {
+            reference,
+            registry,
             mirrors: opts.mirrors.clone(),
             host_mirrors: opts.host_mirrors.clone(),
         }
@@ -84,81 +92,71 @@ impl Store {
 
     /// Open `location`. `create` makes an OCI layout when missing.
     pub fn open(location: Location, opts: &RemoteOptions, create: bool) -> Result<Self> {
-        match &location {
-            Location::Registry(_) => Ok(Store {
-                registry: Some(Arc::new(Registry::new(opts)?)),
-                layout: None,
-                location,
-                mirrors: opts.mirrors.clone(),
-                host_mirrors: opts.host_mirrors.clone(),
-            }),
-            Location::Layout { dir, .. } => {
+        match location {
+            Location::Registry(reference) => Ok(Store::with_registry(
+                reference,
+                Arc::new(Registry::new(opts)?),
+                opts,
+            )),
+            Location::Layout { dir, tag } => {
                 let layout = if create {
-                    Layout::create(dir)?
+                    Layout::create(&dir)?
                 } else {
-                    Layout::open(dir)?
+                    Layout::open(&dir)?
                 };
-                Ok(Store {
-                    registry: None,
-                    layout: Some(layout),
-                    location,
-                    mirrors: Vec::new(),
-                    host_mirrors: Default::default(),
-                })
+                Ok(Store::Layout { dir, tag, layout })
             }
         }
     }
 
-    fn reference(&self) -> Option<&Reference> {
-        match &self.location {
-            Location::Registry(r) => Some(r),
-            _ => None,
-        }
-    }
-
-    fn parts(&self) -> (Option<(&Registry, &Reference)>, Option<&Layout>) {
-        match (&self.registry, self.reference(), &self.layout) {
-            (Some(reg), Some(r), _) => (Some((reg.as_ref(), r)), None),
-            (_, _, Some(l)) => (None, Some(l)),
-            _ => unreachable!("a store has a registry or a layout"),
+    /// Where this store is.
+    pub fn location(&self) -> Location {
+        match self {
+            Store::Registry { reference, .. } => Location::Registry(reference.clone()),
+            Store::Layout { dir, tag, .. } => Location::Layout {
+                dir: dir.clone(),
+                tag: tag.clone(),
+            },
         }
     }
 
     /// The tag of this location, if any.
     pub fn tag(&self) -> Option<String> {
-        match &self.location {
-            Location::Registry(r) => r.tag().map(String::from),
-            Location::Layout { tag, .. } => tag.clone(),
+        match self {
+            Store::Registry { reference, .. } => reference.tag().map(String::from),
+            Store::Layout { tag, .. } => tag.clone(),
         }
     }
 
     /// The top-level descriptor and bytes the location names (a manifest or an index).
     pub async fn resolve_top(&self) -> Result<(Descriptor, Vec<u8>)> {
-        match self.parts() {
-            (Some((reg, r)), _) => {
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => {
                 let (bytes, digest, mt) = reg.manifest(r).await?;
                 let size = bytes.len() as u64;
                 Ok((Descriptor::new(&mt, digest, size), bytes))
             }
-            (_, Some(l)) => {
-                let tag = match &self.location {
-                    Location::Layout { tag, .. } => tag.as_deref(),
-                    _ => None,
-                };
-                let d = l.resolve(tag)?;
+            Store::Layout { layout: l, tag, .. } => {
+                let d = l.resolve(tag.as_deref())?;
                 let bytes = l.blob(&d.digest)?;
                 Ok((d, bytes))
             }
-            _ => unreachable!(),
         }
     }
 
     /// A manifest by digest, checked.
     pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
-        match self.parts() {
-            (Some((reg, r)), _) => Ok(reg.manifest(&remote::with_digest(r, digest)).await?.0),
-            (_, Some(l)) => l.blob(digest),
-            _ => unreachable!(),
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => Ok(reg.manifest(&remote::with_digest(r, digest)).await?.0),
+            Store::Layout { layout: l, .. } => l.blob(digest),
         }
     }
 
@@ -216,14 +214,18 @@ impl Store {
                 return Ok(m.clone());
             }
         }
-        bail!("{}: no linux/{arch} image", self.location)
+        bail!("{}: no linux/{arch} image", self.location())
     }
 
     /// Download a blob to a file, checked.
     pub async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<()> {
-        match self.parts() {
-            (Some((reg, r)), _) => reg.blob_to_file(r, desc, path).await,
-            (_, Some(l)) => {
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => reg.blob_to_file(r, desc, path).await,
+            Store::Layout { layout: l, .. } => {
                 let src = l.blob_path(&desc.digest)?;
                 tokio::fs::copy(&src, path)
                     .await
@@ -234,48 +236,59 @@ impl Store {
                 }
                 Ok(())
             }
-            _ => unreachable!(),
         }
     }
 
     /// A small blob, checked.
     pub async fn blob_bytes(&self, desc: &Descriptor, max: u64) -> Result<Vec<u8>> {
-        match self.parts() {
-            (Some((reg, r)), _) => reg.blob_bytes(r, desc, max).await,
-            (_, Some(l)) => {
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => reg.blob_bytes(r, desc, max).await,
+            Store::Layout { layout: l, .. } => {
                 if desc.size > max {
                     bail!("blob {} is over the {max}-byte limit", desc.digest);
                 }
                 l.blob(&desc.digest)
             }
-            _ => unreachable!(),
         }
     }
 
     /// Referrers of `subject`.
     pub async fn referrers(&self, subject: &str) -> Result<Vec<Descriptor>> {
-        match self.parts() {
-            (Some((reg, r)), _) => reg.referrers(r, subject).await,
-            (_, Some(l)) => l.referrers(subject),
-            _ => unreachable!(),
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => reg.referrers(r, subject).await,
+            Store::Layout { layout: l, .. } => l.referrers(subject),
         }
     }
 
     /// Store a blob from a file.
     pub async fn put_blob_file(&self, path: &Path, digest: &str, size: u64) -> Result<()> {
-        match self.parts() {
-            (Some((reg, r)), _) => reg.push_blob_file(r, path, digest, size).await,
-            (_, Some(l)) => l.put_blob_file(path, digest),
-            _ => unreachable!(),
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => reg.push_blob_file(r, path, digest, size).await,
+            Store::Layout { layout: l, .. } => l.put_blob_file(path, digest),
         }
     }
 
     /// Store a blob from memory; returns its digest.
     pub async fn put_blob_bytes(&self, data: Vec<u8>) -> Result<String> {
-        match self.parts() {
-            (Some((reg, r)), _) => Ok(reg.push_blob_bytes(r, data).await?.digest),
-            (_, Some(l)) => l.put_blob(&data),
-            _ => unreachable!(),
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => Ok(reg.push_blob_bytes(r, data).await?.digest),
+            Store::Layout { layout: l, .. } => l.put_blob(&data),
         }
     }
 
@@ -290,15 +303,19 @@ impl Store {
     ) -> Result<Descriptor> {
         let mut desc = Descriptor::new(media_type, oci::sha256_digest(&bytes), bytes.len() as u64);
         desc.artifact_type = artifact_type.map(String::from);
-        match self.parts() {
-            (Some((reg, r)), _) => {
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => {
                 let at = match tag {
                     Some(t) => remote::with_tag(r, t),
                     None => remote::with_digest(r, &desc.digest),
                 };
                 reg.push_manifest(&at, bytes, media_type).await?;
             }
-            (_, Some(l)) => {
+            Store::Layout { layout: l, .. } => {
                 l.put_blob(&bytes)?;
                 let mut entry = desc.clone();
                 if let Some(t) = tag {
@@ -308,22 +325,25 @@ impl Store {
                 }
                 l.add_manifest(entry)?;
             }
-            _ => unreachable!(),
         }
         Ok(desc)
     }
 
     /// Where the blob `desc` can be read by byte range: the registry (mirrors first, then the
     /// origin) or the layout's blob file.
-    pub fn range_source(&self, desc: &Descriptor) -> Result<Arc<dyn crate::fetch::RangeSource>> {
-        match self.parts() {
-            (Some((_, r)), _) => {
-                let mut locations: Vec<Reference> = self
-                    .host_mirrors
+    pub fn range_source(&self, desc: &Descriptor) -> Result<Arc<dyn crate::blob::RangeSource>> {
+        match self {
+            Store::Registry {
+                registry,
+                reference: r,
+                mirrors,
+                host_mirrors,
+            } => {
+                let mut locations: Vec<Reference> = host_mirrors
                     .get(r.registry())
                     .into_iter()
                     .flatten()
-                    .chain(self.mirrors.iter())
+                    .chain(mirrors.iter())
                     .map(|m| {
                         Reference::with_digest(
                             m.clone(),
@@ -333,26 +353,28 @@ impl Store {
                     })
                     .collect();
                 locations.push(remote::with_digest(r, &desc.digest));
-                Ok(Arc::new(crate::fetch::RegistryBlob {
-                    registry: self.registry.clone().expect("registry store"),
+                Ok(Arc::new(crate::blob::RegistryBlob {
+                    registry: registry.clone(),
                     locations,
                     digest: desc.digest.clone(),
                 }))
             }
-            (_, Some(l)) => Ok(Arc::new(crate::mount::LayoutBlob {
+            Store::Layout { layout: l, .. } => Ok(Arc::new(crate::blob::LayoutBlob {
                 path: l.blob_path(&desc.digest)?,
             })),
-            _ => unreachable!(),
         }
     }
 
     /// Make artifact `desc` findable from `subject`.
     pub async fn add_referrer(&self, subject: &str, desc: &Descriptor) -> Result<()> {
-        match self.parts() {
-            (Some((reg, r)), _) => reg.add_referrer(r, subject, desc).await,
+        match self {
+            Store::Registry {
+                registry: reg,
+                reference: r,
+                ..
+            } => reg.add_referrer(r, subject, desc).await,
             // put_manifest already listed it in index.json.
-            (_, Some(_)) => Ok(()),
-            _ => unreachable!(),
+            Store::Layout { .. } => Ok(()),
         }
     }
 
@@ -363,7 +385,7 @@ impl Store {
         let Some((artifact, layers)) = self.find_beam(&m.desc.digest).await? else {
             bail!(
                 "{} ({}) has no Beam conversion; run `beam convert` first",
-                self.location,
+                self.location(),
                 m.desc.digest
             );
         };

@@ -387,7 +387,7 @@ async fn run(cli: Cli) -> Result<()> {
                     let beam: u64 = r.layers.iter().map(|l| l.index.size + l.chunks.size).sum();
                     println!(
                         "{} {} -> Beam artifact {} ({} layers, {:.1} MB of tar -> {:.1} MB, {:.1}s){}",
-                        dst_store.location,
+                        dst_store.location(),
                         r.subject.digest,
                         r.artifact.digest,
                         r.layers.len(),

@@ -29,7 +29,7 @@ impl SnapshotService {
         target: &str,
         l: &BTreeMap<String, String>,
     ) -> Vec<(String, String)> {
-        use super::remote::labels as rl;
+        use crate::labels as rl;
         use std::sync::atomic::Ordering::Relaxed;
         self.counters.fallbacks.fetch_add(1, Relaxed);
         let layer = l.get(rl::LAYER_DIGEST).map(String::as_str).unwrap_or("?");
@@ -54,7 +54,7 @@ impl SnapshotService {
         if let Ok(mut last) = self.counters.last_fallback_fix.lock() {
             last.clone_from(&fix);
         }
-        super::remote::fallback_labels::labels(&format!("{e:#}"), &fix)
+        crate::labels::fallback::for_reason(&format!("{e:#}"), &fix)
     }
 
     /// Count an error answer (a Stat of a missing snapshot is a question, not an error).
@@ -170,7 +170,7 @@ impl cs::Snapshotter for SnapshotService {
     ) -> Result<Vec<cs::api::types::Mount>, Status> {
         let mut l = labels(l);
         if let Some(remote) = &self.remote {
-            if let Some(target) = l.get(super::remote::labels::TARGET_REF).cloned() {
+            if let Some(target) = l.get(crate::labels::TARGET_REF).cloned() {
                 match remote.prepare(&self.snapshots, &key, &parent, &l).await {
                     Ok(true) => {
                         self.counters

@@ -9,6 +9,7 @@
 //! of remounting, so containers reading through them see a stall, not ENOTCONN.
 
 use crate::fetch::Fetcher;
+use crate::labels;
 use crate::mount::{self, Held, HeldState, MountOptions, MountedLayer};
 use crate::remote::RemoteOptions;
 use crate::snapshot::store::RemoteLayer;
@@ -35,47 +36,9 @@ type ArtifactKey = (String, String, Option<crate::remote::PullTransport>);
 /// When a Beam artifact was found, its digest and its layers.
 type FoundArtifact = (Instant, String, Vec<crate::oci::BeamLayer>);
 
-/// The labels of the protocol (containerd's `snapshots` and `pkg/snapshotters`).
-pub mod labels {
-    /// Name under which the snapshotter may commit the layer itself.
-    pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
-    pub const IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-    pub const MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-    pub const LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-    pub const IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
-}
-
 /// Default of `[fetch] whole_layer_max_bytes`: layers of at most 2 MiB of chunks are fetched
 /// whole while they mount.
 pub const DEFAULT_WHOLE_LAYER_MAX_BYTES: u64 = 2 << 20;
-
-/// Labels Beam adds to a layer's ordinary (fallback) snapshot, so that the client that asked
-/// for a lazy layer (`beam pull`, through containerd's Stat of the active key) can say why it
-/// was not lazy and what to change.
-pub mod fallback_labels {
-    /// Why the layer was not mounted lazily.
-    pub const REASON: &str = "dev.beam.lazy.fallback";
-    /// The setting to change, when the cause is one.
-    pub const FIX: &str = "dev.beam.lazy.fix";
-    /// Longest value written (containerd limits a label to 4 KiB, name included).
-    const MAX_VALUE: usize = 3000;
-
-    /// The labels saying `reason` and `fix` (none for an empty fix), cut to fit.
-    pub fn labels(reason: &str, fix: &str) -> Vec<(String, String)> {
-        let cut = |s: &str| {
-            let mut at = s.len().min(MAX_VALUE);
-            while !s.is_char_boundary(at) {
-                at -= 1;
-            }
-            s[..at].to_string()
-        };
-        let mut out = vec![(REASON.to_string(), cut(reason))];
-        if !fix.is_empty() {
-            out.push((FIX.to_string(), cut(fix)));
-        }
-        out
-    }
-}
 
 /// Lazily mounted layers of the daemon, by snapshot id.
 pub struct RemoteLayers {
@@ -418,12 +381,12 @@ impl RemoteLayers {
             return Ok(true);
         }
         // Only from `beam pull`: on other pulls an image's layer annotation could set it.
-        let transport = match req_labels.get(crate::remote::PULL_TRANSPORT_LABEL) {
-            Some(_) if !crate::remote::is_pull_key(key) => {
+        let transport = match req_labels.get(labels::PULL_TRANSPORT) {
+            Some(_) if !labels::is_pull_key(key) => {
                 tracing::warn!(
                     key,
                     "ignoring {} on a Prepare that beam pull did not make",
-                    crate::remote::PULL_TRANSPORT_LABEL
+                    labels::PULL_TRANSPORT
                 );
                 None
             }
@@ -432,7 +395,7 @@ impl RemoteLayers {
                 serde_json::from_str::<crate::remote::PullTransport>(v).with_context(|| {
                     format!(
                         "label {} is not Beam's pull settings",
-                        crate::remote::PULL_TRANSPORT_LABEL
+                        labels::PULL_TRANSPORT
                     )
                 })?,
             ),

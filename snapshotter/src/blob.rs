@@ -1,0 +1,148 @@
+//! Where a layer's chunk blob is read from, by byte range: a registry (HTTP Range, mirrors
+//! first) or an OCI layout on disk (file offsets).
+//!
+//! This sits below both the fetcher (which merges, retries and verifies the ranges it reads
+//! here) and the image store (which builds the right source for a layer), so neither has to
+//! know about the other. A source only moves bytes: it never verifies them, and its errors say
+//! whether the bytes could not be had at all or came short.
+
+use crate::remote::Registry;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use oci_client::Reference;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Why a range could not be read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BlobError {
+    #[error("registry request failed: {0}")]
+    Remote(String),
+    #[error("registry sent {got} bytes for a {want}-byte range")]
+    Truncated { got: u64, want: u64 },
+}
+
+/// Where a layer's chunk blob can be read by byte range.
+pub trait RangeSource: Send + Sync + 'static {
+    /// `len` bytes at `offset` of the chunk blob.
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, BlobError>>;
+    /// A name for logs (never includes credentials).
+    fn describe(&self) -> String;
+}
+
+/// A chunk blob in a registry, with mirrors tried in order before the origin.
+pub struct RegistryBlob {
+    pub registry: Arc<Registry>,
+    /// Mirrors first, origin last; same repository and digest on each.
+    pub locations: Vec<Reference>,
+    pub digest: String,
+}
+
+impl RangeSource for RegistryBlob {
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, BlobError>> {
+        let registry = self.registry.clone();
+        let locations = self.locations.clone();
+        let digest = self.digest.clone();
+        Box::pin(async move {
+            let mut last = BlobError::Remote("no registry location".into());
+            for r in &locations {
+                match registry.blob_range(r, &digest, offset, len).await {
+                    Ok(b) => return Ok(b),
+                    Err(e) => {
+                        tracing::debug!(location = %r, "range fetch failed: {e}");
+                        last = e;
+                    }
+                }
+            }
+            Err(last)
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self.locations.last() {
+            Some(r) => format!("{}/{}@{}", r.registry(), r.repository(), self.digest),
+            None => self.digest.clone(),
+        }
+    }
+}
+
+/// A chunk blob in an OCI image layout, read by file offset.
+pub struct LayoutBlob {
+    pub path: PathBuf,
+}
+
+impl RangeSource for LayoutBlob {
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, BlobError>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(&path).map_err(|e| BlobError::Remote(e.to_string()))?;
+                let mut buf = vec![0u8; len as usize];
+                let n = f
+                    .read_at(&mut buf, offset)
+                    .map_err(|e| BlobError::Remote(e.to_string()))?;
+                if (n as u64) < len {
+                    return Err(BlobError::Truncated {
+                        got: n as u64,
+                        want: len,
+                    });
+                }
+                Ok(Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| BlobError::Remote(e.to_string()))?
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// A registry-backed range read, used by [`RegistryBlob`].
+impl Registry {
+    /// `len` bytes at `offset` of blob `digest` in `r`'s repository, by HTTP Range.
+    pub async fn blob_range(
+        &self,
+        r: &Reference,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, BlobError> {
+        self.ensure_login(r).await;
+        let resp = self
+            .client()
+            .pull_blob_stream_partial(r, digest, offset, Some(len))
+            .await
+            .map_err(|e| BlobError::Remote(format!("{e}")))?;
+        let (mut stream, skip) = match resp {
+            oci_client::client::BlobResponse::Partial(s) => (s, 0u64),
+            // A registry that ignores Range sends the whole blob: skip to the range.
+            oci_client::client::BlobResponse::Full(s) => (s, offset),
+        };
+        let mut out = bytes::BytesMut::with_capacity(len as usize);
+        let mut to_skip = skip;
+        while let Some(piece) = stream.next().await {
+            let mut piece = piece.map_err(|e| BlobError::Remote(format!("reading body: {e}")))?;
+            if to_skip > 0 {
+                let k = to_skip.min(piece.len() as u64) as usize;
+                let _ = piece.split_to(k);
+                to_skip -= k as u64;
+            }
+            let room = len as usize - out.len();
+            out.extend_from_slice(&piece[..piece.len().min(room)]);
+            if out.len() as u64 == len {
+                break;
+            }
+        }
+        if (out.len() as u64) < len {
+            return Err(BlobError::Truncated {
+                got: out.len() as u64,
+                want: len,
+            });
+        }
+        Ok(out.freeze())
+    }
+}

@@ -1,0 +1,88 @@
+//! Every snapshot label Beam reads or writes, in one place for both sides of the protocol:
+//! `beam pull` (which writes the remote-snapshot labels and reads the fallback labels) and
+//! beam-snapshotter (which reads the former and writes the latter).
+//!
+//! containerd forwards to a snapshotter only labels under `containerd.io/snapshot/`; the
+//! names of the remote-snapshot protocol are containerd's (`snapshots` and `pkg/snapshotters`).
+
+/// Name under which the snapshotter may commit the layer itself.
+pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
+pub const IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+
+/// Prepare label carrying `beam pull`'s registry settings (a `PullTransport`) as JSON.
+/// containerd passes a snapshotter only
+/// labels under `containerd.io/snapshot/`, and on CRI pulls it also passes layer annotations
+/// under that prefix, which an image author controls. So the daemon honours this label only on
+/// a Prepare whose key `beam pull` made ([`PULL_KEY_PREFIX`]: containerd's unpacker names its
+/// keys `extract-…`, and no image can choose a key).
+pub const PULL_TRANSPORT: &str = "containerd.io/snapshot/beam.pull-transport";
+
+/// How `beam pull` begins its Prepare keys (the daemon sees `NAMESPACE/ID/KEY`).
+pub const PULL_KEY_PREFIX: &str = "beam-pull-";
+
+/// Whether the backend snapshot key `key` (`NAMESPACE/ID/KEY` as containerd passes it, or a
+/// bare key from a direct client) was made by `beam pull`.
+pub fn is_pull_key(key: &str) -> bool {
+    let bare = key.splitn(3, '/').nth(2).filter(|_| {
+        key.split('/')
+            .nth(1)
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+    });
+    bare.unwrap_or(key).starts_with(PULL_KEY_PREFIX)
+}
+
+/// Labels Beam adds to a layer's ordinary (fallback) snapshot, so that the client that asked
+/// for a lazy layer (`beam pull`, through containerd's Stat of the active key) can say why it
+/// was not lazy and what to change.
+pub mod fallback {
+    /// Why the layer was not mounted lazily.
+    pub const REASON: &str = "dev.beam.lazy.fallback";
+    /// The setting to change, when the cause is one.
+    pub const FIX: &str = "dev.beam.lazy.fix";
+    /// Longest value written (containerd limits a label to 4 KiB, name included).
+    const MAX_VALUE: usize = 3000;
+
+    /// The labels saying `reason` and `fix` (none for an empty fix), cut to fit.
+    pub fn for_reason(reason: &str, fix: &str) -> Vec<(String, String)> {
+        let cut = |s: &str| {
+            let mut at = s.len().min(MAX_VALUE);
+            while !s.is_char_boundary(at) {
+                at -= 1;
+            }
+            s[..at].to_string()
+        };
+        let mut out = vec![(REASON.to_string(), cut(reason))];
+        if !fix.is_empty() {
+            out.push((FIX.to_string(), cut(fix)));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_keys_beam_pull_makes_carry_pull_settings() {
+        assert!(is_pull_key("default/12/beam-pull-1-abcd sha256:00"));
+        assert!(is_pull_key("beam-pull-1-abcd sha256:00"));
+        assert!(!is_pull_key("k8s.io/3/extract-1-ab sha256:00"));
+        assert!(!is_pull_key("k8s.io/x/beam-pull-1"));
+    }
+
+    #[test]
+    fn fallback_labels_fit_containerds_limit() {
+        let long = "é".repeat(4000);
+        let l = fallback::for_reason(&long, "");
+        assert_eq!(l.len(), 1, "no fix label for an empty fix");
+        assert!(l[0].1.len() <= 3000 && l[0].1.chars().all(|c| c == 'é'));
+        assert_eq!(
+            fallback::for_reason("r", "f")[1],
+            (fallback::FIX.into(), "f".into())
+        );
+    }
+}

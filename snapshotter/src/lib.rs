@@ -22,6 +22,7 @@ pub mod labels;
 pub mod layout;
 pub mod metrics;
 pub mod mount;
+pub mod mounter;
 pub mod node_setup;
 pub mod oci;
 pub mod pull;

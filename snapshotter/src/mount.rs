@@ -18,11 +18,11 @@ use crate::cache::ChunkCache;
 use crate::fetch::{ChunkRef, Fetcher};
 use crate::format::index::{IndexReader, InodeKind};
 use crate::fs::{AccessRecorder, LayerCounters, LayerFs, SharedIndex};
+use crate::mounter::{FuseSession, Mounter};
 use crate::oci::BeamLayer;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeSet, HashSet};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,6 +40,8 @@ pub struct MountOptions {
     pub work_dir: PathBuf,
     /// Record each layer's file access order (for `beam record`).
     pub record: bool,
+    /// Who makes the mounts ([`crate::mounter::system`] outside tests).
+    pub mounter: Arc<dyn Mounter>,
 }
 
 /// A layer mount parked in the fd holder: the holder's socket and the entry's name.
@@ -74,7 +76,8 @@ pub struct MountedLayer {
     pub source: Arc<dyn RangeSource>,
     pub counters: Arc<LayerCounters>,
     pub recorder: Option<Arc<AccessRecorder>>,
-    session: Option<fuser::BackgroundSession>,
+    session: Option<Box<dyn FuseSession>>,
+    mounter: Arc<dyn Mounter>,
     stop: Arc<AtomicBool>,
     owns_mountpoint: bool,
     cache: Arc<ChunkCache>,
@@ -126,7 +129,7 @@ impl Drop for MountedLayer {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(s) = self.session.take() {
             if self.taken_over {
-                match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+                match self.mounter.umount(&self.mountpoint, false) {
                     Ok(()) => {
                         // Unmounting aborted the connection: the session thread sees ENODEV.
                         if let Err(e) = s.join() {
@@ -135,8 +138,7 @@ impl Drop for MountedLayer {
                     }
                     Err(e) => {
                         tracing::warn!(mountpoint = %self.mountpoint.display(), "unmounting layer: {e}; detaching");
-                        let _ =
-                            nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                        let _ = self.mounter.umount(&self.mountpoint, true);
                         // Not joined: the detached mount may still be in use.
                         drop(s);
                     }
@@ -168,6 +170,7 @@ pub struct MountedImage {
     pub layers: Vec<MountedLayer>,
     overlay: bool,
     work_dir: Option<PathBuf>,
+    mounter: Arc<dyn Mounter>,
 }
 
 impl MountedImage {
@@ -179,8 +182,9 @@ impl MountedImage {
     fn unmount_overlay(&mut self) -> Result<()> {
         if self.overlay {
             self.overlay = false;
-            nix::mount::umount2(&self.target, nix::mount::MntFlags::empty())
-                .or_else(|_| nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH))
+            self.mounter
+                .umount(&self.target, false)
+                .or_else(|_| self.mounter.umount(&self.target, true))
                 .with_context(|| format!("unmounting {}", self.target.display()))?;
         }
         Ok(())
@@ -292,20 +296,23 @@ pub fn mount_layer(
     config.n_threads = Some(opts.threads.max(1));
     let mut taken_over = false;
     let mut held_entry = None;
+    let mounter = opts.mounter.clone();
     let session = match held {
-        None => fuser::spawn_mount(fs, mountpoint, &config).with_context(|| {
-            format!(
-                "mounting layer {} at {}",
-                layer.source,
-                mountpoint.display()
-            )
-        })?,
+        None => mounter
+            .mount_fuse(fs, mountpoint, &config)
+            .with_context(|| {
+                format!(
+                    "mounting layer {} at {}",
+                    layer.source,
+                    mountpoint.display()
+                )
+            })?,
         Some(Held {
             socket,
             name,
             existing: Some((fd, init)),
         }) => {
-            let session = crate::takeover::take_over(fs, fd, &init, config).with_context(|| {
+            let session = mounter.take_over(fs, fd, &init, config).with_context(|| {
                 format!(
                     "taking over layer {} at {}",
                     layer.source,
@@ -314,47 +321,47 @@ pub fn mount_layer(
             })?;
             taken_over = true;
             held_entry = Some((socket, name));
-            session.spawn().context("starting the taken-over session")?
+            session
         }
         Some(Held {
             socket,
             name,
             existing: None,
         }) => {
-            let session = fuser::Session::new(fs, mountpoint, &config).with_context(|| {
-                format!(
-                    "mounting layer {} at {}",
-                    layer.source,
-                    mountpoint.display()
-                )
-            })?;
-            let init = init_params.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let parked = init
-                .context("FUSE_INIT parameters were not recorded")
-                .and_then(|init| {
-                    let state = serde_json::to_vec(&HeldState {
-                        layer: layer.source.clone(),
-                        beam_layer: Some(layer.clone()),
-                        mountpoint: mountpoint.to_path_buf(),
-                        init,
-                    })?;
-                    // The holder receives its own reference to the /dev/fuse file (SCM_RIGHTS).
-                    crate::takeover::HolderClient::connect(&socket)?.put(
-                        &name,
-                        session.as_fd(),
-                        &state,
-                    )?;
-                    anyhow::Ok(())
-                });
-            match parked {
-                Ok(()) => held_entry = Some((socket, name)),
-                // The mount works; it just will not survive this process.
-                Err(e) => tracing::warn!(
-                    mountpoint = %mountpoint.display(),
-                    "cannot park the layer's connection in the fd holder: {e:#}"
-                ),
-            }
-            session.spawn().context("starting the layer session")?
+            let mut park = |fd: std::os::fd::BorrowedFd<'_>| {
+                let init = init_params.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let parked = init
+                    .context("FUSE_INIT parameters were not recorded")
+                    .and_then(|init| {
+                        let state = serde_json::to_vec(&HeldState {
+                            layer: layer.source.clone(),
+                            beam_layer: Some(layer.clone()),
+                            mountpoint: mountpoint.to_path_buf(),
+                            init,
+                        })?;
+                        // The holder receives its own reference to the /dev/fuse file
+                        // (SCM_RIGHTS).
+                        crate::takeover::HolderClient::connect(&socket)?.put(&name, fd, &state)?;
+                        anyhow::Ok(())
+                    });
+                match parked {
+                    Ok(()) => held_entry = Some((socket.clone(), name.clone())),
+                    // The mount works; it just will not survive this process.
+                    Err(e) => tracing::warn!(
+                        mountpoint = %mountpoint.display(),
+                        "cannot park the layer's connection in the fd holder: {e:#}"
+                    ),
+                }
+            };
+            mounter
+                .mount_fuse_parked(fs, mountpoint, &config, &mut park)
+                .with_context(|| {
+                    format!(
+                        "mounting layer {} at {}",
+                        layer.source,
+                        mountpoint.display()
+                    )
+                })?
         }
     };
     let digests: HashSet<_> = (0..index.chunk_count())
@@ -380,6 +387,7 @@ pub fn mount_layer(
         counters,
         recorder,
         session: Some(session),
+        mounter,
         stop,
         owns_mountpoint,
         cache: fetcher.cache.clone(),
@@ -498,6 +506,7 @@ pub async fn mount_image(
         layers: Vec::new(),
         overlay: false,
         work_dir: work_dir.clone(),
+        mounter: opts.mounter.clone(),
     };
     for (i, l) in layers.into_iter().enumerate() {
         let index = load_index(store, &fetcher.cache, &l).await?;
@@ -530,15 +539,269 @@ pub async fn mount_image(
             .map(|l| l.mountpoint.display().to_string())
             .collect();
         let data = format!("lowerdir={}", lower.join(":"));
-        nix::mount::mount(
-            Some("overlay"),
-            target,
-            Some("overlay"),
-            nix::mount::MsFlags::MS_RDONLY,
-            Some(data.as_str()),
-        )
-        .with_context(|| format!("mounting overlay at {} ({data})", target.display()))?;
+        opts.mounter
+            .mount_overlay(target, &data)
+            .with_context(|| format!("mounting overlay at {} ({data})", target.display()))?;
         image.overlay = true;
     }
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Mount bookkeeping with a [`RecordingMounter`]: runs without root.
+    use super::*;
+    use crate::cache::ChunkCache;
+    use crate::convert::image::convert_image;
+    use crate::convert::layer::ConvertOptions;
+    use crate::fetch::FetchOptions;
+    use crate::layout::Layout;
+    use crate::mounter::{Call, RecordingMounter};
+    use crate::oci::{self, Descriptor, ImageManifest};
+    use crate::remote::RemoteOptions;
+    use crate::store::Location;
+
+    fn tar_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// An OCI layout at `dir` holding a converted image of `layers` (tagged `t`).
+    async fn converted_image(dir: &Path, layers: &[Vec<u8>]) -> Store {
+        let layout = Layout::create(dir).unwrap();
+        let mut descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for l in layers {
+            let d = layout.put_blob(l).unwrap();
+            diff_ids.push(d.clone());
+            descs.push(Descriptor::new(
+                "application/vnd.oci.image.layer.v1.tar",
+                d,
+                l.len() as u64,
+            ));
+        }
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": crate::store::host_arch(), "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap();
+        let config_desc = Descriptor::new(
+            "application/vnd.oci.image.config.v1+json",
+            layout.put_blob(&config).unwrap(),
+            config.len() as u64,
+        );
+        let manifest = serde_json::to_vec(&ImageManifest {
+            schema_version: 2,
+            media_type: Some(oci::MEDIA_TYPE_OCI_MANIFEST.into()),
+            artifact_type: None,
+            config: config_desc,
+            layers: descs,
+            subject: None,
+            annotations: Default::default(),
+        })
+        .unwrap();
+        let mut desc = Descriptor::new(
+            oci::MEDIA_TYPE_OCI_MANIFEST,
+            layout.put_blob(&manifest).unwrap(),
+            manifest.len() as u64,
+        );
+        desc.annotations
+            .insert(oci::ANNOTATION_REF_NAME.into(), "t".into());
+        layout.add_manifest(desc).unwrap();
+        let location = Location::Layout {
+            dir: dir.into(),
+            tag: Some("t".into()),
+        };
+        let store = Store::open(location, &RemoteOptions::default(), false).unwrap();
+        convert_image(&store, &store, true, &ConvertOptions::default(), false)
+            .await
+            .unwrap();
+        store
+    }
+
+    struct Setup {
+        _tmp: tempfile::TempDir,
+        store: Store,
+        fetcher: Arc<Fetcher>,
+        mounter: Arc<RecordingMounter>,
+        opts: MountOptions,
+        target: PathBuf,
+    }
+
+    async fn setup(layers: usize) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let tars: Vec<Vec<u8>> = (0..layers)
+            .map(|i| tar_layer(&[(&format!("file-{i}"), format!("layer {i}").as_bytes())]))
+            .collect();
+        let store = converted_image(&tmp.path().join("layout"), &tars).await;
+        let cache = Arc::new(ChunkCache::open(&tmp.path().join("cache"), 1 << 30).unwrap());
+        let fetcher = Arc::new(Fetcher::new(cache, FetchOptions::default()));
+        let mounter = Arc::new(RecordingMounter::default());
+        let opts = MountOptions {
+            background_fetch: false,
+            passthrough: false,
+            threads: 1,
+            work_dir: tmp.path().join("work"),
+            record: false,
+            mounter: mounter.clone(),
+        };
+        let target = tmp.path().join("target");
+        Setup {
+            _tmp: tmp,
+            store,
+            fetcher,
+            mounter,
+            opts,
+            target,
+        }
+    }
+
+    fn layer_mountpoints(calls: &[Call]) -> Vec<PathBuf> {
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::MountFuse { mountpoint, .. } => Some(mountpoint.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn layers_are_stacked_top_first_and_unmounted_overlay_first_then_top_down() {
+        let s = setup(2).await;
+        let image = mount_image(&s.store, s.fetcher.clone(), &s.target, None, &s.opts)
+            .await
+            .unwrap();
+        let calls = s.mounter.calls();
+        let mps = layer_mountpoints(&calls);
+        assert_eq!(mps.len(), 2, "{calls:?}");
+        assert_eq!(
+            calls[2],
+            Call::MountOverlay {
+                target: s.target.clone(),
+                data: format!("lowerdir={}:{}", mps[1].display(), mps[0].display()),
+            }
+        );
+        let work = mps[0].parent().unwrap().to_path_buf();
+        assert!(work.is_dir());
+        drop(image);
+        let after = &s.mounter.calls()[3..];
+        assert_eq!(
+            after,
+            [
+                Call::Umount {
+                    target: s.target.clone(),
+                    detach: false
+                },
+                Call::SessionUmountAndJoin {
+                    label: mps[1].display().to_string()
+                },
+                Call::SessionUmountAndJoin {
+                    label: mps[0].display().to_string()
+                },
+            ]
+        );
+        assert!(!work.exists(), "the per-mount work dir is removed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_overlay_unmounts_every_layer_it_mounted() {
+        let s = setup(3).await;
+        *s.mounter.fail_overlay.lock().unwrap() = Some(nix::errno::Errno::EPERM);
+        let err = mount_image(&s.store, s.fetcher.clone(), &s.target, None, &s.opts)
+            .await
+            .err()
+            .expect("the overlay mount fails");
+        assert!(format!("{err:#}").contains("mounting overlay"), "{err:#}");
+        let calls = s.mounter.calls();
+        let mps = layer_mountpoints(&calls);
+        assert_eq!(mps.len(), 3);
+        // Never mounted, so never unmounted; every layer session ended, top first.
+        assert!(!calls.iter().any(|c| matches!(c, Call::Umount { .. })));
+        let ended: Vec<String> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::SessionUmountAndJoin { label } => Some(label.clone()),
+                _ => None,
+            })
+            .collect();
+        let want: Vec<String> = mps.iter().rev().map(|p| p.display().to_string()).collect();
+        assert_eq!(ended, want);
+        assert!(!mps[0].parent().unwrap().exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_taken_over_layer_is_unmounted_by_path_and_a_left_one_not_at_all() {
+        let s = setup(1).await;
+        let (m, _, layers) = s.store.beam_image().await.unwrap();
+        assert_eq!(m.manifest.layers.len(), 1);
+        let layer = layers[0].clone();
+        let index = load_index(&s.store, &s.fetcher.cache, &layer)
+            .await
+            .unwrap();
+        let source = s.store.range_source(&layer.chunks).unwrap();
+        let init = crate::takeover::InitParams {
+            major: 7,
+            minor: 41,
+            flags: 0,
+            max_readahead: 1 << 17,
+        };
+        std::fs::create_dir_all(&s.target).unwrap();
+        let held = |existing| Held {
+            socket: s.opts.work_dir.join("no-holder.sock"),
+            name: "layer".into(),
+            existing,
+        };
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let mounted = mount_layer(
+            layer.clone(),
+            index.clone(),
+            source.clone(),
+            s.fetcher.clone(),
+            &s.target,
+            &s.opts,
+            false,
+            Some(held(Some((fd, init)))),
+        )
+        .unwrap();
+        assert!(mounted.taken_over());
+        assert_eq!(s.mounter.calls(), [Call::TakeOver]);
+        drop(mounted);
+        assert_eq!(
+            s.mounter.calls()[1..],
+            [
+                Call::Umount {
+                    target: s.target.clone(),
+                    detach: false
+                },
+                Call::SessionJoin {
+                    label: "takeover".into()
+                },
+            ]
+        );
+        assert!(s.target.is_dir(), "a mountpoint it does not own stays");
+
+        // Left mounted for a successor: no unmount, no join.
+        let mounted = mount_layer(
+            layer,
+            index,
+            source,
+            s.fetcher.clone(),
+            &s.target,
+            &s.opts,
+            false,
+            None,
+        )
+        .unwrap();
+        let before = s.mounter.calls().len();
+        mounted.leave_mounted();
+        assert_eq!(s.mounter.calls().len(), before);
+    }
 }

@@ -50,6 +50,7 @@ pub async fn record(
         threads: 4,
         work_dir: work_dir.to_path_buf(),
         record: true,
+        mounter: crate::mounter::system(),
     };
     let mounted = mount_image(store, fetcher, target.path(), None, &opts).await?;
     let mut child = tokio::process::Command::new("chroot")

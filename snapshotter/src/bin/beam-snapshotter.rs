@@ -275,6 +275,7 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
             threads: 4,
             work_dir: config.root.join("mounts"),
             record: false,
+            mounter: beam::mounter::system(),
         };
         let mut r = beam::daemon::remote::RemoteLayers::new(fetcher, registry, mount)?
             .accept_pull_settings(config.remote.accept_pull_settings)

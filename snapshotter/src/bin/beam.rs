@@ -681,6 +681,7 @@ async fn run(cli: Cli) -> Result<()> {
                 threads,
                 work_dir,
                 record: false,
+                mounter: beam::mounter::system(),
             };
             let mounted =
                 beam::mount::mount_image(&store, fetcher.clone(), &dir, layer.as_deref(), &mopts)

@@ -6,7 +6,7 @@
 //! know about the other. A source only moves bytes: it never verifies them, and its errors say
 //! whether the bytes could not be had at all or came short.
 
-use crate::remote::Registry;
+use crate::registry::Registry;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;

@@ -87,7 +87,7 @@ impl Default for FetchConfig {
             background: true,
             background_concurrency: 2,
             background_bytes_per_sec: 0,
-            whole_layer_max_bytes: crate::daemon::remote::DEFAULT_WHOLE_LAYER_MAX_BYTES,
+            whole_layer_max_bytes: crate::daemon::lazy::DEFAULT_WHOLE_LAYER_MAX_BYTES,
         }
     }
 }
@@ -239,7 +239,7 @@ impl Config {
     /// hosts directory; warnings name hosts.toml settings Beam does not follow.
     pub fn remote_options(
         &self,
-    ) -> Result<(crate::remote::RemoteOptions, Vec<String>), crate::hosts::HostsError> {
+    ) -> Result<(crate::registry::RegistryOptions, Vec<String>), crate::hosts::HostsError> {
         let mut o = self.registry_options();
         let warnings = match &self.hosts_dir {
             Some(dir) => crate::hosts::apply_hosts_dir(dir, &mut o)?,
@@ -248,8 +248,8 @@ impl Config {
         Ok((o, warnings))
     }
 
-    fn registry_options(&self) -> crate::remote::RemoteOptions {
-        crate::remote::RemoteOptions {
+    fn registry_options(&self) -> crate::registry::RegistryOptions {
+        crate::registry::RegistryOptions {
             plain_http: false,
             plain_http_hosts: self
                 .registry

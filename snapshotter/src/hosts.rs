@@ -15,7 +15,7 @@
 //! (Beam will not turn TLS verification off), client certificates, custom headers, and
 //! `override_path`.
 
-use crate::remote::RemoteOptions;
+use crate::registry::RegistryOptions;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -98,7 +98,7 @@ fn canonical_host(h: &str) -> String {
 
 /// Read every `*/hosts.toml` under `dir` into `opts` (mirrors, plain-HTTP hosts, CAs).
 /// Returns warnings for settings Beam does not follow. A missing directory is no error.
-pub fn apply_hosts_dir(dir: &Path, opts: &mut RemoteOptions) -> Result<Vec<String>, HostsError> {
+pub fn apply_hosts_dir(dir: &Path, opts: &mut RegistryOptions) -> Result<Vec<String>, HostsError> {
     let mut warnings = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -256,7 +256,7 @@ mod tests {
             "_default",
             "[host.\"https://everything.local\"]\n",
         );
-        let mut o = RemoteOptions::default();
+        let mut o = RegistryOptions::default();
         let warnings = apply_hosts_dir(d.path(), &mut o).unwrap();
         assert_eq!(
             o.host_mirrors.get("127.0.0.1:5000").unwrap(),
@@ -280,7 +280,7 @@ mod tests {
     #[test]
     fn a_missing_dir_is_nothing_and_a_bad_file_is_named() {
         let d = tempfile::tempdir().unwrap();
-        let mut o = RemoteOptions::default();
+        let mut o = RegistryOptions::default();
         assert!(apply_hosts_dir(&d.path().join("none"), &mut o)
             .unwrap()
             .is_empty());

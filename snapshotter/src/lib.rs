@@ -27,7 +27,7 @@ pub mod node_setup;
 pub mod oci;
 pub mod pull;
 pub mod record;
-pub mod remote;
+pub mod registry;
 pub mod snapshot;
 pub mod store;
 pub mod takeover;

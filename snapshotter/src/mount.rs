@@ -558,7 +558,7 @@ mod tests {
     use crate::layout::Layout;
     use crate::mounter::{Call, RecordingMounter};
     use crate::oci::{self, Descriptor, ImageManifest};
-    use crate::remote::RemoteOptions;
+    use crate::registry::RegistryOptions;
     use crate::store::Location;
 
     fn tar_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
@@ -619,7 +619,7 @@ mod tests {
             dir: dir.into(),
             tag: Some("t".into()),
         };
-        let store = Store::open(location, &RemoteOptions::default(), false).unwrap();
+        let store = Store::open(location, &RegistryOptions::default(), false).unwrap();
         convert_image(&store, &store, true, &ConvertOptions::default(), false)
             .await
             .unwrap();

@@ -13,7 +13,7 @@
 use crate::containerd::{Containerd, Desc, Prepared};
 use crate::labels::{self, fallback};
 use crate::oci::{self, ImageConfig, ImageManifest};
-use crate::remote::RemoteOptions;
+use crate::registry::RegistryOptions;
 use crate::store::{Location, Store};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -34,7 +34,7 @@ pub struct PullOptions {
     pub namespace: String,
     /// Snapshotter name as containerd knows it (the proxy plugin's name).
     pub snapshotter: String,
-    pub registry: RemoteOptions,
+    pub registry: RegistryOptions,
     /// Print a line per layer as it is done.
     pub progress: bool,
 }
@@ -175,14 +175,14 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
             Err(e) => {
                 let e = e.context(format!("resolving {name}"));
                 return Err(
-                    match crate::remote::diagnose(&e, reference.registry()).await {
+                    match crate::registry::diagnose(&e, reference.registry()).await {
                         Some(fix) => anyhow::anyhow!("{e:#}\nfix: {fix}"),
                         None => e,
                     },
                 );
             }
         };
-        let top_mt = crate::remote::media_type_of(&top_bytes)?;
+        let top_mt = crate::registry::media_type_of(&top_bytes)?;
         let is_index = top_mt == oci::MEDIA_TYPE_OCI_INDEX || top_mt == oci::MEDIA_TYPE_DOCKER_LIST;
         let platform = if is_index {
             store.platform_manifest().await?

@@ -4,7 +4,7 @@
 
 use crate::layout::Layout;
 use crate::oci::{self, Descriptor, ImageIndex, ImageManifest};
-use crate::remote::{self, Registry, RemoteOptions};
+use crate::registry::{self, Registry, RegistryOptions};
 use anyhow::{bail, Context, Result};
 use oci_client::Reference;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ impl Location {
                 tag: None,
             });
         }
-        Ok(Location::Registry(remote::parse_reference(s)?))
+        Ok(Location::Registry(registry::parse_reference(s)?))
     }
 }
 
@@ -80,7 +80,7 @@ impl Store {
     pub fn with_registry(
         reference: Reference,
         registry: Arc<Registry>,
-        opts: &RemoteOptions,
+        opts: &RegistryOptions,
     ) -> Self {
         Store::Registry {
             reference,
@@ -91,7 +91,7 @@ impl Store {
     }
 
     /// Open `location`. `create` makes an OCI layout when missing.
-    pub fn open(location: Location, opts: &RemoteOptions, create: bool) -> Result<Self> {
+    pub fn open(location: Location, opts: &RegistryOptions, create: bool) -> Result<Self> {
         match location {
             Location::Registry(reference) => Ok(Store::with_registry(
                 reference,
@@ -155,7 +155,7 @@ impl Store {
                 registry: reg,
                 reference: r,
                 ..
-            } => Ok(reg.manifest(&remote::with_digest(r, digest)).await?.0),
+            } => Ok(reg.manifest(&registry::with_digest(r, digest)).await?.0),
             Store::Layout { layout: l, .. } => l.blob(digest),
         }
     }
@@ -164,7 +164,7 @@ impl Store {
     /// manifest of an index (attestation entries are skipped).
     pub async fn image_manifests(&self) -> Result<Vec<ResolvedManifest>> {
         let (top, bytes) = self.resolve_top().await?;
-        let mt = remote::media_type_of(&bytes)?;
+        let mt = registry::media_type_of(&bytes)?;
         if mt == oci::MEDIA_TYPE_OCI_INDEX || mt == oci::MEDIA_TYPE_DOCKER_LIST {
             let index: ImageIndex = serde_json::from_slice(&bytes)
                 .with_context(|| format!("parsing image index {}", top.digest))?;
@@ -178,7 +178,7 @@ impl Store {
                     .with_context(|| format!("parsing manifest {}", d.digest))?;
                 out.push(ResolvedManifest {
                     desc: Descriptor::new(
-                        &remote::media_type_of(&bytes)?,
+                        &registry::media_type_of(&bytes)?,
                         d.digest.clone(),
                         bytes.len() as u64,
                     ),
@@ -310,8 +310,8 @@ impl Store {
                 ..
             } => {
                 let at = match tag {
-                    Some(t) => remote::with_tag(r, t),
-                    None => remote::with_digest(r, &desc.digest),
+                    Some(t) => registry::with_tag(r, t),
+                    None => registry::with_digest(r, &desc.digest),
                 };
                 reg.push_manifest(&at, bytes, media_type).await?;
             }
@@ -352,7 +352,7 @@ impl Store {
                         )
                     })
                     .collect();
-                locations.push(remote::with_digest(r, &desc.digest));
+                locations.push(registry::with_digest(r, &desc.digest));
                 Ok(Arc::new(crate::blob::RegistryBlob {
                     registry: registry.clone(),
                     locations,

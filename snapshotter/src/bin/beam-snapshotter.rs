@@ -277,7 +277,7 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
             record: false,
             mounter: beam::mounter::system(),
         };
-        let mut r = beam::daemon::remote::RemoteLayers::new(fetcher, registry, mount)?
+        let mut r = beam::daemon::lazy::LazyLayers::new(fetcher, registry, mount)?
             .accept_pull_settings(config.remote.accept_pull_settings)
             .whole_layer_max_bytes(config.fetch.whole_layer_max_bytes);
         if config.takeover.enabled {

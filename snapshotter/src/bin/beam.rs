@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use beam::convert::image::convert_image;
 use beam::convert::ConvertOptions;
-use beam::remote::RemoteOptions;
+use beam::registry::RegistryOptions;
 use beam::store::{Location, Store};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
@@ -42,8 +42,8 @@ struct RegistryFlags {
 }
 
 impl RegistryFlags {
-    fn options(&self) -> Result<RemoteOptions> {
-        let mut o = RemoteOptions {
+    fn options(&self) -> Result<RegistryOptions> {
+        let mut o = RegistryOptions {
             plain_http: self.plain_http,
             plain_http_hosts: self.plain_http_hosts.clone(),
             ca_files: self.ca_files.clone(),
@@ -948,7 +948,7 @@ async fn run(cli: Cli) -> Result<()> {
 /// the image's layers, mount that layer alone; otherwise the whole string names the image.
 async fn resolve_mount_target(
     image: &str,
-    opts: &RemoteOptions,
+    opts: &RegistryOptions,
 ) -> Result<(Store, Option<String>)> {
     if let Some((base, digest)) = image.rsplit_once('@') {
         if beam::oci::is_sha256_digest(digest) {

@@ -5,7 +5,7 @@
 // Generated code and tonic's large `Status` error type.
 #![allow(clippy::result_large_err)]
 
-use super::remote::RemoteLayers;
+use super::lazy::LazyLayers;
 use crate::metrics::ServiceCounters;
 use crate::snapshot::Snapshots;
 use anyhow::{Context, Result};
@@ -24,7 +24,7 @@ pub use pb::{LayerStatus, StatusResponse as DaemonStatus};
 /// The control service.
 pub struct ControlService {
     pub snapshots: Arc<Snapshots>,
-    pub remote: Option<Arc<RemoteLayers>>,
+    pub remote: Option<Arc<LazyLayers>>,
     pub counters: Arc<ServiceCounters>,
     pub cache_budget: u64,
 }

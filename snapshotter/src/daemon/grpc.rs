@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub struct SnapshotService {
     pub snapshots: Arc<Snapshots>,
     /// Lazy layers; `None` serves only ordinary snapshots.
-    pub remote: Option<Arc<super::remote::RemoteLayers>>,
+    pub remote: Option<Arc<super::lazy::LazyLayers>>,
     pub counters: Arc<crate::metrics::ServiceCounters>,
 }
 
@@ -38,10 +38,12 @@ impl SnapshotService {
         }
         let host = l
             .get(rl::IMAGE_REF)
-            .and_then(|r| crate::remote::parse_reference(r).ok())
+            .and_then(|r| crate::registry::parse_reference(r).ok())
             .map(|r| r.registry().to_string())
             .unwrap_or_else(|| "the registry".into());
-        let fix = crate::remote::diagnose(e, &host).await.unwrap_or_default();
+        let fix = crate::registry::diagnose(e, &host)
+            .await
+            .unwrap_or_default();
         tracing::info!(
             layer,
             target,

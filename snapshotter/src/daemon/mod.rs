@@ -2,7 +2,7 @@
 
 pub mod control;
 pub mod grpc;
-pub mod remote;
+pub mod lazy;
 
 /// Tell systemd (when it started us with `Type=notify`) that we are ready.
 pub fn notify_ready() {

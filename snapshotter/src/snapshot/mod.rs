@@ -27,10 +27,11 @@
 //! it never takes the directory of a snapshot being created. Removal commits first and deletes
 //! directories after.
 
+pub mod db;
 pub mod filter;
 mod regex;
-pub mod store;
 
+use db::{SnapshotDb, SnapshotRecord};
 use filter::{Fields, Filters};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -38,7 +39,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use store::{MetaStore, SnapshotRecord};
 
 /// The kind of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +146,7 @@ fn mkdir_mode(p: &Path, mode: u32) -> Result<(), SnapshotError> {
 /// The snapshots of one beam-snapshotter root.
 pub struct Snapshots {
     root: PathBuf,
-    store: MetaStore,
+    store: SnapshotDb,
     /// Ids handed out by [`Snapshots::reserve`] and not yet recorded, with when.
     reserved: Mutex<HashMap<u64, Instant>>,
     /// Options containerd's overlayfs snapshotter adds to every overlay mount.
@@ -157,7 +157,7 @@ impl Snapshots {
     /// Open (or create) the snapshots under `root` and remove leftovers of interrupted work.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
         std::fs::create_dir_all(root.join("snapshots")).map_err(|e| io_err("creating", root, e))?;
-        let store = MetaStore::open(&root.join("metadata.redb"))?;
+        let store = SnapshotDb::open(&root.join("metadata.redb"))?;
         // As containerd's overlay snapshotter: no inode index when the kernel knows the option
         // (a layer is the lower dir of many overlays at once).
         let overlay_options = if Path::new("/sys/module/overlay/parameters/index").exists() {
@@ -356,7 +356,7 @@ impl Snapshots {
         name: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
-        remote: store::RemoteLayer,
+        remote: db::LazyLayer,
     ) -> Result<(), SnapshotError> {
         let labels = without_empty(labels);
         let now = nanos(SystemTime::now());
@@ -951,7 +951,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Snapshots::open(dir.path()).unwrap();
         let (id, _fs) = s.reserve().unwrap();
-        let remote = store::RemoteLayer {
+        let remote = db::LazyLayer {
             image: "r/i:t".into(),
             manifest: "sha256:m".into(),
             layer: "sha256:l".into(),

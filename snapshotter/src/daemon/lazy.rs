@@ -11,8 +11,8 @@
 use crate::fetch::Fetcher;
 use crate::labels;
 use crate::mount::{self, Held, HeldState, MountOptions, MountedLayer};
-use crate::remote::RemoteOptions;
-use crate::snapshot::store::RemoteLayer;
+use crate::registry::RegistryOptions;
+use crate::snapshot::db::LazyLayer;
 use crate::snapshot::Snapshots;
 use crate::store::{Location, Store};
 use anyhow::{bail, Context, Result};
@@ -31,7 +31,7 @@ const ARTIFACT_TTL: Duration = Duration::from_secs(60);
 type IndexLoad = Shared<BoxFuture<'static, Result<crate::fs::SharedIndex, String>>>;
 
 /// A Beam artifact found for `(repository, manifest, pull settings)`.
-type ArtifactKey = (String, String, Option<crate::remote::PullTransport>);
+type ArtifactKey = (String, String, Option<crate::registry::PullTransport>);
 
 /// When a Beam artifact was found, its digest and its layers.
 type FoundArtifact = (Instant, String, Vec<crate::oci::BeamLayer>);
@@ -41,11 +41,11 @@ type FoundArtifact = (Instant, String, Vec<crate::oci::BeamLayer>);
 pub const DEFAULT_WHOLE_LAYER_MAX_BYTES: u64 = 2 << 20;
 
 /// Lazily mounted layers of the daemon, by snapshot id.
-pub struct RemoteLayers {
+pub struct LazyLayers {
     pub fetcher: Arc<Fetcher>,
-    pub registry: RemoteOptions,
+    pub registry: RegistryOptions,
     /// The daemon's registry client for its own settings.
-    client: Arc<crate::remote::Registry>,
+    client: Arc<crate::registry::Registry>,
     /// Beam artifacts found lately, by repository, manifest and pull settings.
     artifacts: Mutex<HashMap<ArtifactKey, FoundArtifact>>,
     /// Index loads in flight, by index digest: a layer's Prepare joins the load that the
@@ -54,8 +54,9 @@ pub struct RemoteLayers {
     /// Layers whose chunk blob is at most this many bytes are fetched whole while they mount.
     whole_layer_max_bytes: u64,
     /// Clients for the settings `beam pull` sent with a layer (issue 12), by those settings.
-    pull_clients:
-        Mutex<HashMap<crate::remote::PullTransport, (RemoteOptions, Arc<crate::remote::Registry>)>>,
+    pull_clients: Mutex<
+        HashMap<crate::registry::PullTransport, (RegistryOptions, Arc<crate::registry::Registry>)>,
+    >,
     pub mount: MountOptions,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
     /// Whether the registry settings `beam pull` sends are used.
@@ -107,14 +108,14 @@ fn is_fuse_mount(p: &Path) -> bool {
     })
 }
 
-impl RemoteLayers {
+impl LazyLayers {
     pub fn new(
         fetcher: Arc<Fetcher>,
-        registry: RemoteOptions,
+        registry: RegistryOptions,
         mount: MountOptions,
     ) -> Result<Self> {
-        Ok(RemoteLayers {
-            client: Arc::new(crate::remote::Registry::new(&registry)?),
+        Ok(LazyLayers {
+            client: Arc::new(crate::registry::Registry::new(&registry)?),
             pull_clients: Mutex::new(HashMap::new()),
             artifacts: Mutex::new(HashMap::new()),
             index_loads: Arc::new(Mutex::new(HashMap::new())),
@@ -177,7 +178,7 @@ impl RemoteLayers {
     /// asked of the registry, so a registry that is down or slow does not stop a takeover).
     async fn mount_at(
         &self,
-        remote: &RemoteLayer,
+        remote: &LazyLayer,
         mountpoint: &Path,
         held: Option<Held>,
         known: Option<crate::oci::BeamLayer>,
@@ -186,7 +187,7 @@ impl RemoteLayers {
         let Location::Registry(reference) = &loc else {
             bail!("image {} is not in a registry", remote.image);
         };
-        let at_manifest = crate::remote::with_digest(reference, &remote.manifest);
+        let at_manifest = crate::registry::with_digest(reference, &remote.manifest);
         let (options, client) = self.client_for(remote.transport.as_ref())?;
         let store = Store::with_registry(at_manifest.clone(), client.clone(), &options);
         let layer = match known.filter(|l| l.source == remote.layer) {
@@ -226,10 +227,10 @@ impl RemoteLayers {
     async fn find_artifact(
         &self,
         store: &Store,
-        remote: &RemoteLayer,
+        remote: &LazyLayer,
         at_manifest: &oci_client::Reference,
-        client: &Arc<crate::remote::Registry>,
-        options: &RemoteOptions,
+        client: &Arc<crate::registry::Registry>,
+        options: &RegistryOptions,
     ) -> Result<(String, Vec<crate::oci::BeamLayer>)> {
         let key: ArtifactKey = (
             format!("{}/{}", at_manifest.registry(), at_manifest.repository()),
@@ -281,8 +282,8 @@ impl RemoteLayers {
     fn index_load(
         &self,
         at_manifest: &oci_client::Reference,
-        client: &Arc<crate::remote::Registry>,
-        options: &RemoteOptions,
+        client: &Arc<crate::registry::Registry>,
+        options: &RegistryOptions,
         layer: &crate::oci::BeamLayer,
     ) -> IndexLoad {
         let digest = layer.index.digest.clone();
@@ -340,8 +341,8 @@ impl RemoteLayers {
     /// transport settings added (one client per distinct settings, reused).
     fn client_for(
         &self,
-        transport: Option<&crate::remote::PullTransport>,
-    ) -> Result<(RemoteOptions, Arc<crate::remote::Registry>)> {
+        transport: Option<&crate::registry::PullTransport>,
+    ) -> Result<(RegistryOptions, Arc<crate::registry::Registry>)> {
         let Some(t) = transport.filter(|t| self.accept_pull_settings && !t.is_empty()) else {
             return Ok((self.registry.clone(), self.client.clone()));
         };
@@ -351,7 +352,7 @@ impl RemoteLayers {
         }
         let options = self.registry.with_transport(t);
         let client = Arc::new(
-            crate::remote::Registry::new(&options)
+            crate::registry::Registry::new(&options)
                 .with_context(|| format!("registry settings of the pull for {}", t.host))?,
         );
         clients.insert(t.clone(), (options.clone(), client.clone()));
@@ -392,7 +393,7 @@ impl RemoteLayers {
             }
             None => None,
             Some(v) => Some(
-                serde_json::from_str::<crate::remote::PullTransport>(v).with_context(|| {
+                serde_json::from_str::<crate::registry::PullTransport>(v).with_context(|| {
                     format!(
                         "label {} is not Beam's pull settings",
                         labels::PULL_TRANSPORT
@@ -400,7 +401,7 @@ impl RemoteLayers {
                 })?,
             ),
         };
-        let remote = RemoteLayer {
+        let remote = LazyLayer {
             image: image.clone(),
             manifest: manifest.clone(),
             layer: layer.clone(),

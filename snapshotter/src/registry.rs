@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 
 /// How to reach registries.
 #[derive(Debug, Clone, Default)]
-pub struct RemoteOptions {
+pub struct RegistryOptions {
     /// Plain HTTP for every registry.
     pub plain_http: bool,
     /// Plain HTTP for these hosts (`host` or `host:port`).
@@ -64,7 +64,7 @@ impl PullTransport {
     }
 }
 
-impl RemoteOptions {
+impl RegistryOptions {
     /// The settings these options give registry `host` (what `beam pull` hands the daemon).
     pub fn transport_for(&self, host: &str) -> PullTransport {
         let mut mirrors = self.host_mirrors.get(host).cloned().unwrap_or_default();
@@ -89,7 +89,7 @@ impl RemoteOptions {
 
     /// These options with a pull's settings for its registry added (the pull's mirrors first;
     /// its credentials file replaces the daemon's for every registry of this client).
-    pub fn with_transport(&self, t: &PullTransport) -> RemoteOptions {
+    pub fn with_transport(&self, t: &PullTransport) -> RegistryOptions {
         let mut o = self.clone();
         if t.plain_http && !o.plain_http_hosts.contains(&t.host) {
             o.plain_http_hosts.push(t.host.clone());
@@ -145,7 +145,7 @@ pub fn parse_reference(s: &str) -> Result<Reference> {
 }
 
 impl Registry {
-    pub fn new(opts: &RemoteOptions) -> Result<Self> {
+    pub fn new(opts: &RegistryOptions) -> Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let protocol = if opts.plain_http {
             ClientProtocol::Http
@@ -637,7 +637,7 @@ mod tests {
 
     #[test]
     fn a_pulls_settings_reach_the_daemons_options_for_its_host_only() {
-        let cli = RemoteOptions {
+        let cli = RegistryOptions {
             plain_http: true,
             ca_files: vec!["/etc/ca.pem".into()],
             host_mirrors: [("r:5000".to_string(), vec!["m:5000".to_string()])].into(),
@@ -653,7 +653,7 @@ mod tests {
         let back: PullTransport = serde_json::from_str(&label).unwrap();
         assert_eq!(back, t);
 
-        let daemon = RemoteOptions {
+        let daemon = RegistryOptions {
             plain_http_hosts: vec!["other:5000".into()],
             host_mirrors: [("r:5000".to_string(), vec!["d:5000".to_string()])].into(),
             ..Default::default()
@@ -668,7 +668,9 @@ mod tests {
             Some(PathBuf::from("/home/u/.docker/config.json"))
         );
         // A pull with no settings of its own sends nothing.
-        assert!(RemoteOptions::default().transport_for("r:5000").is_empty());
+        assert!(RegistryOptions::default()
+            .transport_for("r:5000")
+            .is_empty());
         // Unknown fields are refused, not ignored.
         assert!(
             serde_json::from_str::<PullTransport>(r#"{"host":"r","skip_verify":true}"#).is_err()

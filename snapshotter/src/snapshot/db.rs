@@ -13,7 +13,7 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// Where a remote (lazily mounted) snapshot's layer comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RemoteLayer {
+pub struct LazyLayer {
     /// Image reference the layer was pulled for (`host/repo:tag`).
     pub image: String,
     /// Digest of the image manifest.
@@ -23,7 +23,7 @@ pub struct RemoteLayer {
     /// The transport settings of the `beam pull` that asked for it, used again when the layer
     /// is remounted after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transport: Option<crate::remote::PullTransport>,
+    pub transport: Option<crate::registry::PullTransport>,
 }
 
 /// One snapshot, as stored.
@@ -41,11 +41,11 @@ pub struct SnapshotRecord {
     #[serde(default)]
     pub usage: (i64, i64),
     #[serde(default)]
-    pub remote: Option<RemoteLayer>,
+    pub remote: Option<LazyLayer>,
 }
 
 /// The metadata database.
-pub struct MetaStore {
+pub struct SnapshotDb {
     db: Database,
 }
 
@@ -53,7 +53,7 @@ fn internal(e: impl std::fmt::Display) -> SnapshotError {
     SnapshotError::Internal(format!("metadata store: {e}"))
 }
 
-impl MetaStore {
+impl SnapshotDb {
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
         let db = Database::create(path).map_err(internal)?;
         let txn = db.begin_write().map_err(internal)?;
@@ -62,7 +62,7 @@ impl MetaStore {
             txn.open_table(COUNTERS).map_err(internal)?;
         }
         txn.commit().map_err(internal)?;
-        Ok(MetaStore { db })
+        Ok(SnapshotDb { db })
     }
 
     pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, SnapshotError> {

@@ -6,7 +6,7 @@
 //! know about the other. A source only moves bytes: it never verifies them, and its errors say
 //! whether the bytes could not be had at all or came short.
 
-use crate::registry::Registry;
+use crate::registry::{Failure, Registry};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
@@ -17,10 +17,24 @@ use std::sync::Arc;
 /// Why a range could not be read.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BlobError {
+    /// Worth another try (a 5xx, 429, a connection error, a timeout).
     #[error("registry request failed: {0}")]
     Remote(String),
+    /// Another try gets the same answer (404, 401 after a fresh token, 403, another 4xx).
+    #[error("registry refused the request: {0}")]
+    Refused(String),
     #[error("registry sent {got} bytes for a {want}-byte range")]
     Truncated { got: u64, want: u64 },
+}
+
+impl BlobError {
+    fn from_failure(f: Failure, message: String) -> BlobError {
+        if f.is_retryable() {
+            BlobError::Remote(message)
+        } else {
+            BlobError::Refused(message)
+        }
+    }
 }
 
 /// Where a layer's chunk blob can be read by byte range.
@@ -112,11 +126,28 @@ impl Registry {
         len: u64,
     ) -> Result<Bytes, BlobError> {
         self.ensure_login(r).await;
-        let resp = self
-            .client()
-            .pull_blob_stream_partial(r, digest, offset, Some(len))
-            .await
-            .map_err(|e| BlobError::Remote(format!("{e}")))?;
+        let mut refreshed = false;
+        let resp = loop {
+            match self
+                .client()
+                .pull_blob_stream_partial(r, digest, offset, Some(len))
+                .await
+            {
+                Ok(resp) => break resp,
+                Err(e) => {
+                    let failure = Failure::of_oci(&e);
+                    // A token that expired: renew it once, then the answer stands.
+                    if failure == Failure::Denied && !refreshed {
+                        refreshed = true;
+                        if let Err(e) = self.refresh_auth(r).await {
+                            tracing::debug!("{e:#}");
+                        }
+                        continue;
+                    }
+                    return Err(BlobError::from_failure(failure, format!("{e}")));
+                }
+            }
+        };
         let (mut stream, skip) = match resp {
             oci_client::client::BlobResponse::Partial(s) => (s, 0u64),
             // A registry that ignores Range sends the whole blob: skip to the range.

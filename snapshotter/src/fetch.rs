@@ -37,6 +37,10 @@ use tokio::sync::{oneshot, Semaphore};
 pub enum FetchError {
     #[error("registry request failed: {0}")]
     Remote(String),
+    /// The registry refused in a way another try cannot change (404, 401, 403): given up at
+    /// once instead of at the deadline.
+    #[error("registry refused the request: {0}")]
+    Refused(String),
     #[error("registry sent {got} bytes for a {want}-byte range")]
     Truncated { got: u64, want: u64 },
     #[error("chunk {0} failed verification")]
@@ -55,6 +59,7 @@ impl From<BlobError> for FetchError {
     fn from(e: BlobError) -> Self {
         match e {
             BlobError::Remote(m) => FetchError::Remote(m),
+            BlobError::Refused(m) => FetchError::Refused(m),
             BlobError::Truncated { got, want } => FetchError::Truncated { got, want },
         }
     }
@@ -496,7 +501,10 @@ impl Fetcher {
                 }
                 Err(e) => e,
             };
-            if matches!(err, FetchError::Cache(_)) {
+            if matches!(err, FetchError::Cache(_) | FetchError::Refused(_)) {
+                if let FetchError::Refused(_) = &err {
+                    tracing::warn!(source = %source.describe(), offset = start, len, "{err}");
+                }
                 return Err(err);
             }
             let elapsed = began.elapsed();
@@ -573,6 +581,8 @@ mod tests {
         sent: Mutex<Vec<Instant>>,
         fail_first: AtomicU64,
         corrupt_first: AtomicU64,
+        /// Answer every request as a registry that refuses it (a 404 or 403).
+        refuse: std::sync::atomic::AtomicBool,
         delay: Duration,
     }
 
@@ -597,8 +607,12 @@ mod tests {
                 b[0] ^= 0xff;
             }
             let delay = self.delay;
+            let refuse = self.refuse.load(Ordering::SeqCst);
             Box::pin(async move {
                 tokio::time::sleep(delay).await;
+                if refuse {
+                    return Err(BlobError::Refused("HTTP 404".into()));
+                }
                 if fail {
                     return Err(BlobError::Remote("HTTP 500".into()));
                 }
@@ -638,6 +652,7 @@ mod tests {
             sent: Mutex::new(Vec::new()),
             fail_first: AtomicU64::new(0),
             corrupt_first: AtomicU64::new(0),
+            refuse: Default::default(),
             delay,
         });
         let src: Arc<dyn RangeSource> = blob.clone();
@@ -854,5 +869,18 @@ mod tests {
         // And it works once the source is healthy again.
         blob.fail_first.store(0, Ordering::SeqCst);
         f.ensure(&refs, Priority::Demand).await.unwrap();
+    }
+
+    /// A refusal (404, 401 after a fresh token, 403) is final: no retries to the deadline.
+    #[tokio::test]
+    async fn a_refused_range_fails_at_once() {
+        let (dir, blob, refs, _) = setup(1, Duration::ZERO);
+        blob.refuse.store(true, Ordering::SeqCst);
+        let f = fetcher(dir.path(), Duration::from_secs(60));
+        let t = Instant::now();
+        let e = f.ensure(&refs, Priority::Demand).await.unwrap_err();
+        assert!(matches!(e, FetchError::Refused(_)), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(blob.requests.lock().unwrap().len(), 1);
     }
 }

@@ -136,6 +136,104 @@ pub struct Registry {
     client: Client,
     /// Where credentials come from (None: the Docker config of this process).
     docker_config: Option<PathBuf>,
+    /// Credentials per registry, read once (credential helpers are processes: not one per
+    /// chunk request) and read again only after the registry refused them.
+    credentials: std::sync::Mutex<std::collections::HashMap<String, RegistryAuth>>,
+}
+
+/// What a failed registry request means for whoever asked, from the error's type (never from
+/// its text: a digest or URL may contain "404").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No such manifest, blob or repository (404, or the registry's `*_UNKNOWN` codes).
+    NotFound,
+    /// The credentials were refused (401, 403, `UNAUTHORIZED`, `DENIED`).
+    Denied,
+    /// Too many requests (429) or service unavailable (503): later, more slowly.
+    Busy,
+    /// Worth another try: another 5xx, a connection error, a timeout, a cut body.
+    Transient,
+    /// Another try gets the same answer: any other 4xx, a malformed answer.
+    Permanent,
+}
+
+impl Failure {
+    /// Whether retrying the same request can succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Failure::Busy | Failure::Transient)
+    }
+
+    fn of_status(code: u16) -> Failure {
+        match code {
+            404 => Failure::NotFound,
+            401 | 403 => Failure::Denied,
+            429 | 503 => Failure::Busy,
+            408 | 500..=599 => Failure::Transient,
+            _ => Failure::Permanent,
+        }
+    }
+
+    /// The meaning of one error of oci-client.
+    pub fn of_oci(e: &oci_client::errors::OciDistributionError) -> Failure {
+        use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
+        match e {
+            E::ImageManifestNotFoundError(_) => Failure::NotFound,
+            E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => Failure::Denied,
+            E::ServerError { code, .. } => Failure::of_status(*code),
+            E::RegistryError { envelope, .. } => {
+                let codes: Vec<&C> = envelope.errors.iter().map(|e| &e.code).collect();
+                if codes.iter().any(|c| {
+                    matches!(
+                        c,
+                        C::ManifestUnknown
+                            | C::BlobUnknown
+                            | C::NameUnknown
+                            | C::NotFound
+                            | C::ManifestBlobUnknown
+                    )
+                }) {
+                    Failure::NotFound
+                } else if codes
+                    .iter()
+                    .any(|c| matches!(c, C::Unauthorized | C::Denied))
+                {
+                    Failure::Denied
+                } else if codes.iter().any(|c| matches!(c, C::Toomanyrequests)) {
+                    Failure::Busy
+                } else {
+                    Failure::Permanent
+                }
+            }
+            E::RequestError(r) => Failure::of_reqwest(r),
+            E::IoError(_) => Failure::Transient,
+            _ => Failure::Permanent,
+        }
+    }
+
+    fn of_reqwest(e: &reqwest::Error) -> Failure {
+        match e.status() {
+            Some(s) => Failure::of_status(s.as_u16()),
+            // Connection refused or reset, timeouts, a body cut short.
+            None => Failure::Transient,
+        }
+    }
+
+    /// The meaning of an error chain: its first error of a known type decides. An error of
+    /// no known type (a check of ours, such as a digest mismatch) is permanent.
+    pub fn of(e: &anyhow::Error) -> Failure {
+        for c in e.chain() {
+            if let Some(o) = c.downcast_ref::<oci_client::errors::OciDistributionError>() {
+                return Failure::of_oci(o);
+            }
+            if let Some(r) = c.downcast_ref::<reqwest::Error>() {
+                return Failure::of_reqwest(r);
+            }
+            if c.downcast_ref::<std::io::Error>().is_some() {
+                return Failure::Transient;
+            }
+        }
+        Failure::Permanent
+    }
 }
 
 /// Parse `host[:port]/repo[:tag|@digest]`.
@@ -174,15 +272,41 @@ impl Registry {
         Ok(Registry {
             client: Client::new(config),
             docker_config: opts.docker_config.clone(),
+            credentials: Default::default(),
         })
     }
 
-    /// Credentials for `registry`, from this client's Docker config file when it has one.
+    /// Credentials for `registry`, from this client's Docker config file when it has one;
+    /// read once per registry.
     fn auth(&self, registry: &str) -> RegistryAuth {
+        let mut known = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        known
+            .entry(registry.to_string())
+            .or_insert_with(|| self.read_auth(registry))
+            .clone()
+    }
+
+    fn read_auth(&self, registry: &str) -> RegistryAuth {
         match &self.docker_config {
             None => docker_auth(registry),
             Some(path) => docker_auth_from(path, registry),
         }
+    }
+
+    /// After a 401: read `r`'s registry's credentials again (they may have been rotated) and
+    /// get a fresh token with them.
+    pub(crate) async fn refresh_auth(&self, r: &Reference) -> Result<()> {
+        let registry = r.resolve_registry();
+        let auth = self.read_auth(registry);
+        self.credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(registry.to_string(), auth.clone());
+        self.client
+            .auth(r, &auth, oci_client::RegistryOperation::Pull)
+            .await
+            .with_context(|| format!("renewing the token for {registry}"))?;
+        Ok(())
     }
 
     /// The underlying client (for the fetcher's Range requests).
@@ -297,11 +421,16 @@ impl Registry {
             );
         }
         self.login(r).await?;
-        let mut out = Vec::with_capacity(desc.size as usize);
+        // A registry that sends more than the descriptor says is cut off there, not buffered.
+        let mut out = BoundedBuffer {
+            data: Vec::with_capacity(desc.size as usize),
+            max: desc.size as usize,
+        };
         self.client
             .pull_blob(r, desc.digest.as_str(), &mut out)
             .await
             .with_context(|| format!("fetching blob {} of {r}", desc.digest))?;
+        let out = out.data;
         if out.len() as u64 != desc.size || oci::sha256_digest(&out) != desc.digest {
             bail!(
                 "blob {} of {r}: content does not match its descriptor",
@@ -447,6 +576,43 @@ impl Registry {
     }
 }
 
+/// A write target that refuses to grow past `max` bytes.
+struct BoundedBuffer {
+    data: Vec<u8>,
+    max: usize,
+}
+
+impl tokio::io::AsyncWrite for BoundedBuffer {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.data.len() + buf.len() > self.max {
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the registry sent more than the descriptor's {} bytes",
+                self.max
+            ))));
+        }
+        self.data.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// `r` with its tag/digest replaced by `digest`.
 pub fn with_digest(r: &Reference, digest: &str) -> Reference {
     Reference::with_digest(
@@ -478,19 +644,10 @@ pub fn media_type_of(bytes: &[u8]) -> Result<String> {
     })
 }
 
-/// Whether an error chain says the registry has no such manifest or blob.
+/// Whether an error chain says the registry has no such manifest or blob (by its type: see
+/// [`Failure`]).
 pub fn is_not_found(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        let s = c.to_string().to_ascii_lowercase();
-        s.contains("manifest unknown")
-            || s.contains("manifest_unknown")
-            || s.contains("blob unknown")
-            || s.contains("blob_unknown")
-            || s.contains("name unknown")
-            || s.contains("name_unknown")
-            || s.contains("not found")
-            || s.contains("404")
-    })
+    Failure::of(e) == Failure::NotFound
 }
 
 /// Credentials for `registry` from the Docker config; anonymous when there are none.
@@ -733,5 +890,45 @@ mod tests {
         // Not a setting: the message says it all.
         let none = anyhow::anyhow!("image sha256:00 has no Beam conversion");
         assert!(diagnose(&none, "r").await.is_none());
+    }
+
+    #[test]
+    fn failures_are_told_apart_by_type_not_by_text() {
+        use oci_client::errors::{OciDistributionError as E, OciEnvelope, OciError, OciErrorCode};
+        let server = |code: u16| E::ServerError {
+            code,
+            // A referrers tag whose digest happens to contain "404".
+            url: "https://r/v2/a/manifests/sha256-4040aa".into(),
+            message: "404 not found".into(),
+        };
+        assert_eq!(Failure::of(&anyhow::Error::new(server(500))), Failure::Transient);
+        assert!(!is_not_found(&anyhow::Error::new(server(502)).context("fetching 404")));
+        assert_eq!(Failure::of(&anyhow::Error::new(server(404))), Failure::NotFound);
+        assert_eq!(Failure::of(&anyhow::Error::new(server(429))), Failure::Busy);
+        assert_eq!(Failure::of(&anyhow::Error::new(server(403))), Failure::Denied);
+        assert_eq!(Failure::of(&anyhow::Error::new(server(400))), Failure::Permanent);
+        let envelope = |code| E::RegistryError {
+            envelope: OciEnvelope {
+                errors: vec![OciError {
+                    code,
+                    message: String::new(),
+                    detail: serde_json::Value::Null,
+                }],
+            },
+            url: "https://r/v2/a/manifests/t".into(),
+        };
+        let unknown = anyhow::Error::new(envelope(OciErrorCode::ManifestUnknown)).context("x");
+        assert!(is_not_found(&unknown));
+        assert_eq!(
+            Failure::of(&anyhow::Error::new(envelope(OciErrorCode::Denied))),
+            Failure::Denied
+        );
+        assert_eq!(
+            Failure::of(&anyhow::Error::new(E::UnauthorizedError { url: "u".into() })),
+            Failure::Denied
+        );
+        // Text alone decides nothing.
+        assert!(!is_not_found(&anyhow!("manifest sha256-404 unknown: 404")));
+        assert!(!Failure::of(&anyhow!("HTTP 404")).is_retryable());
     }
 }

@@ -195,11 +195,33 @@ impl ChunkRef {
 
 type Waiters = Vec<oneshot::Sender<Result<(), FetchError>>>;
 
+/// What one fetch is: where the bytes are read (source, offset, length) and what they must
+/// hash to. Single flight joins only fetches of the same thing, so a layer that declares
+/// another layer's chunk digest at a wrong place fails alone, and others never wait on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FlightKey {
+    source: String,
+    offset: u64,
+    stored_len: u32,
+    digest: ChunkDigest,
+}
+
+impl ChunkRef {
+    fn flight_key(&self) -> FlightKey {
+        FlightKey {
+            source: self.source.describe(),
+            offset: self.rec.offset,
+            stored_len: self.rec.stored_len,
+            digest: self.rec.digest,
+        }
+    }
+}
+
 /// Fetches chunks into the cache. One per process.
 pub struct Fetcher {
     pub cache: Arc<ChunkCache>,
     opts: FetchOptions,
-    inflight: Mutex<HashMap<ChunkDigest, Waiters>>,
+    inflight: Mutex<HashMap<FlightKey, Waiters>>,
     foreground: Semaphore,
     background: Semaphore,
     /// Foreground `ensure` calls with something to fetch or wait for.
@@ -285,7 +307,7 @@ impl Fetcher {
     fn has_waiters(&self, run: &[ChunkRef]) -> bool {
         let inflight = self.inflight.lock().expect("inflight lock");
         run.iter()
-            .any(|c| inflight.get(&c.rec.digest).is_some_and(|w| !w.is_empty()))
+            .any(|c| inflight.get(&c.flight_key()).is_some_and(|w| !w.is_empty()))
     }
 
     /// Wait until no foreground fetch is queued or in flight and the idle gap has passed.
@@ -344,17 +366,21 @@ impl Fetcher {
                 if self.cache.contains(&c.rec.digest) {
                     continue;
                 }
-                match inflight.get_mut(&c.rec.digest) {
+                let key = c.flight_key();
+                match inflight.get_mut(&key) {
                     Some(w) => {
                         let (tx, rx) = oneshot::channel();
                         w.push(tx);
                         waits.push(rx);
                     }
                     None => {
-                        if mine.iter().any(|m| m.rec.digest == c.rec.digest) {
+                        if mine
+                            .iter()
+                            .any(|m| m.rec.digest == c.rec.digest && m.flight_key() == key)
+                        {
                             continue;
                         }
-                        inflight.insert(c.rec.digest, Vec::new());
+                        inflight.insert(key, Vec::new());
                         mine.push(c.clone());
                     }
                 }
@@ -422,7 +448,7 @@ impl Fetcher {
         let result = self.fetch_run_inner(&run, p).await;
         let mut inflight = self.inflight.lock().expect("inflight lock");
         for c in &run {
-            if let Some(waiters) = inflight.remove(&c.rec.digest) {
+            if let Some(waiters) = inflight.remove(&c.flight_key()) {
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
@@ -452,13 +478,28 @@ impl Fetcher {
                 } else {
                     &self.foreground
                 };
-                let _permit = sem.acquire().await.expect("semaphore never closed");
+                // The deadline counts from the first ask, queueing for a slot included: behind
+                // a black-holed registry, queued reads end at their deadline, not after every
+                // request ahead of them timed out.
+                let left = self.opts.deadline.saturating_sub(began.elapsed());
+                let Ok(permit) = tokio::time::timeout(left, sem.acquire()).await else {
+                    return Err(FetchError::Deadline {
+                        chunk: run[0].rec.digest.to_string(),
+                        secs: began.elapsed().as_secs_f64(),
+                        last: "no request slot came free".into(),
+                    });
+                };
+                let _permit = permit.expect("semaphore never closed");
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let sent = Instant::now();
                 let on_wire = OnWire::enter(&self.on_wire);
+                let attempt_timeout = self
+                    .opts
+                    .attempt_timeout
+                    .min(self.opts.deadline.saturating_sub(began.elapsed()))
+                    .max(Duration::from_millis(100));
                 let answer =
-                    tokio::time::timeout(self.opts.attempt_timeout, source.read_range(start, len))
-                        .await;
+                    tokio::time::timeout(attempt_timeout, source.read_range(start, len)).await;
                 let sharing = on_wire.leave();
                 match answer {
                     Ok(Ok(b)) => {
@@ -475,8 +516,7 @@ impl Fetcher {
                     }
                     Ok(Err(e)) => Err(FetchError::from(e)),
                     Err(_) => Err(FetchError::Remote(format!(
-                        "no answer within {:?}",
-                        self.opts.attempt_timeout
+                        "no answer within {attempt_timeout:?}"
                     ))),
                 }
             };
@@ -620,7 +660,7 @@ mod tests {
             })
         }
         fn describe(&self) -> String {
-            "mem".into()
+            format!("mem@{:p}", self)
         }
     }
 
@@ -882,5 +922,67 @@ mod tests {
         assert!(matches!(e, FetchError::Refused(_)), "{e}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         assert_eq!(blob.requests.lock().unwrap().len(), 1);
+    }
+
+    /// A hostile layer that declares a victim's chunk digest at a wrong place fails alone: the
+    /// victim's read does not wait on that fetch or inherit its failure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shadowing_chunk_digest_does_not_capture_other_layers_reads() {
+        let (dir, _victim_blob, victim, plain) = setup(2, Duration::ZERO);
+        // The hostile blob holds other bytes where it claims chunk 0 of the victim is.
+        let (_d2, hostile_blob, other, _) = setup(2, Duration::from_millis(300));
+        let hostile_src: Arc<dyn RangeSource> = hostile_blob.clone();
+        let shadow = ChunkRef {
+            rec: ChunkRecord {
+                offset: other[1].rec.offset,
+                ..victim[0].rec
+            },
+            source: hostile_src,
+        };
+        let f = fetcher(dir.path(), Duration::from_millis(1500));
+        let hostile = spawn_ensure(&f, &[shadow], Priority::Demand);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = Instant::now();
+        f.ensure(&victim[..1], Priority::Demand).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(250), "{:?}", t.elapsed());
+        assert_eq!(
+            f.cache
+                .read_chunk(&victim[0].rec.digest, 4096)
+                .unwrap()
+                .unwrap(),
+            plain[0]
+        );
+        // The hostile fetch got bytes that do not hash to the claim.
+        let _ = hostile.await.unwrap();
+        assert!(f.counters.corrupt.load(Ordering::Relaxed) >= 1);
+    }
+
+    /// Behind a registry that never answers, reads queued for a request slot end at their
+    /// deadline too (the wait for a slot counts), not after every request ahead of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_reads_end_at_their_deadline_behind_a_black_hole() {
+        let (dir, _blob, refs, _) = setup(40, Duration::from_secs(3600));
+        let cache = Arc::new(ChunkCache::open(dir.path(), 0).unwrap());
+        let f = Arc::new(Fetcher::new(
+            cache,
+            FetchOptions {
+                deadline: Duration::from_millis(800),
+                attempt_timeout: Duration::from_secs(20),
+                foreground_concurrency: 2,
+                max_request_bytes: 1,
+                ..FetchOptions::default()
+            },
+        ));
+        let t = Instant::now();
+        // One read per chunk, far more than there are slots.
+        let reads: Vec<_> = refs
+            .iter()
+            .map(|c| spawn_ensure(&f, std::slice::from_ref(c), Priority::Demand))
+            .collect();
+        for r in reads {
+            let e = r.await.unwrap().unwrap_err();
+            assert!(matches!(e, FetchError::Deadline { .. }), "{e}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     }
 }

@@ -219,6 +219,17 @@ impl Config {
         Ok(())
     }
 
+    /// Create the state root and the cache directory, owner-only (0700), and tighten them if
+    /// they exist with more. Through the lazy layers under them any local user could otherwise
+    /// run an image's setuid binaries and read its 0600 files, and read cached chunks of them
+    /// (the class of CVE-2021-41103); containerd's own roots are private the same way.
+    pub fn prepare_private_dirs(&self) -> std::io::Result<()> {
+        for dir in [self.root.clone(), self.cache_dir()] {
+            private_dir(&dir)?;
+        }
+        Ok(())
+    }
+
     /// The cache directory in effect.
     pub fn cache_dir(&self) -> PathBuf {
         self.cache
@@ -279,6 +290,21 @@ impl Config {
     }
 }
 
+/// Make `dir` (and missing parents) and set it to mode 0700.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode != 0o700 {
+        tracing::info!(dir = %dir.display(), "tightening mode {mode:o} to 700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +349,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at least 1"));
+    }
+
+    #[test]
+    fn state_root_and_cache_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = Config {
+            root: root.clone(),
+            ..Config::default()
+        };
+        c.cache.dir = Some(tmp.path().join("elsewhere/cache"));
+        c.prepare_private_dirs().unwrap();
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&tmp.path().join("elsewhere/cache")), 0o700);
     }
 }

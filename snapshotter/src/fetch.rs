@@ -944,7 +944,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let t = Instant::now();
         f.ensure(&victim[..1], Priority::Demand).await.unwrap();
-        assert!(t.elapsed() < Duration::from_millis(250), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
         assert_eq!(
             f.cache
                 .read_chunk(&victim[0].rec.digest, 4096)

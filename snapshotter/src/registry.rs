@@ -901,12 +901,26 @@ mod tests {
             url: "https://r/v2/a/manifests/sha256-4040aa".into(),
             message: "404 not found".into(),
         };
-        assert_eq!(Failure::of(&anyhow::Error::new(server(500))), Failure::Transient);
-        assert!(!is_not_found(&anyhow::Error::new(server(502)).context("fetching 404")));
-        assert_eq!(Failure::of(&anyhow::Error::new(server(404))), Failure::NotFound);
+        assert_eq!(
+            Failure::of(&anyhow::Error::new(server(500))),
+            Failure::Transient
+        );
+        assert!(!is_not_found(
+            &anyhow::Error::new(server(502)).context("fetching 404")
+        ));
+        assert_eq!(
+            Failure::of(&anyhow::Error::new(server(404))),
+            Failure::NotFound
+        );
         assert_eq!(Failure::of(&anyhow::Error::new(server(429))), Failure::Busy);
-        assert_eq!(Failure::of(&anyhow::Error::new(server(403))), Failure::Denied);
-        assert_eq!(Failure::of(&anyhow::Error::new(server(400))), Failure::Permanent);
+        assert_eq!(
+            Failure::of(&anyhow::Error::new(server(403))),
+            Failure::Denied
+        );
+        assert_eq!(
+            Failure::of(&anyhow::Error::new(server(400))),
+            Failure::Permanent
+        );
         let envelope = |code| E::RegistryError {
             envelope: OciEnvelope {
                 errors: vec![OciError {
@@ -924,7 +938,9 @@ mod tests {
             Failure::Denied
         );
         assert_eq!(
-            Failure::of(&anyhow::Error::new(E::UnauthorizedError { url: "u".into() })),
+            Failure::of(&anyhow::Error::new(E::UnauthorizedError {
+                url: "u".into()
+            })),
             Failure::Denied
         );
         // Text alone decides nothing.

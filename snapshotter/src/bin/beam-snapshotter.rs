@@ -207,6 +207,14 @@ fn main() -> std::process::ExitCode {
     // for this lock: taking a FUSE connection over while the old process still reads it would
     // race. It is let go only once the runtime, and with it every fetch task still writing to
     // the cache, has stopped (`--stop` and successors go by it).
+    if let Err(e) = config.prepare_private_dirs() {
+        eprintln!(
+            "beam-snapshotter: preparing {} and {}: {e}",
+            config.root.display(),
+            config.cache_dir().display()
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     let root_lock = match rt.block_on(lock_root(&config.root)) {
         Ok(l) => l,
         Err(e) => {

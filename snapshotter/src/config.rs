@@ -22,6 +22,8 @@
 //! [remote]
 //! enabled = true                    # false: ordinary snapshots only
 //! accept_pull_settings = true       # false: ignore the registry settings `beam pull` sends
+//! trust_referrers = []              # repositories whose unbound (referrer) artifacts are used:
+//!                                   # "host:port/repo", "host:port/team/*", "*" (docs/security.md)
 //!
 //! [takeover]
 //! enabled = true                    # lazy layers' FUSE connections survive a daemon restart
@@ -102,6 +104,10 @@ pub struct RemoteConfig {
     /// pulls then use the daemon's settings, and a layer they cannot reach is downloaded in
     /// full, with the reason and the fix in `beam pull`'s output.
     pub accept_pull_settings: bool,
+    /// Repositories whose Beam artifacts found by referrers (not bound into the image the user
+    /// pulled) are used: `host[:port]/repo`, `host[:port]/prefix/*` or `*`. Empty by default:
+    /// only artifacts the pulled manifest binds serve an image (docs/security.md).
+    pub trust_referrers: Vec<String>,
 }
 
 impl Default for RemoteConfig {
@@ -109,6 +115,7 @@ impl Default for RemoteConfig {
         RemoteConfig {
             enabled: true,
             accept_pull_settings: true,
+            trust_referrers: Vec::new(),
         }
     }
 }

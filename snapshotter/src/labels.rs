@@ -12,6 +12,10 @@ pub const MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 pub const LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 
+/// Label on a lazily mounted layer's snapshot: the rule that admitted its Beam artifact
+/// ("bound by the image manifest", or a trusted repository's referrer), for `beam pull`.
+pub const ADMITTED: &str = "dev.beam.lazy.admitted";
+
 /// Prepare label carrying `beam pull`'s registry settings (a `PullTransport`) as JSON.
 /// containerd passes a snapshotter only
 /// labels under `containerd.io/snapshot/`, and on CRI pulls it also passes layer annotations

@@ -125,6 +125,13 @@ impl Layout {
         if index.manifests.iter().any(|d| d.digest == desc.digest) {
             return Ok(());
         }
+        // A tag names one image, as in a registry: the tag moves to the new manifest, and the
+        // entry it leaves (its blob stays) is dropped.
+        if let Some(tag) = desc.annotation(oci::ANNOTATION_REF_NAME) {
+            index
+                .manifests
+                .retain(|d| d.annotation(oci::ANNOTATION_REF_NAME) != Some(tag));
+        }
         index.manifests.push(desc);
         self.write_index(&index)
     }

@@ -620,9 +620,16 @@ mod tests {
             tag: Some("t".into()),
         };
         let store = Store::open(location, &RegistryOptions::default(), false).unwrap();
-        convert_image(&store, &store, true, &ConvertOptions::default(), false)
-            .await
-            .unwrap();
+        convert_image(
+            &store,
+            &store,
+            true,
+            &ConvertOptions::default(),
+            Default::default(),
+            false,
+        )
+        .await
+        .unwrap();
         store
     }
 

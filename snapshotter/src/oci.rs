@@ -27,6 +27,10 @@ pub const ANNOTATION_CHUNKS: &str = "dev.beam.layer.chunks";
 pub const ANNOTATION_FORMAT_VERSION: &str = "dev.beam.format.version";
 /// Annotation on the artifact: chunk size used.
 pub const ANNOTATION_CHUNK_SIZE: &str = "dev.beam.chunk-size";
+/// Annotation on a bound image manifest (the original's config and layers, plus this): the
+/// digest of its Beam artifact. The manifest's digest, which users pin, sign and deploy, so
+/// covers the Beam layers too (docs/security.md).
+pub const ANNOTATION_BOUND_ARTIFACT: &str = "dev.beam.artifact";
 
 pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -38,6 +42,34 @@ pub const MEDIA_TYPE_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 pub const EMPTY_CONFIG: &[u8] = b"{}";
 /// Annotation naming a tag in an OCI layout's index.json.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// The Beam artifact a manifest binds (its [`ANNOTATION_BOUND_ARTIFACT`]), if any.
+pub fn bound_artifact(manifest: &ImageManifest) -> Option<&str> {
+    manifest
+        .annotations
+        .get(ANNOTATION_BOUND_ARTIFACT)
+        .map(String::as_str)
+}
+
+/// The bound form of image manifest `original` (its JSON bytes): the same document with the
+/// annotation naming `artifact` added. Every other field is kept as it is, so nodes without
+/// Beam pull and run it unchanged.
+pub fn bind_manifest(original: &[u8], artifact: &str) -> serde_json::Result<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(original)?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(serde::de::Error::custom("a manifest is a JSON object"));
+    };
+    let annotations = obj
+        .entry("annotations")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let Some(annotations) = annotations.as_object_mut() else {
+        return Err(serde::de::Error::custom(
+            "manifest annotations are not an object",
+        ));
+    };
+    annotations.insert(ANNOTATION_BOUND_ARTIFACT.into(), artifact.into());
+    serde_json::to_vec(&v)
+}
 
 /// Every manifest media type Beam asks a registry for.
 pub const MANIFEST_MEDIA_TYPES: &[&str] = &[

@@ -70,6 +70,8 @@ pub struct PullReport {
     pub manifest: String,
     /// Whether the registry has a Beam conversion of the manifest.
     pub converted: bool,
+    /// The rule by which the snapshotter admitted the image's Beam artifact (lazy layers).
+    pub admitted: Option<String>,
     /// Per layer: digest, chain ID, outcome.
     pub layers: Vec<(String, String, LayerOutcome)>,
     pub seconds: f64,
@@ -239,7 +241,10 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     // looks for itself): asked beside the pull, not before it, to keep it off the critical
     // path.
     let converted = async {
-        match store.find_beam(&platform.desc.digest).await {
+        match store
+            .find_beam(&platform.desc.digest, &crate::store::Trust::any_referrer())
+            .await
+        {
             Ok(found) => found.is_some(),
             Err(e) => {
                 tracing::warn!("looking for a Beam conversion of {name}: {e:#}");
@@ -269,12 +274,13 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     if let Err(e) = ctd.end_lease().await {
         tracing::warn!("{e:#}");
     }
-    let layers = result?;
+    let (layers, admitted) = result?;
     let report = PullReport {
         name,
         target: top.digest.clone(),
         manifest: platform.desc.digest.clone(),
         converted,
+        admitted,
         layers,
         seconds: started.elapsed().as_secs_f64(),
         steps,
@@ -296,7 +302,7 @@ async fn pull_under_lease(
     diff_ids: &[String],
     layer_digests: &[String],
     opts: &PullOptions,
-) -> Result<Vec<(String, String, LayerOutcome)>> {
+) -> Result<(Vec<(String, String, LayerOutcome)>, Option<String>)> {
     let manifest = &platform.manifest;
     let chains = &chain_ids(diff_ids);
     // Where the content came from, as containerd's fetcher records it (lets containerd fetch
@@ -356,6 +362,7 @@ async fn pull_under_lease(
         .context("encoding the pull's registry settings")?;
     let total = manifest.layers.len();
     let mut outcomes = Vec::with_capacity(total);
+    let mut admitted: Option<String> = None;
     for (i, layer) in manifest.layers.iter().enumerate() {
         let chain = &chains[i];
         let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
@@ -373,13 +380,16 @@ async fn pull_under_lease(
                 .await?
             {
                 Prepared::AlreadyExists => {
-                    if ctd.snapshot_stat(&opts.snapshotter, chain).await?.is_none() {
+                    let Some(l) = ctd.snapshot_stat(&opts.snapshotter, chain).await? else {
                         bail!(
                             "snapshotter {} answered AlreadyExists for layer {} but has no \
                              snapshot {chain}",
                             opts.snapshotter,
                             layer.digest
                         );
+                    };
+                    if let Some(a) = l.get(labels::ADMITTED) {
+                        admitted.get_or_insert_with(|| a.clone());
                     }
                     LayerOutcome::Lazy
                 }
@@ -423,7 +433,12 @@ async fn pull_under_lease(
         };
         if opts.progress {
             let what = match &outcome {
-                LayerOutcome::Lazy => "lazy: mounted by the snapshotter, nothing downloaded".into(),
+                LayerOutcome::Lazy => match &admitted {
+                    Some(a) => format!(
+                        "lazy: mounted by the snapshotter (Beam artifact {a}), nothing downloaded"
+                    ),
+                    None => "lazy: mounted by the snapshotter, nothing downloaded".into(),
+                },
                 LayerOutcome::Present => "already present".into(),
                 LayerOutcome::Downloaded(n, why) => {
                     let mut s = format!("downloaded {:.1} MB and unpacked", *n as f64 / 1e6);
@@ -455,7 +470,7 @@ async fn pull_under_lease(
         },
     )
     .await?;
-    Ok(outcomes)
+    Ok((outcomes, admitted))
 }
 
 /// Write content unless it is there, then make sure it carries `labels`.

@@ -380,33 +380,52 @@ impl Store {
 
     /// The image manifest of this platform and its Beam conversion (artifact digest and layers,
     /// which must match the manifest's layers one for one), or an error saying to convert.
+    /// Command-line tools (`beam mount`, `unpack`, `record`) act on an image the user names
+    /// and accept referrer-found artifacts ([`Trust::any_referrer`]); the daemon applies
+    /// the node's [`Trust`].
     pub async fn beam_image(&self) -> Result<(ResolvedManifest, String, Vec<oci::BeamLayer>)> {
         let m = self.platform_manifest().await?;
-        let Some((artifact, layers)) = self.find_beam(&m.desc.digest).await? else {
+        let Some(found) = self
+            .find_beam(&m.desc.digest, &Trust::any_referrer())
+            .await?
+        else {
             bail!(
                 "{} ({}) has no Beam conversion; run `beam convert` first",
                 self.location(),
                 m.desc.digest
             );
         };
-        if layers.len() != m.manifest.layers.len()
-            || layers
-                .iter()
-                .zip(&m.manifest.layers)
-                .any(|(b, o)| b.source != o.digest)
-        {
-            bail!(
-                "Beam artifact {artifact} does not match the layers of {}",
-                m.desc.digest
-            );
-        }
-        Ok((m, artifact, layers))
+        Ok((m, found.artifact, found.layers))
     }
 
-    /// The Beam artifact of image manifest `subject`, if it was converted: the artifact's
-    /// digest and its layers. The newest usable artifact wins when there are several.
-    pub async fn find_beam(&self, subject: &str) -> Result<Option<(String, Vec<oci::BeamLayer>)>> {
-        let mut refs = self.referrers(subject).await?;
+    /// The Beam artifact that may serve image manifest `subject` under `trust`:
+    /// - the artifact `subject` binds (its `dev.beam.artifact` annotation; the digest the user
+    ///   pulled covers it), always;
+    /// - else an artifact found by the referrers of `subject`, only in a repository `trust`
+    ///   lists (anyone with push rights can attach one); one found elsewhere is an error that
+    ///   says why it was refused and what to do;
+    /// - else none (the image was not converted).
+    ///
+    /// The artifact's layers must match the manifest's one for one.
+    pub async fn find_beam(&self, subject: &str, trust: &Trust) -> Result<Option<FoundBeam>> {
+        // Both at once: the manifest (for a binding) and its referrers.
+        let (manifest, referrers) = tokio::join!(self.manifest(subject), self.referrers(subject));
+        let manifest: ImageManifest = serde_json::from_slice(&manifest?)
+            .with_context(|| format!("parsing manifest {subject}"))?;
+        if let Some(artifact) = oci::bound_artifact(&manifest) {
+            let layers = self
+                .beam_artifact(artifact, None)
+                .await
+                .with_context(|| format!("Beam artifact {artifact} bound by {subject}"))?
+                .context("a bound artifact has no subject condition")?;
+            check_layers_match(artifact, &layers, &manifest, subject)?;
+            return Ok(Some(FoundBeam {
+                artifact: artifact.to_string(),
+                layers,
+                admitted: Admission::Bound,
+            }));
+        }
+        let mut refs = referrers?;
         // Newest first, and artifacts with a recorded prefetch list before those without.
         refs.reverse();
         refs.sort_by_key(|d| !d.annotations.contains_key("dev.beam.prefetch"));
@@ -415,25 +434,142 @@ impl Store {
             if d.artifact_type.as_deref() != Some(oci::ARTIFACT_TYPE) {
                 continue;
             }
-            let bytes = self.manifest(&d.digest).await?;
-            let m: ImageManifest = serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing Beam artifact {}", d.digest))?;
-            if m.subject.as_ref().map(|s| s.digest.as_str()) != Some(subject) {
-                continue;
-            }
-            match oci::parse_artifact(&m) {
-                Ok(layers) => return Ok(Some((d.digest.clone(), layers))),
+            let layers = match self.beam_artifact(&d.digest, Some(subject)).await {
+                Ok(Some(layers)) => layers,
+                Ok(None) => continue,
                 Err(e) => {
-                    tracing::warn!(artifact = %d.digest, "skipping Beam artifact: {e}");
+                    tracing::warn!(artifact = %d.digest, "skipping Beam artifact: {e:#}");
                     last_err = Some(e);
+                    continue;
                 }
-            }
+            };
+            let Some(rule) = trust.admits(&self.repository()) else {
+                bail!(
+                    "Beam artifact {} is attached to {subject} as a referrer only, and {} is not \
+                     a trusted repository (a referrer can be pushed by anyone with push rights): \
+                     convert with `beam convert` (which binds the artifact into the image) and \
+                     pull the image it prints, or trust the repository on this node \
+                     ([trust] referrer_repositories, --trust-referrers)",
+                    d.digest,
+                    self.repository()
+                );
+            };
+            check_layers_match(&d.digest, &layers, &manifest, subject)?;
+            return Ok(Some(FoundBeam {
+                artifact: d.digest.clone(),
+                layers,
+                admitted: Admission::TrustedReferrer(rule),
+            }));
         }
         if let Some(e) = last_err {
-            tracing::debug!("no usable Beam artifact: {e}");
+            tracing::debug!("no usable Beam artifact: {e:#}");
         }
         Ok(None)
     }
+
+    /// The layers of Beam artifact `digest`; with `subject`, `None` unless its subject is that.
+    async fn beam_artifact(
+        &self,
+        digest: &str,
+        subject: Option<&str>,
+    ) -> Result<Option<Vec<oci::BeamLayer>>> {
+        let bytes = self.manifest(digest).await?;
+        let m: ImageManifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing Beam artifact {digest}"))?;
+        if let Some(s) = subject {
+            if m.subject.as_ref().map(|d| d.digest.as_str()) != Some(s) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(oci::parse_artifact(&m)?))
+    }
+
+    /// `registry/repository` of a registry store; `oci:DIR` of a layout.
+    pub fn repository(&self) -> String {
+        match self {
+            Store::Registry { reference, .. } => {
+                format!("{}/{}", reference.registry(), reference.repository())
+            }
+            Store::Layout { dir, .. } => format!("oci:{}", dir.display()),
+        }
+    }
+}
+
+/// A Beam artifact admitted to serve an image, and by which rule.
+#[derive(Debug, Clone)]
+pub struct FoundBeam {
+    pub artifact: String,
+    pub layers: Vec<oci::BeamLayer>,
+    pub admitted: Admission,
+}
+
+/// The rule that admitted a Beam artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The pulled manifest names it by digest.
+    Bound,
+    /// Found by referrers in a repository the node trusts (the matching pattern).
+    TrustedReferrer(String),
+}
+
+impl std::fmt::Display for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Admission::Bound => write!(f, "bound by the image manifest"),
+            Admission::TrustedReferrer(p) => write!(f, "referrer in trusted repository {p}"),
+        }
+    }
+}
+
+/// Which referrer-found (unbound) Beam artifacts a node accepts: those of the repositories
+/// it lists. Patterns are `host[:port]/repository`, `host[:port]/prefix/*` or `*`; an OCI
+/// layout on local disk is always trusted (whoever can write it owns the node's files).
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub referrer_repositories: Vec<String>,
+}
+
+impl Trust {
+    /// Every referrer (command-line tools acting on an image the user names).
+    pub fn any_referrer() -> Trust {
+        Trust {
+            referrer_repositories: vec!["*".into()],
+        }
+    }
+
+    /// The pattern that admits referrers of `repository` (`host/repo`, or `oci:DIR`).
+    pub fn admits(&self, repository: &str) -> Option<String> {
+        if repository.starts_with("oci:") {
+            return Some("(local OCI layout)".into());
+        }
+        self.referrer_repositories
+            .iter()
+            .find(|p| {
+                p.as_str() == "*"
+                    || p.as_str() == repository
+                    || p.strip_suffix("/*")
+                        .is_some_and(|prefix| repository.starts_with(&format!("{prefix}/")))
+            })
+            .cloned()
+    }
+}
+
+/// An artifact's layers must be the manifest's, in order.
+fn check_layers_match(
+    artifact: &str,
+    layers: &[oci::BeamLayer],
+    manifest: &ImageManifest,
+    subject: &str,
+) -> Result<()> {
+    if layers.len() != manifest.layers.len()
+        || layers
+            .iter()
+            .zip(&manifest.layers)
+            .any(|(b, o)| b.source != o.digest)
+    {
+        bail!("Beam artifact {artifact} does not match the layers of {subject}");
+    }
+    Ok(())
 }
 
 /// sha256 of a file, as `sha256:<hex>`.

@@ -40,6 +40,10 @@ struct Args {
     /// --ca-file, --hosts-dir, Docker config); use only this daemon's own.
     #[arg(long)]
     ignore_pull_settings: bool,
+    /// Also use Beam artifacts found by referrers, not bound into the pulled image, in these
+    /// repositories (repeatable): HOST[:PORT]/REPO, HOST[:PORT]/PREFIX/* or * (docs/security.md).
+    #[arg(long = "trust-referrers", value_name = "REPOSITORY")]
+    trust_referrers: Vec<String>,
     /// Do not fetch the rest of lazy layers in the background.
     #[arg(long)]
     no_background_fetch: bool,
@@ -104,6 +108,9 @@ impl Args {
         if self.ignore_pull_settings {
             c.remote.accept_pull_settings = false;
         }
+        c.remote
+            .trust_referrers
+            .extend(self.trust_referrers.iter().cloned());
         if self.no_background_fetch {
             c.fetch.background = false;
         }
@@ -287,6 +294,9 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
         };
         let mut r = beam::daemon::lazy::LazyLayers::new(fetcher, registry, mount)?
             .accept_pull_settings(config.remote.accept_pull_settings)
+            .trust(beam::store::Trust {
+                referrer_repositories: config.remote.trust_referrers.clone(),
+            })
             .whole_layer_max_bytes(config.fetch.whole_layer_max_bytes);
         if config.takeover.enabled {
             let socket = config.holder_socket();

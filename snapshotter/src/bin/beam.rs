@@ -352,8 +352,15 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let progress = std::io::stderr().is_terminal() && !json;
             let started = std::time::Instant::now();
-            let results =
-                convert_image(&src_store, &dst_store, same_place, &copts, progress).await?;
+            let results = convert_image(
+                &src_store,
+                &dst_store,
+                same_place,
+                &copts,
+                beam::convert::image::Binding::Bound,
+                progress,
+            )
+            .await?;
             let secs = started.elapsed().as_secs_f64();
             if json {
                 let v: Vec<_> = results
@@ -443,6 +450,7 @@ async fn run(cli: Cli) -> Result<()> {
                     "target": r.target,
                     "manifest": r.manifest,
                     "converted": r.converted,
+                    "admitted": r.admitted,
                     "layers": layers,
                     "lazy": lazy,
                     "downloaded": downloaded,
@@ -915,11 +923,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Inspect { registry, image } => {
             let store = Store::open(Location::parse(&image)?, &registry.options()?, false)?;
             let m = store.platform_manifest().await?;
-            let Some((artifact, layers)) = store.find_beam(&m.desc.digest).await? else {
+            let Some(found) = store
+                .find_beam(&m.desc.digest, &beam::store::Trust::any_referrer())
+                .await?
+            else {
                 bail!("{image} ({}) has no Beam conversion", m.desc.digest);
             };
+            let layers = found.layers;
             println!("image    {}", m.desc.digest);
-            println!("artifact {artifact}");
+            println!("artifact {} ({})", found.artifact, found.admitted);
             for l in layers {
                 let idx = store
                     .blob_bytes(&l.index, beam::format::index::MAX_INDEX_LEN as u64)

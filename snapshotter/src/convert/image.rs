@@ -6,6 +6,15 @@
 //! referrer. When the destination differs from the source, the original image is copied
 //! first, byte for byte, so the same reference runs on nodes without Beam. Everything is
 //! deterministic: converting twice pushes nothing new.
+//!
+//! By default the conversion is **bound** ([`Binding::Bound`], issue 16): beside the original
+//! manifest `M` (unchanged, the artifact's subject) a new manifest `M'` is pushed: `M`'s own
+//! JSON plus the annotation `dev.beam.artifact` naming the artifact by digest, and the tag
+//! moves to it (an index gets a new index naming the bound manifests). `M'` has `M`'s config
+//! and layers, so nodes without Beam run it unchanged, and its digest, which users pin, sign and
+//! deploy, covers the Beam layers: a Beam node uses only the artifact the pulled manifest binds
+//! (unless its operator trusts referrers of the repository; docs/security.md). The unbound form
+//! ([`Binding::Referrer`]) only attaches the artifact as a referrer of `M`.
 
 use super::layer::{convert_layer, ConvertOptions, ConvertStats};
 use crate::oci::{self, BeamLayer, Descriptor, LayerCompression};
@@ -24,6 +33,18 @@ pub struct ConvertedImage {
     pub stats: Vec<ConvertStats>,
     /// True when an identical artifact was already there.
     pub already: bool,
+    /// The bound manifest naming the artifact (bound conversions).
+    pub bound: Option<Descriptor>,
+}
+
+/// How the Beam artifact is tied to the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Binding {
+    /// A new manifest (the original's plus an annotation naming the artifact) takes the tag.
+    #[default]
+    Bound,
+    /// The artifact is only attached as a referrer of the original manifest.
+    Referrer,
 }
 
 /// Convert the image at `src` and publish to `dst`.
@@ -32,6 +53,7 @@ pub async fn convert_image(
     dst: &Store,
     same_place: bool,
     opts: &ConvertOptions,
+    binding: Binding,
     progress: bool,
 ) -> Result<Vec<ConvertedImage>> {
     let bars = MultiProgress::with_draw_target(if progress {
@@ -41,6 +63,16 @@ pub async fn convert_image(
     });
     let (top, top_bytes) = src.resolve_top().await?;
     let manifests = src.image_manifests().await?;
+    // A bound image again: nothing to do (its artifact is what it names).
+    if let Some(done) = already_bound(src, &manifests).await? {
+        if !same_place {
+            bail!(
+                "{} is already a bound Beam image; convert the original image to copy it",
+                src.location()
+            );
+        }
+        return Ok(done);
+    }
     let tmp = tempfile::Builder::new()
         .prefix("beam-convert-")
         .tempdir()
@@ -54,7 +86,98 @@ pub async fn convert_image(
     for m in &manifests {
         out.push(convert_manifest(src, dst, m, opts, tmp.path(), &bars).await?);
     }
+    if binding == Binding::Bound {
+        let tag = dst.tag().or_else(|| src.tag());
+        bind(dst, &top, &top_bytes, &manifests, &mut out, tag.as_deref()).await?;
+    }
     Ok(out)
+}
+
+/// When every manifest of the image is already bound to a valid artifact: the results.
+async fn already_bound(
+    src: &Store,
+    manifests: &[ResolvedManifest],
+) -> Result<Option<Vec<ConvertedImage>>> {
+    if !manifests
+        .iter()
+        .all(|m| oci::bound_artifact(&m.manifest).is_some())
+    {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for m in manifests {
+        let found = src
+            .find_beam(&m.desc.digest, &crate::store::Trust::default())
+            .await?
+            .with_context(|| format!("{} names no Beam artifact", m.desc.digest))?;
+        let bytes = src.manifest(&found.artifact).await?;
+        let artifact: oci::ImageManifest = serde_json::from_slice(&bytes)?;
+        let mut artifact_desc = Descriptor::new(
+            oci::MEDIA_TYPE_OCI_MANIFEST,
+            found.artifact.clone(),
+            bytes.len() as u64,
+        );
+        artifact_desc.artifact_type = Some(oci::ARTIFACT_TYPE.into());
+        out.push(ConvertedImage {
+            subject: artifact.subject.clone().unwrap_or_else(|| m.desc.clone()),
+            artifact: artifact_desc,
+            layers: found.layers,
+            stats: Vec::new(),
+            already: true,
+            bound: Some(m.desc.clone()),
+        });
+    }
+    Ok(Some(out))
+}
+
+/// Push the bound form of each converted manifest (and of the index naming them), tagged
+/// `tag`: the digest users pull then covers the Beam artifact.
+async fn bind(
+    dst: &Store,
+    top: &Descriptor,
+    top_bytes: &[u8],
+    manifests: &[ResolvedManifest],
+    out: &mut [ConvertedImage],
+    tag: Option<&str>,
+) -> Result<()> {
+    let single = manifests.len() == 1 && manifests[0].desc.digest == top.digest;
+    let mut replaced = std::collections::BTreeMap::new();
+    for (m, c) in manifests.iter().zip(out.iter_mut()) {
+        let bytes = oci::bind_manifest(&m.bytes, &c.artifact.digest)
+            .with_context(|| format!("binding manifest {}", m.desc.digest))?;
+        let desc = dst
+            .put_manifest(
+                bytes,
+                &m.desc.media_type,
+                if single { tag } else { None },
+                None,
+            )
+            .await?;
+        replaced.insert(m.desc.digest.clone(), desc.clone());
+        c.bound = Some(desc);
+    }
+    if single {
+        return Ok(());
+    }
+    // An index: the same index with each converted entry pointing at its bound manifest.
+    let mut index: serde_json::Value = serde_json::from_slice(top_bytes)
+        .with_context(|| format!("parsing image index {}", top.digest))?;
+    let entries = index
+        .get_mut("manifests")
+        .and_then(|m| m.as_array_mut())
+        .with_context(|| format!("image index {} has no manifests", top.digest))?;
+    for e in entries {
+        let Some(d) = e.get("digest").and_then(|d| d.as_str()) else {
+            continue;
+        };
+        if let Some(b) = replaced.get(d) {
+            e["digest"] = b.digest.clone().into();
+            e["size"] = b.size.into();
+        }
+    }
+    dst.put_manifest(serde_json::to_vec(&index)?, &top.media_type, tag, None)
+        .await?;
+    Ok(())
 }
 
 async fn convert_manifest(
@@ -166,6 +289,7 @@ async fn convert_manifest(
         layers,
         stats,
         already,
+        bound: None,
     })
 }
 

@@ -33,8 +33,8 @@ type IndexLoad = Shared<BoxFuture<'static, Result<crate::fs::SharedIndex, String
 /// A Beam artifact found for `(repository, manifest, pull settings)`.
 type ArtifactKey = (String, String, Option<crate::registry::PullTransport>);
 
-/// When a Beam artifact was found, its digest and its layers.
-type FoundArtifact = (Instant, String, Vec<crate::oci::BeamLayer>);
+/// When a Beam artifact was found, its digest, its layers and the rule that admitted it.
+type FoundArtifact = (Instant, String, Vec<crate::oci::BeamLayer>, String);
 
 /// Default of `[fetch] whole_layer_max_bytes`: layers of at most 2 MiB of chunks are fetched
 /// whole while they mount.
@@ -61,6 +61,8 @@ pub struct LazyLayers {
     mounted: Mutex<HashMap<u64, MountedLayer>>,
     /// Whether the registry settings `beam pull` sends are used.
     accept_pull_settings: bool,
+    /// Which referrer-found (unbound) Beam artifacts are used; bound ones always are.
+    trust: crate::store::Trust,
     /// The fd holder's socket when takeover is on.
     holder: Option<PathBuf>,
     /// This daemon's `attach` connection to the holder, open for its lifetime (the holder's
@@ -125,6 +127,7 @@ impl LazyLayers {
             mount,
             mounted: Mutex::new(HashMap::new()),
             accept_pull_settings: true,
+            trust: crate::store::Trust::default(),
             holder: None,
             _attached: None,
             grace: std::time::Duration::ZERO,
@@ -150,6 +153,13 @@ impl LazyLayers {
     /// Fetch layers whose chunk blob is at most `bytes` whole while they mount (0: never).
     pub fn whole_layer_max_bytes(mut self, bytes: u64) -> Self {
         self.whole_layer_max_bytes = bytes;
+        self
+    }
+
+    /// Also use Beam artifacts found by referrers (not bound into the image) in these
+    /// repositories (see [`crate::store::Trust`]).
+    pub fn trust(mut self, trust: crate::store::Trust) -> Self {
+        self.trust = trust;
         self
     }
 
@@ -182,7 +192,7 @@ impl LazyLayers {
         mountpoint: &Path,
         held: Option<Held>,
         known: Option<crate::oci::BeamLayer>,
-    ) -> Result<MountedLayer> {
+    ) -> Result<(MountedLayer, String)> {
         let loc = Location::parse(&remote.image)?;
         let Location::Registry(reference) = &loc else {
             bail!("image {} is not in a registry", remote.image);
@@ -190,18 +200,19 @@ impl LazyLayers {
         let at_manifest = crate::registry::with_digest(reference, &remote.manifest);
         let (options, client) = self.client_for(remote.transport.as_ref())?;
         let store = Store::with_registry(at_manifest.clone(), client.clone(), &options);
-        let layer = match known.filter(|l| l.source == remote.layer) {
-            Some(l) => l,
+        let (layer, admitted) = match known.filter(|l| l.source == remote.layer) {
+            Some(l) => (l, "admitted before this daemon started".to_string()),
             None => {
-                let (artifact, layers) = self
+                let (artifact, layers, admitted) = self
                     .find_artifact(&store, remote, &at_manifest, &client, &options)
                     .await?;
-                layers
+                let layer = layers
                     .into_iter()
                     .find(|l| l.source == remote.layer)
                     .with_context(|| {
                         format!("Beam artifact {artifact} has no layer {}", remote.layer)
-                    })?
+                    })?;
+                (layer, admitted)
             }
         };
         let index = self
@@ -209,7 +220,7 @@ impl LazyLayers {
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         let source = store.range_source(&layer.chunks)?;
-        mount::mount_layer(
+        let mounted = mount::mount_layer(
             layer,
             index,
             source,
@@ -218,7 +229,8 @@ impl LazyLayers {
             &self.mount,
             false,
             held,
-        )
+        )?;
+        Ok((mounted, admitted))
     }
 
     /// The Beam artifact of `remote`'s image: found once per pull (cached [`ARTIFACT_TTL`]),
@@ -231,7 +243,7 @@ impl LazyLayers {
         at_manifest: &oci_client::Reference,
         client: &Arc<crate::registry::Registry>,
         options: &RegistryOptions,
-    ) -> Result<(String, Vec<crate::oci::BeamLayer>)> {
+    ) -> Result<(String, Vec<crate::oci::BeamLayer>, String)> {
         let key: ArtifactKey = (
             format!("{}/{}", at_manifest.registry(), at_manifest.repository()),
             remote.manifest.clone(),
@@ -240,13 +252,21 @@ impl LazyLayers {
         {
             let mut cache = self.artifacts.lock().expect("artifacts lock");
             cache.retain(|_, (at, ..)| at.elapsed() < ARTIFACT_TTL);
-            if let Some((_, artifact, layers)) = cache.get(&key) {
-                return Ok((artifact.clone(), layers.clone()));
+            if let Some((_, artifact, layers, admitted)) = cache.get(&key) {
+                return Ok((artifact.clone(), layers.clone(), admitted.clone()));
             }
         }
-        let Some((artifact, layers)) = store.find_beam(&remote.manifest).await? else {
+        let Some(found) = store.find_beam(&remote.manifest, &self.trust).await? else {
             bail!("image {} has no Beam conversion", remote.manifest);
         };
+        tracing::info!(
+            manifest = %remote.manifest,
+            artifact = %found.artifact,
+            "Beam artifact admitted: {}",
+            found.admitted
+        );
+        let (artifact, layers, admitted) =
+            (found.artifact, found.layers, found.admitted.to_string());
         // Every layer's index at once, and the chunks of the small layers (fetched whole at
         // mount anyway): the Prepares of this and the layers above join what is under way.
         for l in &layers {
@@ -273,8 +293,16 @@ impl LazyLayers {
         self.artifacts
             .lock()
             .expect("artifacts lock")
-            .insert(key, (Instant::now(), artifact.clone(), layers.clone()));
-        Ok((artifact, layers))
+            .insert(
+                key,
+                (
+                    Instant::now(),
+                    artifact.clone(),
+                    layers.clone(),
+                    admitted.clone(),
+                ),
+            );
+        Ok((artifact, layers, admitted))
     }
 
     /// Load `layer`'s index (from the cache, else the registry), joining a load of the same
@@ -408,10 +436,10 @@ impl LazyLayers {
             transport,
         };
         let (id, fs) = snapshots.reserve()?;
-        let mounted = match self.mount_at(&remote, &fs, self.held(id), None).await {
-            Ok(m) => {
+        let (mounted, admitted) = match self.mount_at(&remote, &fs, self.held(id), None).await {
+            Ok((m, admitted)) => {
                 self.fetch_whole_if_small(&m).await;
-                m
+                (m, admitted)
             }
             Err(e) => {
                 // Nothing is mounted on the reservation: give it back now.
@@ -420,7 +448,9 @@ impl LazyLayers {
             }
         };
         // The target keeps the request's labels (containerd's unpacker looks for them).
-        match snapshots.commit_remote(id, target, parent, req_labels.clone(), remote) {
+        let mut target_labels = req_labels.clone();
+        target_labels.insert(labels::ADMITTED.to_string(), admitted);
+        match snapshots.commit_remote(id, target, parent, target_labels, remote) {
             Ok(()) => {
                 self.mounted
                     .lock()
@@ -478,7 +508,7 @@ impl LazyLayers {
                         };
                         let known = st.beam_layer.clone();
                         match self.mount_at(&remote, &fs, Some(held), known).await {
-                            Ok(m) => {
+                            Ok((m, _)) => {
                                 tracing::info!(snapshot = %r.name, "lazy layer taken over");
                                 self.mounted.lock().expect("remote lock").insert(r.id, m);
                                 n += 1;
@@ -503,10 +533,10 @@ impl LazyLayers {
             }
             if crate::snapshot::is_mountpoint(&fs) {
                 // The previous daemon's mount: its connection died with it.
-                let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
+                let _ = self.mount.mounter.umount(&fs, true);
             }
             match self.mount_at(&remote, &fs, self.held(r.id), None).await {
-                Ok(m) => {
+                Ok((m, _)) => {
                     self.mounted.lock().expect("remote lock").insert(r.id, m);
                     n += 1;
                 }
@@ -521,7 +551,7 @@ impl LazyLayers {
             // Held for a snapshot that is gone: nobody will serve it.
             if let Ok(st) = serde_json::from_slice::<HeldState>(&entry.state) {
                 if crate::snapshot::is_mountpoint(&st.mountpoint) {
-                    let _ = nix::mount::umount2(&st.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                    let _ = self.mount.mounter.umount(&st.mountpoint, true);
                 }
             }
             tracing::info!(entry = %name, "dropping a holder entry no snapshot needs");

@@ -76,6 +76,12 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Only attach the Beam artifact as a referrer of the original manifest; the tag keeps
+        /// naming the original. By default the artifact is bound: a new manifest (the original's
+        /// config and layers, plus the artifact's digest) takes the tag, so the digest users pin
+        /// covers the Beam layers. Nodes use unbound artifacts only from repositories they trust.
+        #[arg(long)]
+        unbound: bool,
         /// Source image: `host[:port]/repo:tag` or `oci:DIR[:TAG]`.
         src: String,
         /// Destination (default: the source). The original image is copied there unchanged.
@@ -331,6 +337,7 @@ async fn run(cli: Cli) -> Result<()> {
             chunk_size,
             jobs,
             json,
+            unbound,
             src,
             dst,
         } => {
@@ -357,7 +364,11 @@ async fn run(cli: Cli) -> Result<()> {
                 &dst_store,
                 same_place,
                 &copts,
-                beam::convert::image::Binding::Bound,
+                if unbound {
+                    beam::convert::image::Binding::Referrer
+                } else {
+                    beam::convert::image::Binding::Bound
+                },
                 progress,
             )
             .await?;
@@ -369,6 +380,7 @@ async fn run(cli: Cli) -> Result<()> {
                         serde_json::json!({
                             "subject": r.subject.digest,
                             "artifact": r.artifact.digest,
+                            "bound": r.bound.as_ref().map(|b| &b.digest),
                             "already_converted": r.already,
                             "layers": r.layers.iter().zip(&r.stats).map(|(l, s)| serde_json::json!({
                                 "source": l.source,
@@ -403,6 +415,9 @@ async fn run(cli: Cli) -> Result<()> {
                         secs,
                         if r.already { " (already converted)" } else { "" }
                     );
+                    if let Some(b) = &r.bound {
+                        println!("bound image {} (pull this digest, or the tag)", b.digest);
+                    }
                 }
             }
             Ok(())

@@ -290,18 +290,15 @@ impl LazyLayers {
                 }
             });
         }
-        self.artifacts
-            .lock()
-            .expect("artifacts lock")
-            .insert(
-                key,
-                (
-                    Instant::now(),
-                    artifact.clone(),
-                    layers.clone(),
-                    admitted.clone(),
-                ),
-            );
+        self.artifacts.lock().expect("artifacts lock").insert(
+            key,
+            (
+                Instant::now(),
+                artifact.clone(),
+                layers.clone(),
+                admitted.clone(),
+            ),
+        );
         Ok((artifact, layers, admitted))
     }
 

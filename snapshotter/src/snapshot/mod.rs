@@ -28,7 +28,7 @@
 //! directories after.
 
 pub mod filter;
-mod regex;
+mod re2;
 pub mod store;
 
 use filter::{Fields, Filters};

@@ -20,13 +20,13 @@
 //!   repetition operand (`a(?i)*` repeats `a`), `(?)` is an empty flag group.
 //!
 //! Remaining differences: case folding (`(?i)`) is simple case folding on both sides (so
-//! `(?i)k` matches the Kelvin sign `K` in both), from the crate's Unicode tables rather than Go's,
-//! so characters added in different Unicode versions may fold or classify differently; the
-//! crate's loose matching of class names accepts a few spellings older Go refuses
-//! (`\p{greek}`, `\p{isGreek}`); Go allows nesting 1000 deep and about 3.3 million compiled
-//! instructions, we refuse expressions nested deeper than the crate's 250 levels or compiled
-//! larger than [`SIZE_LIMIT`], since filters come from clients. Those refusals are errors, which
-//! the filter treats like any invalid expression (the selector matches nothing).
+//! `(?i)k` matches the Kelvin sign `K` in both), but from the crate's Unicode tables rather
+//! than Go's, so characters of different Unicode versions may fold or classify differently.
+//! Class names match loosely (case, `_`, `-` and spaces ignored: `\p{greek}`), as in current
+//! Go; older Go wanted the exact name. Go allows nesting 1000 deep and about 3.3 million
+//! compiled instructions; we refuse expressions nested deeper than the crate's 250 levels or
+//! compiled larger than [`SIZE_LIMIT`], since filters come from clients. Those refusals are
+//! errors, which the filter treats like any invalid expression (the selector matches nothing).
 
 use std::fmt::Write as _;
 
@@ -797,6 +797,9 @@ fn class_property(name: &str) -> Option<&'static str> {
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ' '))
+        // The crate ignores an `Is` prefix (`\p{IsGreek}`); Go does not, and no name Go
+        // knows starts with it.
+        || name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("is"))
     {
         return None;
     }
@@ -903,6 +906,7 @@ mod tests {
             r"\p{Nope}",
             r"\pX",
             r"\p{sc=Greek}",
+            r"\p{IsGreek}",
             r"\p{L",
             r"\p",
         ] {

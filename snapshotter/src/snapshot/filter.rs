@@ -17,7 +17,7 @@
 //! present; `!=` and `~=` compare the field's value, the empty string when absent; a regex that
 //! does not compile matches nothing (containerd logs it and moves on).
 
-use super::regex::Regex;
+use super::re2::{self, Regex};
 use super::SnapshotError;
 use std::collections::BTreeMap;
 
@@ -27,7 +27,7 @@ enum Op {
     Eq(String),
     Ne(String),
     /// The expression, or why it did not compile.
-    Matches(Result<Regex, String>),
+    Matches(Result<Regex, re2::Error>),
 }
 
 #[derive(Debug, Clone)]
@@ -611,6 +611,35 @@ mod tests {
         assert!(!m(&[r#"labels.missing=="""#]));
         // A regex that does not compile matches nothing.
         assert!(!m(&["name~=(("]) && !m(&["name~=[z-a]"]));
+    }
+
+    #[test]
+    fn regex_selectors_read_re2_syntax() {
+        let l = labels(&[("digit", "\u{663}"), ("word", "é1"), ("re", "a.*b")]);
+        let f = Fields {
+            name: "Ωmega-7",
+            parent: "",
+            kind: "active",
+            labels: &l,
+        };
+        let m = |s: &str| matches(&[s], &f);
+        assert!(m(r"name~=^\pL") && m(r"name~=^\p{Greek}") && !m(r"name~=^\PL"));
+        assert!(m(r"labels.re~=^\Qa.*b\E$") && !m(r"name~=\Q.*\E"));
+        // Go's \d is ASCII: U+0663 ARABIC-INDIC DIGIT THREE is no \d, though a Unicode digit.
+        assert!(!m(r"labels.digit~=\d") && m(r"labels.digit~=\p{Nd}") && m(r"name~=\d$"));
+        // Go's \b is ASCII too: é is no word character, so a boundary comes before the 1.
+        assert!(m(r"labels.word~=\b1") && !m(r"labels.word~=\w1"));
+        assert!(
+            m(r"name~=^\W") && m(r"name~=a\b"),
+            "Ω is no word character either"
+        );
+        // RE2 refuses counts over 1000: the selector matches nothing, the string still parses.
+        assert!(m("name~=7{1000}|7$") && !m("name~=7{1001}|7$"));
+        assert!(m("name~=/^Ωmega-7{1,1000}$/") && !m("name~=/^Ωmega-7{1,1001}$/"));
+        assert!(
+            !m(r"name!=x,name~=\pX"),
+            "an unknown class compiles to no match"
+        );
     }
 
     #[test]

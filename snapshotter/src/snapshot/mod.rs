@@ -29,7 +29,7 @@
 
 pub mod db;
 pub mod filter;
-mod regex;
+mod re2;
 
 use db::{SnapshotDb, SnapshotRecord};
 use filter::{Fields, Filters};

@@ -53,7 +53,7 @@ fn blob_gets_of(reg: &Registry, digest: &str) -> usize {
 }
 
 #[test]
-fn busybox_converts_in_place_and_the_original_still_runs() -> Result<()> {
+fn busybox_converts_in_place_unbound_and_the_original_still_runs() -> Result<()> {
     util::require_root()?;
     let work = tempfile::tempdir()?;
     let tar = work.path().join("busybox.tar");
@@ -114,7 +114,7 @@ fn busybox_converts_in_place_and_the_original_still_runs() -> Result<()> {
         "application/vnd.oci.image.index.v1+json",
     )?;
 
-    let out = beam_ok(&["convert", "--plain-http", &image])?;
+    let out = beam_ok(&["convert", "--plain-http", "--unbound", &image])?;
     ensure!(out.contains("Beam artifact"), "unexpected output: {out}");
     ensure!(
         !out.contains("already converted"),
@@ -154,7 +154,7 @@ fn busybox_converts_in_place_and_the_original_still_runs() -> Result<()> {
     );
 
     // Converting twice changes nothing.
-    let again = beam_ok(&["convert", "--plain-http", &image])?;
+    let again = beam_ok(&["convert", "--plain-http", "--unbound", &image])?;
     ensure!(
         again.contains("already converted"),
         "second conversion: {again}"

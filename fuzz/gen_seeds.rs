@@ -3,8 +3,8 @@
 //!
 //! Usage: gen_seeds [DIR]   (default: fuzz/seeds, relative to the working directory)
 
-use beam::format::index::{ChunkRecord, IndexBuilder, InodeKind, Node};
-use beam::format::ChunkDigest;
+use beam_format::index::{ChunkRecord, IndexBuilder, InodeKind, Node};
+use beam_format::ChunkDigest;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

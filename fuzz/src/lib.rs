@@ -3,7 +3,7 @@
 //! safe to query (no panic, no out-of-bounds read) and consistent; the assertions below
 //! check that promise, so a failing one is a reader bug just like a panic.
 
-use beam::format::index::{
+use beam_format::index::{
     with_prefetch, IndexReader, InodeKind, InodeRecord, MAX_NAME_LEN, ROOT_INO,
 };
 use sha2::{Digest, Sha256};

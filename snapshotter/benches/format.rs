@@ -10,6 +10,9 @@
 //! - the Beam layer size (index + chunk blob) against the gzip and zstd layer sizes;
 //! - a chunk-size sweep (64 KiB to 4 MiB): size, chunk count, and the bytes a lazy mount would
 //!   fetch for the workload whose files are listed in `BEAM_BENCH_READS`.
+//!
+//! It lives in `beam`, not beside the format in `beam-format`, because it times conversion
+//! (`beam::convert`, tar parsing and the worker pool) as much as the format itself.
 
 use beam::convert::{convert_layer, ConvertOptions};
 use beam::format::chunk;

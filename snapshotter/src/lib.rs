@@ -15,7 +15,7 @@ pub mod convert;
 pub mod daemon;
 pub mod doctor;
 pub mod fetch;
-pub mod format;
+pub use beam_format as format;
 pub mod fs;
 pub mod hosts;
 pub mod labels;

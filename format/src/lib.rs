@@ -12,6 +12,11 @@
 //!   inode reads only the records it needs, without decoding the whole index.
 //!
 //! `docs/format.md` is the normative description; [`index`] implements it.
+//!
+//! This is a crate of its own, apart from the daemon (`beam`, which re-exports it as
+//! `beam::format`), so that whatever only reads or writes the format (the fuzzers in `fuzz/`,
+//! other tools) builds without the daemon's runtime, FUSE and gRPC dependencies. It does no
+//! I/O: callers hand it bytes and get bytes back.
 
 pub mod chunk;
 pub mod index;

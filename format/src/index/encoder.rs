@@ -1,0 +1,317 @@
+//! Writing an index: [`IndexBuilder`] encodes a tree and a chunk table, [`with_prefetch`]
+//! replaces the prefetch list of an existing index. Both seal the result with its checksum.
+
+use super::reader::IndexReader;
+use super::records::*;
+use super::IndexError;
+use crate::FORMAT_VERSION;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// A node of the tree handed to [`IndexBuilder`]. Hard links are several directory entries
+/// naming the same node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub kind: InodeKind,
+    pub opaque: bool,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    /// Files: size in bytes.
+    pub size: u64,
+    /// Devices: (major, minor).
+    pub rdev: (u32, u32),
+    /// Symlinks: target.
+    pub target: Vec<u8>,
+    /// Sorted by name.
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Files: chunk table positions, in file order.
+    pub chunks: Vec<u32>,
+    /// Directories: entries by name, each naming a node id of the tree.
+    pub children: BTreeMap<Vec<u8>, usize>,
+}
+
+impl Node {
+    /// A node of `kind` with mode `mode`, root-owned, time 0, nothing else.
+    pub fn new(kind: InodeKind, mode: u32) -> Self {
+        Node {
+            kind,
+            opaque: false,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            rdev: (0, 0),
+            target: Vec::new(),
+            xattrs: BTreeMap::new(),
+            chunks: Vec::new(),
+            children: BTreeMap::new(),
+        }
+    }
+}
+
+/// Encodes a tree (node 0 is the root directory) and a chunk table into an index.
+pub struct IndexBuilder {
+    pub chunk_size: u32,
+    /// Total length of the chunk blob the chunk records point into.
+    pub blob_size: u64,
+    pub nodes: Vec<Node>,
+    pub chunks: Vec<ChunkRecord>,
+    /// Node ids in the order a recorded workload read them.
+    pub prefetch: Vec<usize>,
+}
+
+#[derive(Default)]
+struct Strings {
+    bytes: Vec<u8>,
+}
+
+impl Strings {
+    fn add(&mut self, s: &[u8]) -> u32 {
+        let off = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(s);
+        off
+    }
+}
+
+impl IndexBuilder {
+    /// Encode. Inode numbers follow a depth-first walk in name order, so the same tree always
+    /// gives the same bytes, and a directory's inode number is smaller than its children's.
+    pub fn encode(&self) -> Result<Vec<u8>, IndexError> {
+        let n = self.nodes.len();
+        if n == 0 || self.nodes[0].kind != InodeKind::Dir {
+            return Err(IndexError::BadInode {
+                ino: ROOT_INO,
+                reason: "the root is not a directory".into(),
+            });
+        }
+        // Assign inode numbers: depth-first, pre-order, children in name order.
+        let mut ino_of = vec![0u64; n];
+        let mut parent_of = vec![0u64; n];
+        let mut nlink = vec![0u32; n];
+        let mut order: Vec<usize> = Vec::with_capacity(n);
+        ino_of[0] = ROOT_INO;
+        parent_of[0] = ROOT_INO;
+        order.push(0);
+        let mut stack: Vec<(usize, Vec<usize>)> = vec![(0, self.child_ids(0))];
+        while let Some((dir, pending)) = stack.last_mut() {
+            let dir = *dir;
+            let Some(child) = pending.pop() else {
+                stack.pop();
+                continue;
+            };
+            nlink[child] += 1;
+            if ino_of[child] != 0 {
+                if self.nodes[child].kind == InodeKind::Dir {
+                    return Err(IndexError::BadInode {
+                        ino: ino_of[child],
+                        reason: "directory has more than one name".into(),
+                    });
+                }
+                continue;
+            }
+            order.push(child);
+            ino_of[child] = order.len() as u64;
+            parent_of[child] = ino_of[dir];
+            if self.nodes[child].kind == InodeKind::Dir {
+                let ids = self.child_ids(child);
+                stack.push((child, ids));
+            }
+        }
+        for (id, node) in self.nodes.iter().enumerate() {
+            if node.kind == InodeKind::Dir {
+                // "." and the entry in the parent, plus each subdirectory's "..".
+                nlink[id] = 2 + node
+                    .children
+                    .values()
+                    .filter(|c| self.nodes[**c].kind == InodeKind::Dir)
+                    .count() as u32;
+            }
+        }
+
+        let mut strings = Strings::default();
+        let mut inodes = Vec::with_capacity(order.len() * INODE_LEN);
+        let mut dirents = Vec::new();
+        let mut refs = Vec::new();
+        let mut xattrs = Vec::new();
+        let mut dirent_count: u64 = 0;
+        let mut ref_count: u64 = 0;
+        let mut xattr_count: u64 = 0;
+        for &id in &order {
+            let node = &self.nodes[id];
+            let (a, b) = match node.kind {
+                InodeKind::Dir => {
+                    let first = dirent_count;
+                    for (name, child) in &node.children {
+                        let off = strings.add(name);
+                        dirents.extend_from_slice(&off.to_le_bytes());
+                        dirents.extend_from_slice(&(name.len() as u16).to_le_bytes());
+                        dirents.extend_from_slice(&[0u8; 2]);
+                        dirents.extend_from_slice(&ino_of[*child].to_le_bytes());
+                        dirent_count += 1;
+                    }
+                    (first as u32, node.children.len() as u32)
+                }
+                InodeKind::File => {
+                    let first = ref_count;
+                    for c in &node.chunks {
+                        refs.extend_from_slice(&c.to_le_bytes());
+                        ref_count += 1;
+                    }
+                    (first as u32, node.chunks.len() as u32)
+                }
+                InodeKind::Symlink => (strings.add(&node.target), node.target.len() as u32),
+                InodeKind::CharDev | InodeKind::BlockDev => node.rdev,
+                InodeKind::Fifo | InodeKind::Whiteout => (0, 0),
+            };
+            let xfirst = xattr_count;
+            for (k, v) in &node.xattrs {
+                let ko = strings.add(k);
+                let vo = strings.add(v);
+                xattrs.extend_from_slice(&ko.to_le_bytes());
+                xattrs.extend_from_slice(&(k.len() as u32).to_le_bytes());
+                xattrs.extend_from_slice(&vo.to_le_bytes());
+                xattrs.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                xattr_count += 1;
+            }
+            let size = match node.kind {
+                InodeKind::File => node.size,
+                InodeKind::Symlink => node.target.len() as u64,
+                _ => 0,
+            };
+            let mut rec = [0u8; INODE_LEN];
+            rec[0] = node.kind as u8;
+            rec[1] = if node.opaque { FLAG_OPAQUE } else { 0 };
+            rec[4..8].copy_from_slice(&(node.mode & 0o7777).to_le_bytes());
+            rec[8..12].copy_from_slice(&node.uid.to_le_bytes());
+            rec[12..16].copy_from_slice(&node.gid.to_le_bytes());
+            rec[16..24].copy_from_slice(&node.mtime.to_le_bytes());
+            rec[24..28].copy_from_slice(&node.mtime_nsec.to_le_bytes());
+            rec[28..32].copy_from_slice(&nlink[id].to_le_bytes());
+            rec[32..36].copy_from_slice(&(parent_of[id] as u32).to_le_bytes());
+            rec[36..44].copy_from_slice(&size.to_le_bytes());
+            rec[44..48].copy_from_slice(&a.to_le_bytes());
+            rec[48..52].copy_from_slice(&b.to_le_bytes());
+            rec[52..56].copy_from_slice(&(xfirst as u32).to_le_bytes());
+            rec[56..60].copy_from_slice(&(node.xattrs.len() as u32).to_le_bytes());
+            inodes.extend_from_slice(&rec);
+        }
+        let mut chunks = Vec::with_capacity(self.chunks.len() * CHUNK_LEN);
+        for c in &self.chunks {
+            chunks.extend_from_slice(&c.digest.0);
+            chunks.extend_from_slice(&c.offset.to_le_bytes());
+            chunks.extend_from_slice(&c.stored_len.to_le_bytes());
+            chunks.extend_from_slice(&c.uncompressed_len.to_le_bytes());
+        }
+        let mut prefetch = Vec::with_capacity(self.prefetch.len() * PREFETCH_LEN);
+        for id in &self.prefetch {
+            prefetch.extend_from_slice(&(ino_of[*id] as u32).to_le_bytes());
+        }
+
+        let sections: [&[u8]; SECTIONS] = [
+            &inodes,
+            &dirents,
+            &chunks,
+            &refs,
+            &xattrs,
+            &strings.bytes,
+            &prefetch,
+        ];
+        let total: usize = HEADER_LEN + sections.iter().map(|s| s.len()).sum::<usize>();
+        if total > MAX_INDEX_LEN {
+            return Err(IndexError::TooLong(total));
+        }
+        let mut out = Vec::with_capacity(total);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        out.extend_from_slice(&self.chunk_size.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes()); // flags
+        out.extend_from_slice(&self.blob_size.to_le_bytes());
+        let mut offset = HEADER_LEN as u64;
+        for s in &sections {
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            offset += s.len() as u64;
+        }
+        out.resize(HEADER_LEN, 0);
+        for s in &sections {
+            out.extend_from_slice(s);
+        }
+        seal(&mut out);
+        Ok(out)
+    }
+
+    /// Children of a directory node, reversed so that popping yields name order.
+    fn child_ids(&self, dir: usize) -> Vec<usize> {
+        self.nodes[dir].children.values().rev().copied().collect()
+    }
+}
+
+/// The same index with its prefetch list replaced by `inos` (in order; unknown or repeated
+/// inode numbers are dropped). Everything else stays byte for byte.
+pub fn with_prefetch(bytes: &[u8], inos: &[u64]) -> Result<Vec<u8>, IndexError> {
+    let r = IndexReader::new(bytes)?;
+    let at = r.sections[SEC_PREFETCH].offset;
+    let mut out = bytes[..at].to_vec();
+    let mut seen = std::collections::HashSet::new();
+    let mut n = 0u64;
+    for &ino in inos {
+        if ino >= 1 && ino <= r.inode_count() && seen.insert(ino) {
+            out.extend_from_slice(&(ino as u32).to_le_bytes());
+            n += 1;
+        }
+    }
+    let len_at = 40 + SEC_PREFETCH * 16;
+    out[len_at..len_at + 8].copy_from_slice(&(n * PREFETCH_LEN as u64).to_le_bytes());
+    seal(&mut out);
+    IndexReader::new(&out[..])?;
+    Ok(out)
+}
+
+/// Write the checksum of `index` into it: sha256 over the whole index with the checksum
+/// field zeroed.
+pub(super) fn seal(index: &mut [u8]) {
+    index[CHECKSUM_AT..CHECKSUM_AT + 32].fill(0);
+    let sum: [u8; 32] = Sha256::digest(&*index).into();
+    index[CHECKSUM_AT..CHECKSUM_AT + 32].copy_from_slice(&sum);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::sample;
+
+    #[test]
+    fn encoding_is_deterministic() {
+        assert_eq!(sample().encode().unwrap(), sample().encode().unwrap());
+    }
+
+    #[test]
+    fn a_directory_with_two_names_is_refused_when_encoding() {
+        let mut s = sample();
+        s.nodes[0].children.insert(b"again".to_vec(), 2);
+        assert!(s.encode().is_err());
+    }
+
+    #[test]
+    fn prefetch_lists_can_be_replaced() {
+        let bytes = sample().encode().unwrap();
+        let out = with_prefetch(&bytes, &[4, 2, 4, 99, 0]).unwrap();
+        let r = IndexReader::new(&out[..]).unwrap();
+        assert_eq!(r.prefetch().collect::<Vec<_>>(), vec![4, 2]);
+        assert_eq!(r.inode_count(), 6);
+        let again = with_prefetch(&out, &[3]).unwrap();
+        assert_eq!(
+            IndexReader::new(&again[..])
+                .unwrap()
+                .prefetch()
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+    }
+}

@@ -219,8 +219,11 @@ fn a_damaged_assembled_file_is_rebuilt_not_served() -> Result<()> {
         assembled.len() == 1,
         "expected one backing file: {assembled:?}"
     );
-    // Torn (a power loss before the data reached the disk), then empty.
+    // Torn (a power loss before the data reached the disk), then empty. Each time after the
+    // kernel's RELEASE of the last open has reached the daemon (it follows close(2)
+    // asynchronously): a backing id still live is the kernel's until then, whatever the disk says.
     for len in [100_000, 0] {
+        std::thread::sleep(Duration::from_millis(300));
         std::fs::OpenOptions::new()
             .write(true)
             .open(&assembled[0])?

@@ -11,19 +11,27 @@
 //! ```
 //!
 //! Invariants:
-//! - a chunk file appears under its name only by `rename` of a fully written temp file, so a
-//!   torn write is never visible under a digest name;
+//! - a chunk or assembled file appears under its name only by `rename` of a fully written and
+//!   fsynced temp file, and the directory is fsynced after the rename, so neither a torn write
+//!   nor a power loss leaves a short file under a digest name;
 //! - bytes are served from a chunk file only after this process has checked that file's
 //!   digest once (a crash after rename but before the data reached the disk, or a damaged
 //!   disk, is caught: the file is deleted and the chunk fetched again);
+//! - the same holds for assembled files: one is used only once this process has checked its
+//!   length and its chunks' digests (`crate::fs` does the check; this module remembers it);
+//! - what this process believes is cached is a hint, never the truth: a chunk file found
+//!   missing (deleted from outside, by a prune, with the whole cache directory) is forgotten and
+//!   reported missing so that it is fetched again, and a missing directory is made anew by the
+//!   next write;
 //! - eviction removes the least recently written chunks that no mounted layer pins, until the
-//!   cache is under its budget.
+//!   cache is under its budget. Assembled files count against the budget by the disk space they
+//!   take (a sparse file by its data, not its length) and are evicted first.
 
 use crate::format::chunk::ChunkDigest;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,6 +70,8 @@ pub struct ChunkCache {
     tmp_seq: AtomicU64,
     /// Chunks whose file this process has verified.
     verified: Mutex<HashSet<ChunkDigest>>,
+    /// Assembled files (by key) this process has verified or written.
+    verified_files: Mutex<HashSet<String>>,
     /// Pins by holder (a mounted layer): chunks eviction must keep.
     pins: Mutex<HashMap<String, Arc<HashSet<ChunkDigest>>>>,
     hits: AtomicU64,
@@ -75,6 +85,20 @@ const MAX_OPEN_FILES: usize = 256;
 
 fn hex2(d: &str) -> &str {
     &d[..2]
+}
+
+/// Disk space a file takes (a sparse file's holes take none).
+fn disk_bytes(m: &fs::Metadata) -> u64 {
+    m.blocks() * 512
+}
+
+/// The entries of `dir`; none when it is gone (deleted from outside: the next write makes it).
+fn read_dir_or_empty(dir: &Path) -> io::Result<Box<dyn Iterator<Item = io::Result<fs::DirEntry>>>> {
+    match fs::read_dir(dir) {
+        Ok(r) => Ok(Box::new(r)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Box::new(std::iter::empty())),
+        Err(e) => Err(e),
+    }
 }
 
 impl ChunkCache {
@@ -107,6 +131,7 @@ impl ChunkCache {
             used: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
             verified: Mutex::new(HashSet::new()),
+            verified_files: Mutex::new(HashSet::new()),
             pins: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -148,19 +173,101 @@ impl ChunkCache {
 
     /// Atomically write `data` to `dest` (temp file + rename).
     pub fn write_atomic(&self, dest: &Path, data: &[u8]) -> io::Result<()> {
+        self.write_atomic_with(dest, |f| f.write_all(data))
+    }
+
+    /// Atomically write `dest` with what `fill` writes into a fresh temp file: fsynced before
+    /// the rename, the directory fsynced after it, so that after a power loss `dest` is either
+    /// absent or whole. A missing `tmp/` or destination directory (deleted from outside) is
+    /// made anew.
+    pub fn write_atomic_with(
+        &self,
+        dest: &Path,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> io::Result<()> {
         let tmp = self.tmp_path();
         let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            fs::rename(&tmp, dest)
+            let mut f = match File::create(&tmp) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::warn!(dir = %self.dir.display(), "cache tmp/ is gone; making it anew");
+                    fs::create_dir_all(tmp.parent().expect("tmp path has a parent"))?;
+                    File::create(&tmp)?
+                }
+                r => r?,
+            };
+            fill(&mut f)?;
+            f.sync_all()?;
+            drop(f);
+            let parent = dest.parent().expect("cache paths have a parent");
+            fs::create_dir_all(parent)?;
+            fs::rename(&tmp, dest)?;
+            File::open(parent)?.sync_all()
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Store an assembled file under `key`: written by `fill` into a temp file (see
+    /// [`Self::write_atomic_with`]), counted against the budget by the disk space it takes,
+    /// and opened for reading. The budget is enforced after the open, so the file returned
+    /// stays readable even when it is evicted at once.
+    pub fn put_file(
+        &self,
+        key: &str,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> io::Result<File> {
+        let path = self.file_path(key);
+        self.write_atomic_with(&path, fill)?;
+        let f = File::open(&path)?;
+        self.used
+            .fetch_add(disk_bytes(&f.metadata()?), Ordering::Relaxed);
+        self.verified_files
+            .lock()
+            .expect("cache lock")
+            .insert(key.to_string());
+        if let Err(e) = self.enforce_budget() {
+            tracing::warn!("evicting over the cache budget: {e}");
+        }
+        Ok(f)
+    }
+
+    /// Whether this process has verified (or written) the assembled file `key`.
+    pub fn file_verified(&self, key: &str) -> bool {
+        self.verified_files
+            .lock()
+            .expect("cache lock")
+            .contains(key)
+    }
+
+    /// Note that the assembled file `key` passed its check.
+    pub fn mark_file_verified(&self, key: &str) {
+        self.verified_files
+            .lock()
+            .expect("cache lock")
+            .insert(key.to_string());
+    }
+
+    /// Delete the assembled file `key` (found damaged): the next use builds it anew.
+    pub fn discard_file(&self, key: &str) {
+        self.verified_files.lock().expect("cache lock").remove(key);
+        let path = self.file_path(key);
+        if let Ok(m) = fs::metadata(&path) {
+            if fs::remove_file(&path).is_ok() {
+                let _ = self
+                    .used
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                        Some(u.saturating_sub(disk_bytes(&m)))
+                    });
+            }
+        }
+    }
+
+    /// Forget a chunk this process believed cached whose file is gone.
+    fn forget_chunk(&self, d: &ChunkDigest) {
+        self.verified.lock().expect("cache lock").remove(d);
+        self.open_files.lock().expect("cache lock").remove(d);
     }
 
     /// Whether a chunk is in the cache (not yet verified).
@@ -190,6 +297,8 @@ impl ChunkCache {
         let f = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Deleted from outside (or never here): a miss, fetched again.
+                self.forget_chunk(d);
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -203,6 +312,7 @@ impl ChunkCache {
             if !ok {
                 tracing::warn!(chunk = %d, "cached chunk is damaged; discarding it");
                 let _ = fs::remove_file(&path);
+                self.forget_chunk(d);
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -277,14 +387,19 @@ impl ChunkCache {
         let pinned = self.pinned();
         let mut entries: Vec<(std::time::SystemTime, u64, PathBuf, bool)> = Vec::new();
         for (sub, is_chunk) in [("chunks", true), ("files", false)] {
-            for shard in fs::read_dir(self.dir.join(sub))? {
+            for shard in read_dir_or_empty(&self.dir.join(sub))? {
                 let shard = shard?;
                 if !shard.file_type()?.is_dir() {
                     continue;
                 }
-                for e in fs::read_dir(shard.path())? {
+                for e in read_dir_or_empty(&shard.path())? {
                     let e = e?;
-                    let m = e.metadata()?;
+                    let m = match e.metadata() {
+                        Ok(m) => m,
+                        // Removed meanwhile (another prune, a reader's discard).
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    };
                     if is_chunk {
                         let name = e.file_name();
                         let digest = name
@@ -296,7 +411,8 @@ impl ChunkCache {
                             continue;
                         }
                     }
-                    entries.push((m.modified()?, m.len(), e.path(), is_chunk));
+                    let len = if is_chunk { m.len() } else { disk_bytes(&m) };
+                    entries.push((m.modified()?, len, e.path(), is_chunk));
                 }
             }
         }
@@ -328,6 +444,9 @@ impl ChunkCache {
                     }
                 } else {
                     stats.removed_files += 1;
+                    if let Some(key) = path.file_name().and_then(|n| n.to_str()) {
+                        self.verified_files.lock().expect("cache lock").remove(key);
+                    }
                 }
             }
         }
@@ -341,26 +460,31 @@ impl ChunkCache {
     pub fn stats(&self) -> io::Result<CacheStats> {
         let mut s = CacheStats::default();
         for sub in ["chunks", "files"] {
-            for shard in fs::read_dir(self.dir.join(sub))? {
+            for shard in read_dir_or_empty(&self.dir.join(sub))? {
                 let shard = shard?;
                 if !shard.file_type()?.is_dir() {
                     continue;
                 }
-                for e in fs::read_dir(shard.path())? {
-                    let len = e?.metadata()?.len();
+                for e in read_dir_or_empty(&shard.path())? {
+                    let m = match e?.metadata() {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    };
                     if sub == "chunks" {
                         s.chunks += 1;
-                        s.chunk_bytes += len;
+                        s.chunk_bytes += m.len();
                     } else {
                         s.files += 1;
-                        s.file_bytes += len;
+                        s.file_bytes += disk_bytes(&m);
                     }
                 }
             }
         }
-        for e in fs::read_dir(self.dir.join("indexes"))? {
+        for e in read_dir_or_empty(&self.dir.join("indexes"))? {
+            let Ok(m) = e?.metadata() else { continue };
             s.indexes += 1;
-            s.index_bytes += e?.metadata()?.len();
+            s.index_bytes += m.len();
         }
         Ok(s)
     }
@@ -430,5 +554,87 @@ mod tests {
         assert_eq!(c.used(), 10_000);
         c.enforce_budget().unwrap();
         assert!(c.used() <= 4500, "used {}", c.used());
+    }
+
+    #[test]
+    fn a_deleted_chunk_file_is_a_miss_even_after_this_process_verified_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 0).unwrap();
+        let data = vec![7u8; 4096];
+        let d = ChunkDigest::of(&data);
+        c.put(&d, &data).unwrap();
+        assert!(c.contains(&d));
+        std::fs::remove_file(c.chunk_path(&d)).unwrap();
+        assert!(c.read_chunk(&d, data.len()).unwrap().is_none());
+        assert!(
+            !c.contains(&d),
+            "a chunk found missing is forgotten, so it is fetched"
+        );
+        c.put(&d, &data).unwrap();
+        assert_eq!(c.read_chunk(&d, data.len()).unwrap().unwrap(), data);
+    }
+
+    #[test]
+    fn writes_make_a_deleted_tmp_or_cache_directory_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let c = ChunkCache::open(&root, 1 << 20).unwrap();
+        std::fs::remove_dir_all(root.join("tmp")).unwrap();
+        let a = b"first".to_vec();
+        c.put(&ChunkDigest::of(&a), &a).unwrap();
+        assert!(root.join("tmp").is_dir());
+        std::fs::remove_dir_all(&root).unwrap();
+        // Counting and eviction see an empty cache, not an error.
+        assert_eq!(c.stats().unwrap(), CacheStats::default());
+        c.prune(0).unwrap();
+        let b = b"second".to_vec();
+        let db = ChunkDigest::of(&b);
+        c.put(&db, &b).unwrap();
+        assert_eq!(c.read_chunk(&db, b.len()).unwrap().unwrap(), b);
+        c.put_file("ab12", |f| f.write_all(b"whole")).unwrap();
+        assert_eq!(std::fs::read(c.file_path("ab12")).unwrap(), b"whole");
+    }
+
+    #[test]
+    fn assembled_files_count_by_the_disk_they_take_and_are_evicted_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        let chunk = vec![3u8; 100_000];
+        c.put(&ChunkDigest::of(&chunk), &chunk).unwrap();
+        // A 1 TiB sparse file with 64 KiB of data counts as what it takes on disk.
+        let f = c
+            .put_file("cd34", |f| {
+                f.write_all_at(&[1u8; 65536], 0)?;
+                f.set_len(1 << 40)
+            })
+            .unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 1 << 40);
+        let s = c.stats().unwrap();
+        assert_eq!(s.files, 1);
+        assert!(s.file_bytes >= 65536 && s.file_bytes < 1 << 20, "{s:?}");
+        assert_eq!(c.used(), s.chunk_bytes + s.file_bytes);
+        assert!(c.file_verified("cd34"));
+        // Over budget: the assembled file goes before any chunk.
+        let p = c.prune(c.used() - 1).unwrap();
+        assert_eq!((p.removed_files, p.removed_chunks), (1, 0));
+        assert!(!c.file_verified("cd34"));
+        assert!(c.contains(&ChunkDigest::of(&chunk)));
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 0).unwrap();
+        let r = c.put_file("ef56", |f| {
+            f.write_all(b"half")?;
+            Err(io::Error::other("chunk gone"))
+        });
+        assert!(r.is_err());
+        assert!(!c.file_path("ef56").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert_eq!(c.used(), 0);
     }
 }

@@ -8,23 +8,35 @@
 //! of a file is cached, `open` hands the kernel a backing file (FUSE passthrough): reads then
 //! cost what a local read costs.
 //!
+//! The backing file is assembled in the cache (`files/`) chunk by chunk, never holding more
+//! than one chunk in memory: a file's size is the image's to choose (a sparse 1 TiB file is an
+//! 8 MiB index), the daemon's memory is not. Chunks of zeros stay holes. Before a backing file
+//! is handed to the kernel its length is checked on every open and its chunks' digests once
+//! per process (holes are checked as holes, without reading them), as the cache checks chunks:
+//! after a power loss or damage on disk it is built anew, never served. Opens of one inode are
+//! serialised from the passthrough decision to the reply: the kernel takes one backing file per
+//! inode at a time, and no passthrough open while a caching-mode open is live.
+//!
 //! OCI whiteouts appear as character devices 0/0 and opaque directories carry
 //! `trusted.overlay.opaque=y`, which is how overlayfs expects them in a lower layer.
 
 use crate::cache::ChunkCache;
 use crate::fetch::{ChunkRef, Fetcher, RangeSource};
-use crate::format::index::{IndexReader, InodeKind, InodeRecord};
+use crate::format::chunk::ChunkDigest;
+use crate::format::index::{ChunkRecord, IndexReader, InodeKind, InodeRecord};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// The layer never changes: the kernel may cache names and attributes for long.
@@ -68,6 +80,10 @@ pub struct LayerFs {
     /// Opens in the kernel's caching mode, per inode: while any is open, the kernel refuses
     /// a passthrough open of that inode (ETXTBSY), so none is attempted.
     cached_opens: Mutex<HashMap<u64, u32>>,
+    /// Held by an open of an inode from its passthrough decision to its reply.
+    open_locks: InodeLocks,
+    /// Digest of a chunk of zeros, by length (such chunks are holes in backing files).
+    zero_digests: Mutex<HashMap<u32, ChunkDigest>>,
     next_fh: AtomicU64,
     pub counters: Arc<LayerCounters>,
     /// When recording (`beam record`): regular files in the order they were first opened.
@@ -149,6 +165,58 @@ fn first_fh() -> u64 {
     ((nanos & 0x7fff_ffff) << 32) | 1
 }
 
+/// Per-inode locks: [`InodeLocks::lock`] waits while another holder has the same inode.
+#[derive(Default)]
+struct InodeLocks {
+    held: Mutex<HashSet<u64>>,
+    released: Condvar,
+}
+
+impl InodeLocks {
+    fn lock(&self, ino: u64) -> InodeLock<'_> {
+        let mut held = self.held.lock().expect("inode lock");
+        while held.contains(&ino) {
+            held = self.released.wait(held).expect("inode lock");
+        }
+        held.insert(ino);
+        InodeLock { locks: self, ino }
+    }
+}
+
+/// One inode's lock, released on drop.
+struct InodeLock<'a> {
+    locks: &'a InodeLocks,
+    ino: u64,
+}
+
+impl Drop for InodeLock<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.remove(&self.ino);
+        self.locks.released.notify_all();
+    }
+}
+
+/// One chunk of a file and where it sits in the file.
+struct Piece {
+    at: u64,
+    rec: ChunkRecord,
+}
+
+/// The first offset at or after `from` where `f` holds data (`u64::MAX` when only holes
+/// follow). A filesystem that does not track holes reports data everywhere.
+fn next_data(f: &File, from: u64) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(from) else {
+        return Ok(u64::MAX);
+    };
+    match nix::unistd::lseek(f.as_raw_fd(), off, nix::unistd::Whence::SeekData) {
+        Ok(at) => Ok(at as u64),
+        Err(nix::errno::Errno::ENXIO) => Ok(u64::MAX),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// How far ahead a sequential reader's chunks are fetched.
 const READAHEAD_BYTES: u64 = 4 << 20;
 
@@ -202,6 +270,8 @@ impl LayerFs {
             adopted_ids: Mutex::new(HashMap::new()),
             adopted_live: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
+            open_locks: InodeLocks::default(),
+            zero_digests: Mutex::new(HashMap::new()),
             // Passthrough handles start at a value no earlier daemon on this connection used
             // (the clock's low bits in the high half): releases of a predecessor's handles
             // must not match this daemon's.
@@ -391,34 +461,136 @@ impl LayerFs {
         Ok(Some(out))
     }
 
-    /// The backing file of a wholly cached file, assembled from its chunks when first needed.
-    fn backing_file(&self, r: &InodeRecord) -> std::io::Result<Option<std::fs::File>> {
-        let chunks = self.chunks_for(r, 0, r.size);
-        if chunks
-            .iter()
-            .any(|(_, c)| !self.cache().contains(&c.rec.digest))
-        {
-            return Ok(None);
-        }
+    /// The chunks of a file in order; an item is `None` where the index has no chunk of the
+    /// length that place in the file needs (such a file gets no backing file).
+    fn pieces<'a>(&'a self, r: &InodeRecord) -> impl Iterator<Item = Option<Piece>> + 'a {
+        let cs = self.index.chunk_size() as u64;
+        let r = *r;
+        let n = r.size.div_ceil(cs);
+        (0..n).map(move |i| {
+            let i32 = u32::try_from(i).ok()?;
+            let rec = self.index.chunk(self.index.file_chunk(&r, i32)?).ok()?;
+            let at = i * cs;
+            (rec.uncompressed_len as u64 == (r.size - at).min(cs)).then_some(Piece { at, rec })
+        })
+    }
+
+    /// Whether `rec` is a chunk of zeros (a hole in a backing file).
+    fn is_zero_chunk(&self, rec: &ChunkRecord) -> bool {
+        let mut zeros = self.zero_digests.lock().expect("zero lock");
+        let d = zeros
+            .entry(rec.uncompressed_len)
+            .or_insert_with(|| ChunkDigest::of(&vec![0u8; rec.uncompressed_len as usize]));
+        *d == rec.digest
+    }
+
+    /// The backing file of a wholly cached file, assembled from its chunks when first needed
+    /// (or when the one on disk fails its check). `None` when a chunk is not cached.
+    fn backing_file(&self, r: &InodeRecord) -> io::Result<Option<File>> {
+        // Named by the file's size and chunk digests: files with the same content share one.
         let key = {
             use sha2::{Digest, Sha256};
             let mut h = Sha256::new();
             h.update(r.size.to_le_bytes());
-            for (_, c) in &chunks {
-                h.update(c.rec.digest.0);
+            for p in self.pieces(r) {
+                let Some(p) = p else { return Ok(None) };
+                if !self.cache().contains(&p.rec.digest) {
+                    return Ok(None);
+                }
+                h.update(p.rec.digest.0);
             }
             hex::encode(h.finalize())
         };
-        let path = self.cache().file_path(&key);
-        if !path.exists() {
-            let cs = self.index.chunk_size() as u64;
-            let Some(data) = Self::read_cached(self.cache(), cs, r.size, &chunks, 0, r.size)?
-            else {
-                return Ok(None);
-            };
-            self.cache().write_atomic(&path, &data)?;
+        let cache = self.cache();
+        match File::open(cache.file_path(&key)) {
+            Ok(f) => {
+                if self.backing_file_intact(r, &key, &f)? {
+                    return Ok(Some(f));
+                }
+                tracing::warn!(ino = r.ino, file = %key, "assembled file is damaged; building it anew");
+                cache.discard_file(&key);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        Ok(Some(std::fs::File::open(&path)?))
+        let mut missing = false;
+        let built = cache.put_file(&key, |f| {
+            let complete = self.assemble(r, f)?;
+            missing = !complete;
+            if complete {
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "a chunk left the cache",
+                ))
+            }
+        });
+        match built {
+            Ok(f) => Ok(Some(f)),
+            Err(_) if missing => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Write a file's chunks into `f` one at a time, zeros as holes. `false` when a chunk is
+    /// missing from the cache (evicted, deleted or found damaged meanwhile).
+    fn assemble(&self, r: &InodeRecord, f: &mut File) -> io::Result<bool> {
+        let mut buf = Vec::new();
+        for p in self.pieces(r) {
+            let Some(p) = p else { return Ok(false) };
+            if self.is_zero_chunk(&p.rec) {
+                continue;
+            }
+            let len = p.rec.uncompressed_len as usize;
+            let Some(chunk) = self.cache().open_chunk(&p.rec.digest, len)? else {
+                return Ok(false);
+            };
+            buf.resize(len, 0);
+            chunk.read_exact_at(&mut buf, 0)?;
+            f.write_all_at(&buf, p.at)?;
+        }
+        f.set_len(r.size)?;
+        Ok(true)
+    }
+
+    /// Whether an assembled file on disk holds the file: its length, on every open, and its
+    /// chunks' digests, once per process (a chunk of zeros that is a hole needs no reading).
+    fn backing_file_intact(&self, r: &InodeRecord, key: &str, f: &File) -> io::Result<bool> {
+        if f.metadata()?.len() != r.size {
+            return Ok(false);
+        }
+        if self.cache().file_verified(key) {
+            return Ok(true);
+        }
+        let mut buf = Vec::new();
+        // No data in [asked, data_at): one SEEK_DATA covers a run of holes.
+        let (mut asked, mut data_at) = (u64::MAX, 0u64);
+        for p in self.pieces(r) {
+            let Some(p) = p else { return Ok(false) };
+            let len = p.rec.uncompressed_len as usize;
+            let end = p.at + len as u64;
+            if self.is_zero_chunk(&p.rec) {
+                if !(asked <= p.at && data_at >= end) {
+                    data_at = next_data(f, p.at)?;
+                    asked = p.at;
+                }
+                if data_at >= end {
+                    continue;
+                }
+            }
+            buf.resize(len, 0);
+            match f.read_exact_at(&mut buf, p.at) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            if ChunkDigest::of(&buf) != p.rec.digest {
+                return Ok(false);
+            }
+        }
+        self.cache().mark_file_verified(key);
+        Ok(true)
     }
 }
 
@@ -513,6 +685,9 @@ impl Filesystem for LayerFs {
                 rec.note(r.ino);
             }
         }
+        // From the decision (passthrough or caching mode) to the reply: two first opens must
+        // share one backing id, and a caching-mode open must not pass a passthrough one.
+        let _decided = self.open_locks.lock(ino.0);
         let busy_cached = self
             .cached_opens
             .lock()
@@ -856,5 +1031,51 @@ impl Filesystem for LayerFs {
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         reply.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_locks_serialise_one_inode_and_not_others() {
+        let locks = Arc::new(InodeLocks::default());
+        let inside = Arc::new(AtomicU64::new(0));
+        let most = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (locks, inside, most) = (locks.clone(), inside.clone(), most.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        let _held = locks.lock(7);
+                        let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        std::thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 1);
+        // Another inode is not held up by a held one.
+        let _seven = locks.lock(7);
+        let _eight = locks.lock(8);
+    }
+
+    #[test]
+    fn holes_are_told_from_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("sparse")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"data", 32 << 20).unwrap();
+        f.sync_all().unwrap();
+        let at = next_data(&f, 0).unwrap();
+        // A filesystem without hole tracking reports data everywhere; one with it, the block.
+        assert!(at == 0 || at == 32 << 20, "{at}");
+        assert_eq!(next_data(&f, 1 << 40).unwrap(), u64::MAX);
     }
 }

@@ -562,9 +562,9 @@ async fn run(cli: Cli) -> Result<()> {
                 o
             } else {
                 let major = match ns::containerd_version(&containerd_bin) {
-                    Ok((major, minor)) => {
-                        println!("containerd {major}.{minor} ({})", containerd_bin.display());
-                        Some(major)
+                    Ok(version) => {
+                        println!("containerd {version} ({})", containerd_bin.display());
+                        Some(version.major)
                     }
                     Err(e) => {
                         eprintln!("beam: warning: cannot tell containerd's version: {e:#}");

@@ -568,6 +568,37 @@ pub struct PluginInfo {
     pub error: Option<String>,
 }
 
+/// containerd's release as major.minor: what decides its config layout (1.x reads config version
+/// 2, 2.x version 3) and its features (2.1's transfer service). Ordered, so `v >= Version::new(2,
+/// 1)` reads as it should.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl Version {
+    pub const fn new(major: u32, minor: u32) -> Self {
+        Version { major, minor }
+    }
+
+    /// From the version strings containerd and distributions write: `1.7.24`, `v2.1.9`,
+    /// `2.1.9~ds1`; None when it does not start with two numbers.
+    pub fn parse(v: &str) -> Option<Version> {
+        let v = v.trim().trim_start_matches('v');
+        let mut parts = v.split(|c: char| !c.is_ascii_digit());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(Version { major, minor })
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
 fn api_desc(d: &Desc) -> ApiDescriptor {
     ApiDescriptor {
         media_type: d.media_type.clone(),
@@ -630,6 +661,18 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn versions_parse_from_release_strings() {
+        assert_eq!(Version::parse("v2.1.9"), Some(Version::new(2, 1)));
+        assert_eq!(Version::parse("1.7.24~ds1"), Some(Version::new(1, 7)));
+        assert_eq!(Version::parse("1.6.20"), Some(Version::new(1, 6)));
+        assert_eq!(Version::parse("garbage"), None);
+        assert_eq!(Version::parse("2"), None);
+        assert!(Version::new(2, 1) > Version::new(1, 7));
+        assert!(Version::new(2, 0) < Version::new(2, 1));
+        assert_eq!(Version::new(1, 7).to_string(), "1.7");
+    }
 
     #[test]
     fn rfc3339_times() {

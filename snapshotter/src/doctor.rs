@@ -7,9 +7,10 @@
 //! The config checks are pure functions of the file's text (tested below); the live checks
 //! only add evidence.
 
-use crate::containerd::{Containerd, PluginInfo};
+use crate::containerd::{Containerd, PluginInfo, Version};
 use crate::daemon::control::DaemonStatus;
 use std::fmt;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 /// How bad a finding is.
@@ -56,87 +57,6 @@ impl Finding {
     }
 }
 
-/// containerd's version as (major, minor), from strings like `1.7.24`, `v2.1.9`, `2.1.9~ds1`.
-pub fn parse_version(v: &str) -> Option<(u32, u32)> {
-    let v = v.trim().trim_start_matches('v');
-    let mut parts = v.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-/// Where a key is in a TOML file: the table path and the key, both as containerd writes them.
-struct Located<'a> {
-    text: &'a str,
-}
-
-/// Split a TOML table header or dotted key into its keys (quotes removed).
-fn split_keys(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quote: Option<char> = None;
-    for c in s.chars() {
-        match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (Some(_), c) => cur.push(c),
-            (None, '"') | (None, '\'') => quote = Some(c),
-            (None, '.') => out.push(std::mem::take(&mut cur).trim().to_string()),
-            (None, c) => cur.push(c),
-        }
-    }
-    out.push(cur.trim().to_string());
-    out
-}
-
-impl<'a> Located<'a> {
-    /// 1-based line of the header of `table`, if the file has one.
-    fn table_line(&self, table: &[&str]) -> Option<usize> {
-        self.text.lines().enumerate().find_map(|(i, line)| {
-            let t = line.trim();
-            let inner = t
-                .strip_prefix("[[")
-                .and_then(|r| r.split("]]").next())
-                .or_else(|| t.strip_prefix('[').and_then(|r| r.split(']').next()))?;
-            (split_keys(inner) == table).then_some(i + 1)
-        })
-    }
-
-    /// 1-based line where `key` is set inside `table`.
-    fn key_line(&self, table: &[&str], key: &str) -> Option<usize> {
-        let mut current: Vec<String> = Vec::new();
-        for (i, line) in self.text.lines().enumerate() {
-            let t = line.trim();
-            if t.starts_with('[') {
-                let inner = t.trim_start_matches('[');
-                let inner = inner.split(']').next().unwrap_or("");
-                current = split_keys(inner);
-                continue;
-            }
-            let Some((k, _)) = t.split_once('=') else {
-                continue;
-            };
-            if t.starts_with('#') {
-                continue;
-            }
-            let mut full = current.clone();
-            full.extend(split_keys(k));
-            let want: Vec<String> = table
-                .iter()
-                .map(|s| s.to_string())
-                .chain(std::iter::once(key.to_string()))
-                .collect();
-            if full == want {
-                return Some(i + 1);
-            }
-        }
-        None
-    }
-}
-
-fn get<'v>(v: &'v toml::Value, path: &[&str]) -> Option<&'v toml::Value> {
-    path.iter().try_fold(v, |v, k| v.get(*k))
-}
-
 /// What the config checks need to know besides the file.
 #[derive(Debug, Clone)]
 pub struct ConfigContext {
@@ -147,133 +67,257 @@ pub struct ConfigContext {
     /// Where beam-snapshotter listens.
     pub beam_address: PathBuf,
     /// containerd's version, when known.
-    pub version: Option<(u32, u32)>,
+    pub version: Option<Version>,
 }
+
+/// containerd's config file as the checks see it: its values (what containerd reads) and its
+/// layout (where each key is written, so a fix can name the line to change).
+struct ConfigFile<'a> {
+    ctx: &'a ConfigContext,
+    values: toml::Value,
+    /// The same text parsed with spans; None only if toml_edit rejects what toml accepted.
+    layout: Option<toml_edit::Document<&'a str>>,
+    text: &'a str,
+    /// `version = N`; containerd reads a file without it as version 1.
+    version: i64,
+}
+
+/// One config check: adds its findings; `Break` when the checks after it would be meaningless
+/// (an unsupported config version, CRI disabled).
+type Check = fn(&ConfigFile, &mut Vec<Finding>) -> ControlFlow<()>;
+
+/// The config checks, in the order their findings are reported.
+const CONFIG_CHECKS: &[Check] = &[
+    config_version,
+    config_version_matches_containerd,
+    proxy_plugin,
+    cri_enabled,
+    cri_snapshotter,
+    transfer_unpack_config,
+    remote_snapshot_labels,
+];
 
 /// Check containerd's config file text. See the module documentation.
 pub fn check_config(text: &str, ctx: &ConfigContext) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let path = ctx.path.display();
-    let sn = ctx.snapshotter.as_str();
-    let doc: toml::Value = match text.parse::<toml::Table>() {
+    let values = match text.parse::<toml::Table>() {
         Ok(t) => toml::Value::Table(t),
         Err(e) => {
-            out.push(Finding::new(
+            return vec![Finding::new(
                 Severity::Error,
-                format!("{path} is not valid TOML: {e}"),
-            ));
-            return out;
+                format!("{} is not valid TOML: {e}", ctx.path.display()),
+            )]
         }
     };
-    let at = Located { text };
-    let line_of = |table: &[&str], key: &str| -> String {
-        match at.key_line(table, key).or_else(|| at.table_line(table)) {
+    let version = values
+        .get("version")
+        .and_then(|v| v.as_integer())
+        .unwrap_or(1);
+    let config = ConfigFile {
+        ctx,
+        values,
+        layout: toml_edit::Document::parse(text).ok(),
+        text,
+        version,
+    };
+    let mut out = Vec::new();
+    for check in CONFIG_CHECKS {
+        if check(&config, &mut out).is_break() {
+            break;
+        }
+    }
+    out
+}
+
+impl ConfigFile<'_> {
+    fn get(&self, path: &[&str]) -> Option<&toml::Value> {
+        path.iter().try_fold(&self.values, |v, k| v.get(*k))
+    }
+
+    fn snapshotter(&self) -> &str {
+        &self.ctx.snapshotter
+    }
+
+    /// `PATH:LINE` of `key` in the table at `table`, else of the table's header, else `PATH`.
+    fn line_of(&self, table: &[&str], key: &str) -> String {
+        let path = self.ctx.path.display();
+        match self.line(table, key) {
             Some(n) => format!("{path}:{n}"),
             None => path.to_string(),
         }
-    };
-    let version = doc.get("version").and_then(|v| v.as_integer()).unwrap_or(1);
-    match version {
-        2 | 3 => out.push(Finding::new(
-            Severity::Ok,
-            format!("{path}: config version {version}"),
-        )),
-        v => {
-            out.push(
-                Finding::new(
-                    Severity::Error,
-                    format!("{path}: config version {v}; Beam's settings are for versions 2 (containerd 1.x) and 3 (2.x)"),
-                )
-                .fix(format!("convert it with `containerd config migrate > {path}.new`, review, and replace")),
-            );
-            return out;
-        }
     }
-    if let Some((major, _)) = ctx.version {
-        if (major >= 2) != (version == 3) && major >= 2 {
-            out.push(Finding::new(
-                Severity::Info,
-                format!("containerd {major}.x reads config version {version} by migrating it on every start; `containerd config migrate` writes version 3"),
-            ));
+
+    /// 1-based line where `key` is set in the table at `table`, else of the table's header.
+    fn line(&self, table: &[&str], key: &str) -> Option<usize> {
+        let item = table
+            .iter()
+            .try_fold(self.layout.as_ref()?.as_item(), |item, k| item.get(k))?;
+        let at_key = item.as_table_like().and_then(|t| {
+            t.key(key)
+                .and_then(|k| k.span())
+                .or_else(|| t.get(key)?.span())
+        });
+        let offset = at_key.or_else(|| item.span())?.start;
+        Some(line_number(self.text, offset))
+    }
+
+    /// The CRI plugin's ID, the table its image settings sit in, and that table as a header.
+    fn cri(&self) -> (&'static str, &'static [&'static str], &'static str) {
+        if self.version == 2 {
+            (
+                "io.containerd.grpc.v1.cri",
+                &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
+                "[plugins.\"io.containerd.grpc.v1.cri\".containerd]",
+            )
+        } else {
+            (
+                "io.containerd.cri.v1.images",
+                &["plugins", "io.containerd.cri.v1.images"],
+                "[plugins.\"io.containerd.cri.v1.images\"]",
+            )
         }
     }
 
-    // The proxy plugin.
+    fn cri_setting(&self, key: &str) -> Option<&toml::Value> {
+        self.get(self.cri().1)?.get(key)
+    }
+
+    /// The snapshotter CRI pulls use (containerd's default: overlayfs).
+    fn cri_snapshotter(&self) -> &str {
+        self.cri_setting("snapshotter")
+            .and_then(|v| v.as_str())
+            .unwrap_or("overlayfs")
+    }
+
+    /// containerd 2.1+ with a version 3 config: CRI pulls go through the transfer service,
+    /// which passes the labels when the proxy plugin exports
+    /// enable_remote_snapshot_annotations and unpack_config names us.
+    fn transfer_era(&self) -> bool {
+        self.version == 3 && self.ctx.version.is_none_or(|v| v >= Version::new(2, 1))
+    }
+
+    fn unpack_config_has_us(&self) -> bool {
+        let sn = self.snapshotter();
+        self.get(&[
+            "plugins",
+            "io.containerd.transfer.v1.local",
+            "unpack_config",
+        ])
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| {
+            a.iter()
+                .any(|e| e.get("snapshotter").and_then(|s| s.as_str()) == Some(sn))
+        })
+    }
+}
+
+/// 1-based line number of byte `offset` in `text`.
+fn line_number(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Beam's settings exist for config versions 2 (containerd 1.x) and 3 (2.x) only.
+fn config_version(c: &ConfigFile, out: &mut Vec<Finding>) -> ControlFlow<()> {
+    let path = c.ctx.path.display();
+    let version = c.version;
+    if version == 2 || version == 3 {
+        out.push(Finding::new(
+            Severity::Ok,
+            format!("{path}: config version {version}"),
+        ));
+        return ControlFlow::Continue(());
+    }
+    out.push(
+        Finding::new(
+            Severity::Error,
+            format!("{path}: config version {version}; Beam's settings are for versions 2 (containerd 1.x) and 3 (2.x)"),
+        )
+        .fix(format!("convert it with `containerd config migrate > {path}.new`, review, and replace")),
+    );
+    ControlFlow::Break(())
+}
+
+/// containerd 2.x migrates a version 2 file on every start: it works, but say so.
+fn config_version_matches_containerd(c: &ConfigFile, out: &mut Vec<Finding>) -> ControlFlow<()> {
+    if let Some(v) = c.ctx.version {
+        if v.major >= 2 && c.version != 3 {
+            out.push(Finding::new(
+                Severity::Info,
+                format!(
+                    "containerd {}.x reads config version {} by migrating it on every start; `containerd config migrate` writes version 3",
+                    v.major, c.version
+                ),
+            ));
+        }
+    }
+    ControlFlow::Continue(())
+}
+
+/// `[proxy_plugins.NAME]`: containerd must know the snapshotter, as a snapshot plugin, at the
+/// socket beam-snapshotter listens on.
+fn proxy_plugin(c: &ConfigFile, out: &mut Vec<Finding>) -> ControlFlow<()> {
+    let path = c.ctx.path.display();
+    let sn = c.snapshotter();
+    let beam_address = c.ctx.beam_address.display();
     let plugin_table = ["proxy_plugins", sn];
     let header = format!("[proxy_plugins.{sn}]");
-    match get(&doc, &plugin_table) {
-        None => out.push(
+    let Some(p) = c.get(&plugin_table) else {
+        out.push(
             Finding::new(
                 Severity::Error,
                 format!("{path} has no {header}: containerd does not know the snapshotter {sn:?}"),
             )
             .fix(format!(
-                "add to {path}:\n  {header}\n    type = \"snapshot\"\n    address = \"{}\"\nthen restart containerd",
-                ctx.beam_address.display()
+                "add to {path}:\n  {header}\n    type = \"snapshot\"\n    address = \"{beam_address}\"\nthen restart containerd"
             )),
-        ),
-        Some(p) => {
-            let kind = p.get("type").and_then(|v| v.as_str()).unwrap_or("");
-            let addr = p.get("address").and_then(|v| v.as_str()).unwrap_or("");
-            if kind != "snapshot" {
-                out.push(
-                    Finding::new(
-                        Severity::Error,
-                        format!("{header} has type = {kind:?}, not \"snapshot\""),
-                    )
-                    .fix(format!("{}: set type = \"snapshot\"", line_of(&plugin_table, "type"))),
-                );
-            }
-            if Path::new(addr) != ctx.beam_address {
-                out.push(
-                    Finding::new(
-                        Severity::Error,
-                        format!(
-                            "containerd talks to {sn} at {addr:?}, but beam-snapshotter listens on {}",
-                            ctx.beam_address.display()
-                        ),
-                    )
-                    .fix(format!(
-                        "{}: set address = \"{}\" (or start beam-snapshotter with --address {addr})",
-                        line_of(&plugin_table, "address"),
-                        ctx.beam_address.display()
-                    )),
-                );
-            } else if kind == "snapshot" {
-                out.push(Finding::new(
-                    Severity::Ok,
-                    format!("{header} type = \"snapshot\", address = {addr:?}"),
-                ));
-            }
-        }
-    }
-
-    // The CRI plugin (kubelet's pulls).
-    let (cri_plugin, cri_table): (&str, Vec<&str>) = if version == 2 {
-        (
-            "io.containerd.grpc.v1.cri",
-            vec!["plugins", "io.containerd.grpc.v1.cri", "containerd"],
-        )
-    } else {
-        (
-            "io.containerd.cri.v1.images",
-            vec!["plugins", "io.containerd.cri.v1.images"],
-        )
+        );
+        return ControlFlow::Continue(());
     };
-    let cri_header = format!(
-        "[{}]",
-        cri_table
-            .iter()
-            .map(|k| if k.contains('.') {
-                format!("\"{k}\"")
-            } else {
-                k.to_string()
-            })
-            .collect::<Vec<_>>()
-            .join(".")
-    );
-    let disabled = doc
-        .get("disabled_plugins")
+    let kind = p.get("type").and_then(|v| v.as_str()).unwrap_or("");
+    let addr = p.get("address").and_then(|v| v.as_str()).unwrap_or("");
+    if kind != "snapshot" {
+        out.push(
+            Finding::new(
+                Severity::Error,
+                format!("{header} has type = {kind:?}, not \"snapshot\""),
+            )
+            .fix(format!(
+                "{}: set type = \"snapshot\"",
+                c.line_of(&plugin_table, "type")
+            )),
+        );
+    }
+    if Path::new(addr) != c.ctx.beam_address {
+        out.push(
+            Finding::new(
+                Severity::Error,
+                format!(
+                    "containerd talks to {sn} at {addr:?}, but beam-snapshotter listens on {beam_address}"
+                ),
+            )
+            .fix(format!(
+                "{}: set address = \"{beam_address}\" (or start beam-snapshotter with --address {addr})",
+                c.line_of(&plugin_table, "address"),
+            )),
+        );
+    } else if kind == "snapshot" {
+        out.push(Finding::new(
+            Severity::Ok,
+            format!("{header} type = \"snapshot\", address = {addr:?}"),
+        ));
+    }
+    ControlFlow::Continue(())
+}
+
+/// With the CRI plugin disabled only `beam pull` and ctr pull; the CRI checks do not apply.
+fn cri_enabled(c: &ConfigFile, out: &mut Vec<Finding>) -> ControlFlow<()> {
+    let (cri_plugin, _, _) = c.cri();
+    let disabled = c
+        .get(&["disabled_plugins"])
         .and_then(|v| v.as_array())
         .is_some_and(|a| {
             a.iter().any(|p| {
@@ -282,18 +326,24 @@ pub fn check_config(text: &str, ctx: &ConfigContext) -> Vec<Finding> {
                 })
             })
         });
-    if disabled {
-        out.push(Finding::new(
-            Severity::Info,
-            format!("the CRI plugin is disabled in {path}: only `beam pull` and ctr use Beam"),
-        ));
-        return out;
+    if !disabled {
+        return ControlFlow::Continue(());
     }
-    let cri = get(&doc, &cri_table);
-    let cri_snapshotter = cri
-        .and_then(|t| t.get("snapshotter"))
-        .and_then(|v| v.as_str())
-        .unwrap_or("overlayfs");
+    out.push(Finding::new(
+        Severity::Info,
+        format!(
+            "the CRI plugin is disabled in {}: only `beam pull` and ctr use Beam",
+            c.ctx.path.display()
+        ),
+    ));
+    ControlFlow::Break(())
+}
+
+/// CRI (kubelet's) pulls must use our snapshotter for pods to start lazily.
+fn cri_snapshotter(c: &ConfigFile, out: &mut Vec<Finding>) -> ControlFlow<()> {
+    let sn = c.snapshotter();
+    let (_, cri_table, cri_header) = c.cri();
+    let cri_snapshotter = c.cri_snapshotter();
     if cri_snapshotter != sn {
         out.push(
             Finding::new(
@@ -302,7 +352,7 @@ pub fn check_config(text: &str, ctx: &ConfigContext) -> Vec<Finding> {
             )
             .fix(format!(
                 "{}: set snapshotter = \"{sn}\" under {cri_header}",
-                line_of(&cri_table, "snapshotter")
+                c.line_of(cri_table, "snapshotter")
             )),
         );
     } else {
@@ -311,51 +361,48 @@ pub fn check_config(text: &str, ctx: &ConfigContext) -> Vec<Finding> {
             format!("CRI pulls use the {sn:?} snapshotter"),
         ));
     }
-    let annotations_value = cri
-        .and_then(|t| t.get("disable_snapshot_annotations"))
-        .and_then(|v| v.as_bool());
-    // true is containerd's default since 1.4.2, in 2.x too.
-    let annotations_off = annotations_value.unwrap_or(true);
+    ControlFlow::Continue(())
+}
 
-    // containerd 2.1+: CRI pulls go through the transfer service, which passes the labels when
-    // the proxy plugin exports enable_remote_snapshot_annotations and unpack_config names us.
-    let transfer_era = version == 3 && ctx.version.is_none_or(|v| v >= (2, 1));
-    let exports_on = get(
-        &doc,
-        &[
-            "proxy_plugins",
-            sn,
-            "exports",
-            "enable_remote_snapshot_annotations",
-        ],
-    )
-    .and_then(|v| v.as_str().map(|s| s == "true").or(v.as_bool()))
-    .unwrap_or(false);
-    let unpack_has_us = get(
-        &doc,
-        &[
-            "plugins",
-            "io.containerd.transfer.v1.local",
-            "unpack_config",
-        ],
-    )
-    .and_then(|v| v.as_array())
-    .is_some_and(|a| {
-        a.iter()
-            .any(|e| e.get("snapshotter").and_then(|s| s.as_str()) == Some(sn))
-    });
-    if transfer_era && !unpack_has_us {
+/// containerd 2.1+'s transfer service unpacks only for the snapshotters unpack_config names.
+fn transfer_unpack_config(c: &ConfigFile, out: &mut Vec<Finding>) -> ControlFlow<()> {
+    if c.transfer_era() && !c.unpack_config_has_us() {
+        let sn = c.snapshotter();
         out.push(
             Finding::new(
                 Severity::Warn,
                 format!("containerd 2.1+'s transfer service does not list {sn:?} in unpack_config: `ctr image pull --snapshotter {sn}` fails with \"no unpack platforms defined\""),
             )
             .fix(format!(
-                "add to {path}:\n  [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n    platform = \"linux\"\n    snapshotter = \"{sn}\""
+                "add to {}:\n  [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n    platform = \"linux\"\n    snapshotter = \"{sn}\"",
+                c.ctx.path.display()
             )),
         );
     }
-    let labels_flow = !annotations_off || (transfer_era && exports_on && unpack_has_us);
+    ControlFlow::Continue(())
+}
+
+/// Without the remote-snapshot labels every CRI pull downloads every layer in full: they flow
+/// when `disable_snapshot_annotations = false`, or on 2.1+ through the transfer service.
+fn remote_snapshot_labels(c: &ConfigFile, out: &mut Vec<Finding>) -> ControlFlow<()> {
+    let sn = c.snapshotter();
+    let (_, cri_table, cri_header) = c.cri();
+    let annotations_value = c
+        .cri_setting("disable_snapshot_annotations")
+        .and_then(|v| v.as_bool());
+    // true is containerd's default since 1.4.2, in 2.x too.
+    let annotations_off = annotations_value.unwrap_or(true);
+    let exports_on = c
+        .get(&[
+            "proxy_plugins",
+            sn,
+            "exports",
+            "enable_remote_snapshot_annotations",
+        ])
+        .and_then(|v| v.as_str().map(|s| s == "true").or(v.as_bool()))
+        .unwrap_or(false);
+    let labels_flow =
+        !annotations_off || (c.transfer_era() && exports_on && c.unpack_config_has_us());
     if labels_flow {
         out.push(Finding::new(
             Severity::Ok,
@@ -365,7 +412,7 @@ pub fn check_config(text: &str, ctx: &ConfigContext) -> Vec<Finding> {
                 "the transfer service passes the remote-snapshot labels (enable_remote_snapshot_annotations)".to_string()
             },
         ));
-    } else if cri_snapshotter == sn {
+    } else if c.cri_snapshotter() == sn {
         let why = match annotations_value {
             Some(true) => "disable_snapshot_annotations = true".to_string(),
             _ => "disable_snapshot_annotations is not set, and containerd's default is true"
@@ -373,9 +420,9 @@ pub fn check_config(text: &str, ctx: &ConfigContext) -> Vec<Finding> {
         };
         let mut fix = format!(
             "{}: set `disable_snapshot_annotations = false` under {cri_header}, then restart containerd",
-            line_of(&cri_table, "disable_snapshot_annotations")
+            c.line_of(cri_table, "disable_snapshot_annotations")
         );
-        if version == 3 {
+        if c.version == 3 {
             fix.push_str(&format!(
                 "\n(or, on 2.1+, set enable_remote_snapshot_annotations = \"true\" under [proxy_plugins.{sn}.exports])"
             ));
@@ -388,7 +435,7 @@ pub fn check_config(text: &str, ctx: &ConfigContext) -> Vec<Finding> {
             .fix(fix),
         );
     }
-    out
+    ControlFlow::Continue(())
 }
 
 /// What `beam doctor` is asked to look at.
@@ -409,7 +456,7 @@ pub async fn run(opts: &DoctorOptions) -> Vec<Finding> {
     match Containerd::connect(&opts.containerd_address, "default").await {
         Ok(c) => match c.version().await {
             Ok((v, _)) => {
-                version = parse_version(&v);
+                version = Version::parse(&v);
                 out.push(Finding::new(
                     Severity::Ok,
                     format!("containerd {v} at {}", opts.containerd_address.display()),
@@ -564,7 +611,7 @@ mod tests {
             path: "/etc/containerd/config.toml".into(),
             snapshotter: "beam".into(),
             beam_address: "/run/beam/beam.sock".into(),
-            version,
+            version: version.map(|(major, minor)| Version::new(major, minor)),
         }
     }
 
@@ -693,18 +740,72 @@ mod tests {
     }
 
     #[test]
-    fn versions_and_keys_parse() {
-        assert_eq!(parse_version("v2.1.9"), Some((2, 1)));
-        assert_eq!(parse_version("1.7.24~ds1"), Some((1, 7)));
-        assert_eq!(parse_version("garbage"), None);
-        assert_eq!(
-            split_keys(r#"plugins."io.containerd.grpc.v1.cri".containerd"#),
-            vec!["plugins", "io.containerd.grpc.v1.cri", "containerd"]
+    fn fixes_name_the_line_however_the_file_spells_the_key() {
+        // A commented-out key, a dotted key under a parent table, single-quoted and inline
+        // tables: the line is where containerd reads the setting from.
+        let text = r#"version = 2
+# disable_snapshot_annotations = false
+[proxy_plugins]
+  beam = { type = "snapshot", address = "/tmp/other.sock" }
+[plugins]
+  'io.containerd.grpc.v1.cri'.containerd.snapshotter = "beam"
+
+  "io.containerd.grpc.v1.cri".containerd.disable_snapshot_annotations = true
+"#;
+        let f = check_config(text, &ctx(Some((1, 7))));
+        let fixes: Vec<&str> = errors(&f).iter().filter_map(|e| e.fix.as_deref()).collect();
+        assert_eq!(fixes.len(), 2, "{}", render(&f));
+        assert!(
+            fixes[0].starts_with("/etc/containerd/config.toml:4: set address"),
+            "{}",
+            fixes[0]
         );
-        assert_eq!(
-            split_keys("plugins.'io.containerd.cri.v1.images'"),
-            vec!["plugins", "io.containerd.cri.v1.images"]
+        assert!(
+            fixes[1].starts_with("/etc/containerd/config.toml:8: set `disable_snapshot"),
+            "{}",
+            fixes[1]
         );
+        // No key: the line where its table is written (here by a dotted key).
+        let without_key = text.replace(
+            "  \"io.containerd.grpc.v1.cri\".containerd.disable_snapshot_annotations = true\n",
+            "",
+        );
+        let f = check_config(&without_key, &ctx(None));
+        let labels = f
+            .iter()
+            .find(|f| f.what.contains("no remote-snapshot labels"))
+            .unwrap_or_else(|| panic!("{}", render(&f)));
+        assert!(
+            labels
+                .fix
+                .as_deref()
+                .unwrap()
+                .starts_with("/etc/containerd/config.toml:6: set `disable"),
+            "{}",
+            render(&f)
+        );
+        // Neither the key nor its table: the file alone.
+        let f = check_config("version = 2\n", &ctx(None));
+        let cri = f
+            .iter()
+            .find(|f| f.what.contains("CRI (kubelet) pulls use the \"overlayfs\""))
+            .unwrap_or_else(|| panic!("{}", render(&f)));
+        assert!(
+            cri.fix
+                .as_deref()
+                .unwrap()
+                .starts_with("/etc/containerd/config.toml: set snapshotter"),
+            "{}",
+            render(&f)
+        );
+    }
+
+    #[test]
+    fn line_numbers_count_from_one() {
+        assert_eq!(line_number("a\nb\nc", 0), 1);
+        assert_eq!(line_number("a\nb\nc", 2), 2);
+        assert_eq!(line_number("a\nb\nc", 4), 3);
+        assert_eq!(line_number("a\nb\nc", 99), 3);
     }
 
     #[test]

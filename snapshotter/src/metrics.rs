@@ -1,17 +1,26 @@
-//! Prometheus metrics of beam-snapshotter, served as text on `GET /metrics`.
+//! Prometheus metrics of beam-snapshotter, served as OpenMetrics text on `GET /metrics`.
 //!
 //! The daemon's counters live where the work happens (the fetcher, the cache, the snapshot
 //! service) as atomics; a scrape reads them into a fresh registry, so there is one source of
 //! truth and no second set of counters to keep in step.
+//!
+//! HTTP is hyper's (HTTP/1.1 with keep-alive and a header read timeout) rather than a parser
+//! of our own, so a scraper's request is read whole, however it arrives in packets.
 
 use crate::fetch::Fetcher;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
 
 /// Counters of the snapshot service itself.
 #[derive(Debug, Default)]
@@ -146,33 +155,117 @@ pub fn render(s: &Sources) -> String {
     out
 }
 
-/// Serve `GET /metrics` on `listener` until the task is dropped.
+/// The content type of [`render`]'s text: prometheus-client writes OpenMetrics 1.0.
+pub const CONTENT_TYPE_OPENMETRICS: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed `accept` (out of file descriptors, say): retrying at once would spin
+/// a core until the condition passes.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serve `GET /metrics` on `listener` until the task is dropped; every other request is 404.
 pub async fn serve(listener: tokio::net::TcpListener, sources: Arc<Sources>) {
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: accepting a connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let sources = sources.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", render(&sources))
-            } else {
-                ("404 Not Found", "not found\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
+            let service = hyper::service::service_fn(move |req| {
+                let response = respond(&req, &sources);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "metrics: connection ended with an error");
+            }
         });
+    }
+}
+
+/// The answer to one request: the metrics on `GET /metrics`, 404 otherwise.
+fn respond(req: &Request<Incoming>, sources: &Sources) -> Response<Full<Bytes>> {
+    let (status, content_type, body) =
+        if req.method() == Method::GET && req.uri().path() == "/metrics" {
+            (StatusCode::OK, CONTENT_TYPE_OPENMETRICS, render(sources))
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "not found\n".to_string(),
+            )
+        };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources() -> Arc<Sources> {
+        let service = Arc::new(ServiceCounters::default());
+        service.lazy_mounts.store(3, Ordering::Relaxed);
+        Arc::new(Sources {
+            fetcher: None,
+            service,
+            mounted_layers: Box::new(|| 2),
+        })
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_as_openmetrics_and_other_paths_are_404() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, sources()));
+        // reqwest is built without a default TLS provider (see remote.rs), even for plain HTTP.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+
+        let r = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(
+            r.headers()["content-type"].to_str().unwrap(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        let text = r.text().await.unwrap();
+        assert!(text.contains("beam_lazy_mounts_total 3"), "{text}");
+        assert!(text.contains("beam_mounted_layers 2"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+
+        for path in ["/", "/metricsx", "/other"] {
+            let r = client
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 404, "{path}");
+        }
+        let r = client
+            .post(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404);
+        server.abort();
     }
 }

@@ -50,8 +50,15 @@ fn backticked(cell: &str) -> Vec<String> {
 /// Source with comments and the trailing test module removed.
 fn code_of(path: &Path) -> String {
     let src = std::fs::read_to_string(path).unwrap();
-    let src = match src.find("\n#[cfg(test)]\nmod tests") {
-        Some(i) => &src[..i],
+    // `#[cfg(test)]` then `mod tests` (or `pub(super) mod tests`) at the top level.
+    let cut = src.match_indices("\n#[cfg(test)]\n").find(|(i, m)| {
+        src[i + m.len()..]
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with("mod tests {"))
+    });
+    let src = match cut {
+        Some((i, _)) => &src[..i],
         None => &src[..],
     };
     src.lines()

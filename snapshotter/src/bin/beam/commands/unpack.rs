@@ -1,0 +1,37 @@
+//! `beam unpack`: write a converted image's root filesystem into a directory from its Beam
+//! layers (no FUSE, no lazy loading).
+
+use super::RegistryFlags;
+use anyhow::Result;
+use beam::store::{Location, Store};
+use std::path::PathBuf;
+
+/// Flags of `beam unpack`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    registry: RegistryFlags,
+    /// Image: `host[:port]/repo:tag` or `oci:DIR[:TAG]`.
+    image: String,
+    /// Directory to create (must be empty).
+    dir: PathBuf,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let Args {
+        registry,
+        image,
+        dir,
+    } = args;
+
+    let store = Store::open(Location::parse(&image)?, &registry.options()?, false)?;
+    let s = beam::unpack::unpack_image(&store, &dir).await?;
+    eprintln!(
+        "unpacked {} layers, {} entries, {:.1} MB into {}",
+        s.layers,
+        s.entries,
+        s.bytes as f64 / 1e6,
+        dir.display()
+    );
+    Ok(())
+}

@@ -20,6 +20,9 @@
 //! OCI whiteouts appear as character devices 0/0 and opaque directories carry
 //! `trusted.overlay.opaque=y`, which is how overlayfs expects them in a lower layer.
 
+// FUSE passthrough ids and received fds are raw kernel handles: wrapping them is unsafe.
+#![allow(unsafe_code)]
+
 use crate::cache::ChunkCache;
 use crate::fetch::{ChunkRef, Fetcher, RangeSource};
 use crate::format::chunk::ChunkDigest;

@@ -151,6 +151,8 @@ impl Args {
     }
 }
 
+// mallopt (allocator tuning before any thread starts) is a libc call.
+#[allow(unsafe_code)]
 fn main() -> std::process::ExitCode {
     // Each FUSE thread allocates a 16 MiB zeroed request buffer. With glibc's dynamic mmap
     // threshold such a buffer can come from a heap arena, where zeroing touches every page
@@ -411,6 +413,8 @@ fn ensure_holder(
 /// `--fd-holder SOCKET`, detached (its own session, stdio to ROOT/holder.log) so that it
 /// outlives this daemon, which never stops it. Its PID goes to ROOT/holder.pid (for operators,
 /// `--stop` and tests).
+// pre_exec (setsid in the child) is unsafe by signature.
+#[allow(unsafe_code)]
 fn start_holder(
     socket: &std::path::Path,
     root: &std::path::Path,

@@ -20,6 +20,9 @@
 //! the entries' state as `mountpoint`), logs why, removes its socket and exits. `release` does
 //! the same at once (`beam-snapshotter --stop`).
 
+// fds received over a socket (SCM_RIGHTS) or from accept4 are wrapped as owned: unsafe.
+#![allow(unsafe_code)]
+
 use super::proto::{self, Message};
 use super::TakeoverError;
 use std::collections::BTreeMap;

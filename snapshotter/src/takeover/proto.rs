@@ -12,6 +12,9 @@
 //!
 //! `state` is the caller's opaque bytes, base64-encoded so the holder never has to parse it.
 
+// fds received over a socket (SCM_RIGHTS) or from accept4 are wrapped as owned: unsafe.
+#![allow(unsafe_code)]
+
 use super::TakeoverError;
 use serde::{Deserialize, Serialize};
 use std::io::{IoSlice, IoSliceMut};

@@ -54,6 +54,8 @@ enum Command {
     Inspect(inspect::Args),
 }
 
+// mallopt and the SIGPIPE reset are libc calls made before any thread starts.
+#[allow(unsafe_code)]
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

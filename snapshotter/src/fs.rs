@@ -90,7 +90,7 @@ pub struct LayerFs {
     next_fh: AtomicU64,
     pub counters: Arc<LayerCounters>,
     /// When recording (`beam record`): regular files in the order they were first opened.
-    pub recorder: Option<Arc<AccessRecorder>>,
+    pub access_trace: Option<Arc<AccessTrace>>,
     /// End of the last read per inode, to detect sequential reading.
     last_read_end: Mutex<HashMap<u64, u64>>,
     /// What the kernel offered in FUSE_INIT, recorded by `init` so that a successor daemon can
@@ -225,13 +225,13 @@ const READAHEAD_BYTES: u64 = 4 << 20;
 
 /// First-open order of a layer's files, for prefetch lists.
 #[derive(Debug, Default)]
-pub struct AccessRecorder {
+pub struct AccessTrace {
     inner: Mutex<(Vec<u64>, std::collections::HashSet<u64>)>,
 }
 
-impl AccessRecorder {
+impl AccessTrace {
     fn note(&self, ino: u64) {
-        let mut g = self.inner.lock().expect("recorder lock");
+        let mut g = self.inner.lock().expect("access_trace lock");
         if g.1.insert(ino) {
             g.0.push(ino);
         }
@@ -239,7 +239,7 @@ impl AccessRecorder {
 
     /// Inode numbers in first-open order.
     pub fn order(&self) -> Vec<u64> {
-        self.inner.lock().expect("recorder lock").0.clone()
+        self.inner.lock().expect("access_trace lock").0.clone()
     }
 }
 
@@ -280,7 +280,7 @@ impl LayerFs {
             // must not match this daemon's.
             next_fh: AtomicU64::new(first_fh()),
             counters: Arc::new(LayerCounters::default()),
-            recorder: None,
+            access_trace: None,
             last_read_end: Mutex::new(HashMap::new()),
             init_params: Arc::default(),
             frozen: Arc::default(),
@@ -621,7 +621,7 @@ fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         *self.init_params.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(crate::takeover::InitParams::record(config));
+            Some(crate::takeover::InitParams::capture(config));
         let _ = config.set_max_readahead(1 << 20);
         // The tree never changes: entries and attributes come with directory listings
         // (READDIRPLUS: `find` + `stat` needs no LOOKUP per file), symlink targets are cached,
@@ -683,7 +683,7 @@ impl Filesystem for LayerFs {
             Ok(r) => r,
             Err(_) => return reply.error(Errno::ENOENT),
         };
-        if let Some(rec) = &self.recorder {
+        if let Some(rec) = &self.access_trace {
             if r.kind == InodeKind::File {
                 rec.note(r.ino);
             }

@@ -26,7 +26,7 @@ pub mod mounter;
 pub mod node_setup;
 pub mod oci;
 pub mod pull;
-pub mod record;
+pub mod access_trace;
 pub mod registry;
 pub mod snapshot;
 pub mod store;

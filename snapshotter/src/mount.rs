@@ -17,7 +17,7 @@ use crate::blob::RangeSource;
 use crate::cache::ChunkCache;
 use crate::fetch::{ChunkRef, Fetcher};
 use crate::format::index::{IndexReader, InodeKind};
-use crate::fs::{AccessRecorder, LayerCounters, LayerFs, SharedIndex};
+use crate::fs::{AccessTrace, LayerCounters, LayerFs, SharedIndex};
 use crate::mounter::{FuseSession, Mounter};
 use crate::oci::BeamLayer;
 use crate::store::Store;
@@ -39,7 +39,7 @@ pub struct MountOptions {
     /// Where per-layer mountpoints are made.
     pub work_dir: PathBuf,
     /// Record each layer's file access order (for `beam record`).
-    pub record: bool,
+    pub trace_access: bool,
     /// Who makes the mounts ([`crate::mounter::system`] outside tests).
     pub mounter: Arc<dyn Mounter>,
 }
@@ -75,7 +75,7 @@ pub struct MountedLayer {
     /// Where its chunks are read from.
     pub source: Arc<dyn RangeSource>,
     pub counters: Arc<LayerCounters>,
-    pub recorder: Option<Arc<AccessRecorder>>,
+    pub access_trace: Option<Arc<AccessTrace>>,
     session: Option<Box<dyn FuseSession>>,
     mounter: Arc<dyn Mounter>,
     stop: Arc<AtomicBool>,
@@ -278,8 +278,8 @@ pub fn mount_layer(
             ),
         }
     }
-    let recorder = opts.record.then(|| Arc::new(AccessRecorder::default()));
-    fs.recorder = recorder.clone();
+    let access_trace = opts.trace_access.then(|| Arc::new(AccessTrace::default()));
+    fs.access_trace = access_trace.clone();
     let counters = fs.counters.clone();
     let init_params = fs.init_params.clone();
     let frozen = fs.frozen.clone();
@@ -385,7 +385,7 @@ pub fn mount_layer(
         index,
         source,
         counters,
-        recorder,
+        access_trace,
         session: Some(session),
         mounter,
         stop,
@@ -656,7 +656,7 @@ mod tests {
             passthrough: false,
             threads: 1,
             work_dir: tmp.path().join("work"),
-            record: false,
+            trace_access: false,
             mounter: mounter.clone(),
         };
         let target = tmp.path().join("target");

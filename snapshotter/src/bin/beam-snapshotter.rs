@@ -291,7 +291,7 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
             passthrough: true,
             threads: 4,
             work_dir: config.root.join("mounts"),
-            record: false,
+            trace_access: false,
             mounter: beam::mounter::system(),
         };
         let mut r = beam::daemon::lazy::LazyLayers::new(fetcher, registry, mount)?

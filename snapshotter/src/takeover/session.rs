@@ -55,7 +55,7 @@ pub struct InitParams {
 impl InitParams {
     /// Record the kernel's offer. Call from `Filesystem::init`, at any point (the offer does
     /// not change when `init` adjusts the requested settings).
-    pub fn record(config: &mut KernelConfig) -> InitParams {
+    pub fn capture(config: &mut KernelConfig) -> InitParams {
         let v = config.kernel_abi();
         // fuser does not expose the offered max_readahead, but refuses larger values with
         // exactly that bound, without changing anything.

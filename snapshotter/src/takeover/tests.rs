@@ -268,7 +268,7 @@ const TTL: Duration = Duration::ZERO;
 
 impl Filesystem for HelloFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let p = InitParams::record(config);
+        let p = InitParams::capture(config);
         *self.recorded.lock().expect("recorded lock") = Some(p);
         let _ = config.set_max_readahead(64 * 1024);
         Ok(())

@@ -82,7 +82,7 @@ pub async fn run(args: Args) -> Result<()> {
         passthrough: !no_passthrough,
         threads,
         work_dir,
-        record: false,
+        trace_access: false,
         mounter: beam::mounter::system(),
     };
     let mounted =

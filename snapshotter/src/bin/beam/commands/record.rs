@@ -43,7 +43,7 @@ pub async fn run(args: Args) -> Result<()> {
         chunk_cache,
         beam::fetch::FetchOptions::default(),
     ));
-    let r = beam::record::record(
+    let r = beam::access_trace::record(
         &store,
         fetcher,
         &cmd,

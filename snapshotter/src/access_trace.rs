@@ -49,7 +49,7 @@ pub async fn record(
         passthrough: false,
         threads: 4,
         work_dir: work_dir.to_path_buf(),
-        record: true,
+        trace_access: true,
         mounter: crate::mounter::system(),
     };
     let mounted = mount_image(store, fetcher, target.path(), None, &opts).await?;
@@ -74,7 +74,7 @@ pub async fn record(
             (
                 l.layer.clone(),
                 l.index.as_bytes().to_vec(),
-                l.recorder.as_ref().map(|r| r.order()).unwrap_or_default(),
+                l.access_trace.as_ref().map(|r| r.order()).unwrap_or_default(),
             )
         })
         .collect();

@@ -74,7 +74,10 @@ pub async fn record(
             (
                 l.layer.clone(),
                 l.index.as_bytes().to_vec(),
-                l.access_trace.as_ref().map(|r| r.order()).unwrap_or_default(),
+                l.access_trace
+                    .as_ref()
+                    .map(|r| r.order())
+                    .unwrap_or_default(),
             )
         })
         .collect();

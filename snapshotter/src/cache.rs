@@ -289,9 +289,11 @@ impl ChunkCache {
     /// Open a cached chunk, checking its digest the first time this process uses it. A chunk
     /// that fails the check is deleted and reported missing.
     pub fn open_chunk(&self, d: &ChunkDigest, len: usize) -> io::Result<Option<Arc<File>>> {
-        if let Some(f) = self.open_files.lock().expect("cache lock").get(d) {
+        let cached = self.open_files.lock().expect("cache lock").get(d).cloned();
+        if let Some(f) = cached {
+            check_claim(d, f.metadata()?.len(), len)?;
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(f.clone()));
+            return Ok(Some(f));
         }
         let path = self.chunk_path(d);
         let f = match File::open(&path) {
@@ -304,11 +306,15 @@ impl ChunkCache {
             }
             Err(e) => return Err(e),
         };
+        let actual = f.metadata()?.len();
         if !self.verified.lock().expect("cache lock").contains(d) {
-            let mut buf = vec![0u8; len];
-            let ok = f.read_exact_at(&mut buf, 0).is_ok()
-                && f.metadata()?.len() == len as u64
-                && ChunkDigest::of(&buf) == *d;
+            // Checked against its own digest at its own length: the caller's claimed length
+            // decides nothing (a hostile index claiming another length for a good chunk must
+            // not get it deleted).
+            let ok = actual <= crate::format::MAX_CHUNK_SIZE as u64 && {
+                let mut buf = vec![0u8; actual as usize];
+                f.read_exact_at(&mut buf, 0).is_ok() && ChunkDigest::of(&buf) == *d
+            };
             if !ok {
                 tracing::warn!(chunk = %d, "cached chunk is damaged; discarding it");
                 let _ = fs::remove_file(&path);
@@ -318,6 +324,7 @@ impl ChunkCache {
             }
             self.verified.lock().expect("cache lock").insert(*d);
         }
+        check_claim(d, actual, len)?;
         self.hits.fetch_add(1, Ordering::Relaxed);
         let f = Arc::new(f);
         let mut open = self.open_files.lock().expect("cache lock");
@@ -490,6 +497,18 @@ impl ChunkCache {
     }
 }
 
+/// A verified chunk is `actual` bytes; an index that says otherwise is wrong (the digest fixes
+/// the length), and its reader gets an error while the chunk stays.
+fn check_claim(d: &ChunkDigest, actual: u64, claimed: usize) -> io::Result<()> {
+    if actual != claimed as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("chunk {d} is {actual} bytes, but the index says {claimed}"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,5 +655,21 @@ mod tests {
             0
         );
         assert_eq!(c.used(), 0);
+    }
+
+    /// A claim of another length for a good chunk is that reader's error; the chunk stays.
+    #[test]
+    fn a_wrong_claimed_length_does_not_delete_a_good_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 0).unwrap();
+        let data = b"a good chunk".to_vec();
+        let d = ChunkDigest::of(&data);
+        c.put(&d, &data).unwrap();
+        let fresh = ChunkCache::open(dir.path(), 0).unwrap();
+        assert!(fresh.read_chunk(&d, data.len() + 1).is_err());
+        assert!(fresh.read_chunk(&d, 3).is_err());
+        assert_eq!(fresh.read_chunk(&d, data.len()).unwrap().unwrap(), data);
+        assert!(c.read_chunk(&d, 1).is_err());
+        assert_eq!(c.read_chunk(&d, data.len()).unwrap().unwrap(), data);
     }
 }

@@ -391,11 +391,7 @@ impl LayerFs {
     fn attr(&self, r: &InodeRecord) -> FileAttr {
         let kind = file_type(r.kind);
         let (maj, min) = r.rdev();
-        let t = if r.mtime >= 0 {
-            UNIX_EPOCH + Duration::new(r.mtime as u64, r.mtime_nsec)
-        } else {
-            UNIX_EPOCH - Duration::from_secs(r.mtime.unsigned_abs())
-        };
+        let t = mtime_of(r.mtime, r.mtime_nsec);
         FileAttr {
             ino: INodeNo(r.ino),
             size: r.size,
@@ -595,6 +591,17 @@ impl LayerFs {
         self.cache().mark_file_verified(key);
         Ok(true)
     }
+}
+
+/// An index time as a `SystemTime`, clamped to what the platform holds (an index may say
+/// `i64::MAX` seconds; adding that to the epoch must not panic a FUSE thread).
+fn mtime_of(secs: i64, nsec: u32) -> std::time::SystemTime {
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::new(secs as u64, nsec.min(999_999_999)))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    t.unwrap_or(UNIX_EPOCH)
 }
 
 fn file_type(k: InodeKind) -> FileType {
@@ -1080,5 +1087,18 @@ mod tests {
         // A filesystem without hole tracking reports data everywhere; one with it, the block.
         assert!(at == 0 || at == 32 << 20, "{at}");
         assert_eq!(next_data(&f, 1 << 40).unwrap(), u64::MAX);
+    }
+
+    #[test]
+    fn extreme_times_do_not_panic() {
+        for (s, n) in [
+            (i64::MAX, 999_999_999),
+            (i64::MIN, 0),
+            (0, u32::MAX),
+            (-1, 5),
+        ] {
+            let _ = super::mtime_of(s, n);
+        }
+        assert_eq!(super::mtime_of(1, 5), UNIX_EPOCH + Duration::new(1, 5));
     }
 }

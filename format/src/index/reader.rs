@@ -202,6 +202,12 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
             if r.mode > 0o7777 {
                 return Err(bad(format!("mode {:o} has file-type bits", r.mode)));
             }
+            if r.mtime_nsec >= 1_000_000_000 {
+                return Err(bad(format!(
+                    "mtime nanoseconds {} are not under one second",
+                    r.mtime_nsec
+                )));
+            }
             if r.parent == 0 || r.parent > inodes {
                 return Err(bad(format!("parent {} does not exist", r.parent)));
             }
@@ -635,5 +641,19 @@ mod tests {
             IndexReader::new(&b),
             Err(IndexError::BadInode { .. })
         ));
+    }
+
+    #[test]
+    fn nanoseconds_of_a_second_or_more_are_refused() {
+        let mut b = sample();
+        b.nodes[3].mtime_nsec = 1_000_000_000;
+        let Err(e) = IndexReader::new(b.encode().unwrap()) else {
+            panic!("an index with 1e9 nanoseconds was accepted");
+        };
+        assert!(e.to_string().contains("nanoseconds"), "{e}");
+        let mut b = sample();
+        b.nodes[3].mtime = i64::MAX;
+        b.nodes[3].mtime_nsec = 999_999_999;
+        IndexReader::new(b.encode().unwrap()).unwrap();
     }
 }

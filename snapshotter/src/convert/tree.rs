@@ -203,6 +203,10 @@ impl TreeBuilder {
             if hidden.is_empty() {
                 return Err(refused(raw, "whiteout of an empty name"));
             }
+            // `.wh..` and `.wh...` would hide the directory itself or its parent.
+            if hidden == b"." || hidden == b".." {
+                return Err(refused(raw, "whiteout of . or .."));
+            }
             if self.nodes[dir].children.contains_key(hidden) {
                 // A real entry of this layer wins over its whiteout.
                 return Ok(None);
@@ -396,5 +400,15 @@ mod tests {
         assert!(t.add(b"f", m, None).is_err());
         let long = vec![b'a'; 256];
         assert!(t.add(&long, meta(InodeKind::File), None).is_err());
+    }
+
+    #[test]
+    fn whiteouts_of_dot_and_dotdot_are_refused() {
+        for name in [&b"a/.wh.."[..], b"a/.wh...", b".wh.."] {
+            let mut t = TreeBuilder::new(Limits::default());
+            t.add(b"a/", meta(InodeKind::Dir), None).unwrap();
+            let e = t.add(name, meta(InodeKind::File), None).unwrap_err();
+            assert!(e.to_string().contains("whiteout of . or .."), "{e}");
+        }
     }
 }

@@ -1,11 +1,30 @@
 //! Beam: a containerd snapshotter that starts containers before their image is downloaded.
 //!
-//! Modules, in the direction data flows (dependencies point one way only):
-//! - [`format`]: the Beam layer format (chunks and index), pure, no I/O;
-//! - [`convert`]: tar layers into Beam layers, and whole images into Beam artifacts;
-//! - [`oci`], [`remote`], [`layout`], [`store`]: OCI types, registries, OCI layouts, and one
-//!   interface over both;
-//! - [`unpack`]: Beam layers back into a root filesystem.
+//! Modules, bottom up: each uses only modules above it in this list (ARCHITECTURE.md draws
+//! the exact arrows, and `tests/layering.rs` holds the code to them).
+//! - [`format`]: the Beam layer format (the `beam-format` crate: chunks, index), pure, no I/O;
+//! - [`labels`]: every snapshot label both `beam pull` and the daemon use;
+//! - [`takeover`]: FUSE connections that outlive the daemon (fd holder, session takeover);
+//! - [`containerd`]: client of containerd's own API, containerd versions;
+//! - [`oci`]: OCI types and the Beam artifact;
+//! - [`registry`]: the registry client, its typed failures, pull settings;
+//! - [`hosts`]: containerd's `hosts.toml` directories;
+//! - [`layout`]: OCI image layouts on disk;
+//! - [`blob`]: where a layer's chunk blob is read by byte range;
+//! - [`store`]: the image store over a registry or a layout; which Beam artifact serves an image;
+//! - [`convert`]: tar layers into Beam layers, whole images into (bound) Beam artifacts;
+//! - [`unpack`]: Beam layers back into a root filesystem;
+//! - [`cache`]: verified chunks on local disk;
+//! - [`fetch`]: Range requests, single flight, priorities, verification;
+//! - [`fs`]: the FUSE filesystem of one layer;
+//! - [`mounter`]: the mount syscalls behind a trait (and a recording fake for tests);
+//! - [`mount`]: images and layers mounted lazily;
+//! - [`access_trace`]: `beam record`, prefetch lists from a workload's access trace;
+//! - [`snapshot`]: containerd's snapshot semantics over a redb database;
+//! - [`metrics`]: OpenMetrics of the fetcher and the layers;
+//! - [`daemon`]: beam-snapshotter's gRPC adapter, lazy layers, control API;
+//! - [`config`]: beam-snapshotter's configuration;
+//! - [`pull`], [`doctor`], [`node_setup`]: `beam pull`, `beam doctor`, `beam node-setup`.
 
 pub mod blob;
 pub mod cache;

@@ -333,7 +333,8 @@ fn registry_faults_never_serve_wrong_bytes_and_reads_recover() -> Result<()> {
     let took = t.elapsed();
     ensure!(r.is_err(), "a read of always-corrupt data succeeded");
     ensure!(
-        r.unwrap_err().raw_os_error() == Some(libc::EIO) && took < Duration::from_secs(20),
+        r.unwrap_err().raw_os_error() == Some(nix::errno::Errno::EIO as i32)
+            && took < Duration::from_secs(20),
         "expected EIO within the deadline, took {took:?}"
     );
     // Registry gone mid-read: EIO after the deadline; back again: the read succeeds.

@@ -274,10 +274,6 @@ mod remote {
         Ok(())
     }
 
-    fn umount(target: &Path) {
-        let _ = Command::new("umount").arg(target).status();
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn converted_layers_are_committed_lazily_and_survive_a_daemon_kill() -> Result<()> {
         util::require_root()?;
@@ -367,7 +363,7 @@ mod remote {
             .arg(&rootfs)
             .args(["/bin/sh", "-c", "echo lazy"])
             .output();
-        umount(&rootfs);
+        let _ = util::umount(&rootfs);
         ensure!(
             read? == vec![7u8; 3 << 20],
             "wrong content through the lazy layer"
@@ -446,7 +442,7 @@ mod remote {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         mount_overlay(&mounts, &rootfs)?;
         let read = std::fs::read(rootfs.join("data/sevens.bin"));
-        umount(&rootfs);
+        let _ = util::umount(&rootfs);
         ensure!(
             read? == vec![7u8; 3 << 20],
             "wrong content after the restart"

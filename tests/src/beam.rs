@@ -4,6 +4,7 @@
 
 use crate::util;
 use anyhow::{bail, ensure, Context, Result};
+use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -152,7 +153,7 @@ impl BeamMount {
     /// SIGTERM, wait for a clean exit, and check that nothing stays mounted. Returns stderr.
     pub fn stop(mut self) -> Result<String> {
         let mut child = self.child.take().expect("running");
-        util::signal(child.id(), libc::SIGTERM);
+        util::signal(child.id(), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(s) = child.try_wait()? {
@@ -187,7 +188,7 @@ impl BeamMount {
 impl Drop for BeamMount {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            util::signal(child.id(), libc::SIGTERM);
+            util::signal(child.id(), Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -201,20 +202,8 @@ impl Drop for BeamMount {
         // Last resort, for a daemon that died without unmounting.
         let _ = util::unmount_all_under(&self.target);
         if is_mountpoint(&self.target) {
-            let _ = nix_umount(&self.target);
+            let _ = util::umount_detach(&self.target);
         }
         let _ = util::unmount_all_under(&self.work_dir);
-    }
-}
-
-fn nix_umount(p: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
-    // SAFETY: umount2 takes a NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }

@@ -7,6 +7,7 @@ pub mod beam;
 pub mod containerd;
 pub mod cri;
 pub mod daemon;
+pub mod fixture;
 pub mod lazy_registry;
 pub mod oci_layout;
 pub mod proxy;
@@ -18,6 +19,7 @@ pub mod util;
 
 pub use containerd::{Containerd, ContainerdOptions};
 pub use daemon::BeamDaemon;
+pub use fixture::Fixture;
 pub use oci_layout::{Compression, ImageConfig, LayerSpec};
 pub use proxy::{Fault, Proxy};
 pub use registry::Registry;

@@ -181,7 +181,7 @@ impl RestartableDaemon {
     /// SIGTERM, wait for the exit (SIGKILL after 20 s).
     pub fn terminate(&mut self) {
         if let Some(mut d) = self.daemon.take() {
-            util::signal(d.pid(), libc::SIGTERM);
+            util::signal(d.pid(), nix::sys::signal::Signal::SIGTERM);
             poll_fast(
                 || matches!(d.try_wait(), Ok(Some(_))),
                 Duration::from_secs(20),

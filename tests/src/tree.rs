@@ -110,7 +110,7 @@ fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     // xattr::list / xattr::get do not follow symlinks (llistxattr / lgetxattr).
     let names = match xattr::list(path) {
         Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTSUP as i32) => return Ok(out),
         Err(e) => return Err(e).with_context(|| format!("listing xattrs of {}", path.display())),
     };
     for name in names {
@@ -186,7 +186,10 @@ pub fn snapshot(root: &Path) -> Result<BTreeMap<Vec<u8>, Entry>> {
             }
             FileType::Char | FileType::Block => {
                 let rdev = meta.rdev();
-                entry.rdev = Some((libc::major(rdev), libc::minor(rdev)));
+                entry.rdev = Some((
+                    nix::sys::stat::major(rdev) as u32,
+                    nix::sys::stat::minor(rdev) as u32,
+                ));
             }
             FileType::Dir => {
                 let rd = fs::read_dir(&path)
@@ -374,37 +377,18 @@ pub fn assert_same_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::ffi::{CString, OsStr};
+    use nix::sys::stat::{utimensat, Mode, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    use std::ffi::OsStr;
     use std::os::unix::fs::{symlink, PermissionsExt};
 
     fn mkfifo(path: &Path) {
-        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
-        // SAFETY: valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o640) }, 0);
+        nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o640)).unwrap();
     }
 
     fn set_mtime(path: &Path, sec: i64, nsec: i64) {
-        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
-        let ts = [
-            libc::timespec {
-                tv_sec: sec,
-                tv_nsec: nsec,
-            },
-            libc::timespec {
-                tv_sec: sec,
-                tv_nsec: nsec,
-            },
-        ];
-        // SAFETY: valid path and two timespecs, as utimensat requires.
-        let rc = unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                ts.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        assert_eq!(rc, 0);
+        let ts = TimeSpec::new(sec, nsec);
+        utimensat(None, path, &ts, &ts, UtimensatFlags::NoFollowSymlink).unwrap();
     }
 
     fn populate(root: &Path) {
@@ -471,12 +455,10 @@ mod tests {
     }
 
     fn umask() -> u32 {
-        // SAFETY: umask is always safe; set it back immediately.
-        unsafe {
-            let m = libc::umask(0o022);
-            libc::umask(m);
-            m
-        }
+        // umask can only be read by setting it: set it back at once.
+        let m = nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+        nix::sys::stat::umask(m);
+        m.bits()
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Small helpers shared by the harness: ports, waiting, finding binaries and fixtures,
 //! owning child processes, and cleaning up mounts and directories.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
@@ -11,6 +11,10 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::mount::{umount2, MntFlags};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it).
 pub fn free_port() -> Result<u16> {
@@ -110,9 +114,8 @@ pub fn fixture_script(name: &str) -> Result<PathBuf> {
 /// Fails (never skips) when the test does not run as root: the harness mounts, runs containerd
 /// and runc, all of which need it.
 pub fn require_root() -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
+    let euid = nix::unistd::geteuid();
+    if !euid.is_root() {
         bail!("this test must run as root (euid is {euid}): it starts containerd and mounts filesystems");
     }
     Ok(())
@@ -216,7 +219,7 @@ impl ChildGuard {
             return;
         };
         if let Ok(None) = child.try_wait() {
-            signal(child.id(), libc::SIGTERM);
+            signal(child.id(), Signal::SIGTERM);
             let exited = wait_for(|| matches!(child.try_wait(), Ok(Some(_))), grace);
             if !exited {
                 let _ = child.kill();
@@ -241,13 +244,11 @@ impl Drop for ChildGuard {
 }
 
 /// Sends `sig` to `pid`; errors (e.g. the process is gone) are ignored.
-pub fn signal(pid: u32, sig: i32) {
-    if pid == 0 || pid > i32::MAX as u32 {
-        return;
-    }
-    // SAFETY: kill(2) with a specific positive pid has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid as i32, sig);
+pub fn signal(pid: u32, sig: Signal) {
+    // Only one specific process: never 0 (our group) or a negative (another group).
+    let Ok(pid) = i32::try_from(pid) else { return };
+    if pid > 0 {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
     }
 }
 
@@ -339,7 +340,7 @@ pub fn descendants_first(roots: &[u32], all: &[ProcInfo]) -> Vec<u32> {
 /// to disappear or become a zombie. Returns the ones still alive.
 pub fn kill_pids(pids: &[u32]) -> Vec<u32> {
     for pid in pids {
-        signal(*pid, libc::SIGKILL);
+        signal(*pid, Signal::SIGKILL);
     }
     let mut left: Vec<u32> = pids.to_vec();
     wait_for(
@@ -399,15 +400,25 @@ pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// Unmounts the topmost mount at `target`, retrying for a second while it is busy (a process
+/// that just closed a file there, a FUSE daemon still answering).
+pub fn umount(target: &Path) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match umount2(target, MntFlags::empty()) {
+            Err(Errno::EBUSY) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r.with_context(|| format!("umount {}", target.display())),
+        }
     }
+}
+
+/// Detaches the mount at `target` (`MNT_DETACH`): gone from the tree at once, released by the
+/// kernel when its last user lets go. The last resort of cleanup.
+pub fn umount_detach(target: &Path) -> Result<()> {
+    umount2(target, MntFlags::MNT_DETACH).with_context(|| format!("umount -l {}", target.display()))
 }
 
 /// Unmounts everything mounted at or under `dir`, deepest first. A busy mount is retried for a
@@ -420,25 +431,16 @@ pub fn unmount_all_under(dir: &Path) -> Result<()> {
             return Ok(());
         }
         for m in mounts {
-            let mut done = false;
-            for _ in 0..10 {
-                match umount2(&m, 0) {
-                    Ok(()) => {
-                        done = true;
-                        break;
-                    }
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EINVAL)
-                            || e.raw_os_error() == Some(libc::ENOENT) =>
-                    {
-                        done = true;
-                        break;
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                }
-            }
-            if !done {
-                let _ = umount2(&m, libc::MNT_DETACH);
+            let gone = match umount(&m) {
+                Ok(()) => true,
+                // Already gone with its parent, or its path was removed.
+                Err(e) => matches!(
+                    e.downcast_ref::<Errno>(),
+                    Some(Errno::EINVAL | Errno::ENOENT)
+                ),
+            };
+            if !gone {
+                let _ = umount_detach(&m);
             }
         }
     }
@@ -574,6 +576,23 @@ pub fn write_tar_with_mode(path: &Path, files: &[(String, Vec<u8>)], mode: u32) 
     Ok(())
 }
 
+/// `len` deterministic incompressible bytes: the splitmix64 stream seeded with `seed`. Files of
+/// it share no chunk with each other (for any two seeds) and do not compress, so a test can
+/// tell from the registry's side exactly which bytes were fetched.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// Unmounts everything under a directory when dropped: declare it after the temp dir it
 /// guards (so it drops first) and before the processes that mount there (so they are stopped
 /// first). Keeps a failing test from leaving mounts behind.
@@ -608,6 +627,18 @@ mod tests {
             },
             Duration::from_secs(5)
         ));
+    }
+
+    #[test]
+    fn noise_is_deterministic_distinct_and_incompressible() {
+        use std::io::Write;
+        let a = noise(1, 100_000);
+        assert_eq!(a, noise(1, 100_000));
+        assert_eq!(&a[..99], &noise(1, 99)[..]);
+        assert_ne!(&a[..4096], &noise(2, 4096)[..]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&a).unwrap();
+        assert!(gz.finish().unwrap().len() > a.len());
     }
 
     #[test]

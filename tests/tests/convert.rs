@@ -404,13 +404,10 @@ fn get_manifest(reg: &Registry, repo: &str, reference: &str) -> Result<(u16, Vec
 
 /// Peak resident set size, in KiB, of the largest child process waited for so far.
 fn children_max_rss_kib() -> i64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a `rusage` into the pointer it is given, which points to
-    // zero-initialised memory of the right size.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
-    assert_eq!(rc, 0, "getrusage failed");
-    // SAFETY: getrusage returned 0, so it filled the struct.
-    unsafe { usage.assume_init() }.ru_maxrss
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_CHILDREN)
+        .expect("getrusage")
+        .max_rss()
 }
 
 #[test]

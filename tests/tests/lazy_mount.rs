@@ -3,61 +3,32 @@
 
 use anyhow::{ensure, Context, Result};
 use beam_tests::beam::{self, BeamMount};
-use beam_tests::oci_layout;
 use beam_tests::tree::{self, DiffOptions};
-use beam_tests::util;
-use beam_tests::{Compression, Fault, LayerSpec, Proxy, Registry};
+use beam_tests::util::{self, noise};
+use beam_tests::{Fault, Fixture, Proxy};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Deterministic incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
+/// A registry behind the recording, fault-injecting proxy, and a work directory.
 struct Env {
-    work: tempfile::TempDir,
-    _reg: Registry,
-    proxy: Proxy,
+    fx: Fixture,
 }
 
 impl Env {
     fn new() -> Result<Env> {
         util::require_root()?;
-        let reg = Registry::start()?;
-        let proxy = Proxy::start(&reg.addr())?;
         Ok(Env {
-            work: tempfile::tempdir()?,
-            _reg: reg,
-            proxy,
+            fx: Fixture::with_proxy()?,
         })
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        self.work.path().join(p)
+        self.fx.path(p)
     }
 
-    /// Build `layers` into an image, push it (with the original) through Beam and convert.
-    fn image(&self, name: &str, layers: &[PathBuf], extra: &[&str]) -> Result<String> {
-        let layout = self.path(&format!("layout-{name}"));
-        oci_layout::build_gzip(&layout, "v1", layers)?;
-        let image = format!("{}/{name}:v1", self.proxy.addr());
-        let src = format!("oci:{}:v1", layout.display());
-        let mut args = vec!["convert", "--plain-http"];
-        args.extend_from_slice(extra);
-        args.push(&src);
-        args.push(&image);
-        beam::ok(&args)?;
-        Ok(image)
+    fn proxy(&self) -> &Proxy {
+        self.fx.proxy()
     }
 
     fn mount(&self, image: &str, target: &str, cache: &str, flags: &[&str]) -> Result<BeamMount> {
@@ -74,27 +45,12 @@ impl Env {
 
     /// Bytes of blob GETs (Range or not) for `digest` answered since the last clear.
     fn range_requests(&self) -> Vec<(u64, u64)> {
-        self.proxy
+        self.proxy()
             .blob_requests()
             .iter()
             .filter_map(|r| r.range)
             .collect()
     }
-}
-
-/// The digest of the chunk blob of the single layer of `image` (from `beam convert --json`).
-fn chunk_blob_of(json: &str) -> Result<(String, String)> {
-    let v: serde_json::Value = serde_json::from_str(json)?;
-    Ok((
-        v[0]["layers"][0]["chunks"]
-            .as_str()
-            .context("chunks")?
-            .to_string(),
-        v[0]["layers"][0]["index"]
-            .as_str()
-            .context("index")?
-            .to_string(),
-    ))
 }
 
 #[test]
@@ -103,7 +59,13 @@ fn python_rootfs_reads_through_the_lazy_mount_equal_the_source() -> Result<()> {
     let layers_dir = env.path("layers");
     util::run_fixture("make-python-layers.sh", &[&layers_dir])?;
     let layers = util::layers_listed_in(&layers_dir)?;
-    let image = env.image("python", &layers, &[])?;
+    let image = env
+        .fx
+        .image("python")
+        .tars(&layers)
+        .build()?
+        .convert("python:v1", &[])?
+        .reference;
 
     // Reference: beam unpack of the same image.
     let unpacked = env.path("unpacked");
@@ -116,7 +78,7 @@ fn python_rootfs_reads_through_the_lazy_mount_equal_the_source() -> Result<()> {
 
     let m = env.mount(&image, "mnt", "cache", &["--no-background-fetch"])?;
     // Stat of everything fetches nothing but indexes.
-    env.proxy.clear();
+    env.proxy().clear();
     let mut n = 0;
     for e in walk(&m.target)? {
         std::fs::symlink_metadata(&e)?;
@@ -150,22 +112,20 @@ fn python_rootfs_reads_through_the_lazy_mount_equal_the_source() -> Result<()> {
 #[test]
 fn special_layers_appear_through_overlay_as_unpack_has_them() -> Result<()> {
     util::require_root()?;
-    let work = tempfile::tempdir()?;
-    let layers_dir = work.path().join("layers");
+    let fx = Fixture::new()?;
+    let layers_dir = fx.path("layers");
     util::run_fixture("make-special-layers.sh", &[&layers_dir])?;
     let layers = util::layers_listed_in(&layers_dir)?;
-    let layout = work.path().join("layout");
-    oci_layout::build_gzip(&layout, "special", &layers)?;
-    let image = format!("oci:{}:special", layout.display());
+    let image = fx.image("special").tars(&layers).build()?.oci();
     beam::ok(&["convert", "--chunk-size", "65536", &image])?;
-    let unpacked = work.path().join("unpacked");
+    let unpacked = fx.path("unpacked");
     beam::ok(&["unpack", &image, unpacked.to_str().context("utf-8")?])?;
     let m = BeamMount::start(
         &[],
         &image,
-        &work.path().join("mnt"),
-        &work.path().join("cache"),
-        &work.path().join("mnt-work"),
+        &fx.path("mnt"),
+        &fx.path("cache"),
+        &fx.path("mnt-work"),
     )?;
     assert_same_as_unpacked(&m.target, &unpacked)?;
     m.stop()?;
@@ -181,39 +141,29 @@ fn reads_fetch_only_the_chunks_they_need_once() -> Result<()> {
         .collect();
     files.push(("small/hello.txt".into(), noise(999, 10_000)));
     files.push(("small/shared.bin".into(), noise(1000, 3 << 20)));
-    let tar = env.path("big.tar");
-    util::write_tar(&tar, &files)?;
-    let specs = [LayerSpec::new(&tar, Compression::Gzip)];
-    let layout = env.path("layout-big");
-    oci_layout::build(&layout, "v1", &specs)?;
-    let image = format!("{}/big:v1", env.proxy.addr());
-    let json = beam::ok(&[
-        "convert",
-        "--plain-http",
-        "--json",
-        &format!("oci:{}:v1", layout.display()),
-        &image,
-    ])?;
-    let (chunks_blob, index_blob) = chunk_blob_of(&json)?;
+    let big = env.fx.image("big").files(&files)?.build()?;
+    let converted = big.convert("big:v1", &["--json"])?;
+    let image = converted.reference.clone();
+    let (chunks_blob, index_blob) = converted.layer_blobs(0)?;
 
     let m = env.mount(&image, "mnt", "cache", &["--no-background-fetch"])?;
-    env.proxy.clear();
+    env.proxy().clear();
     // One small file: at most that file's bytes (a chunk never spans files).
     let small = std::fs::read(m.target.join("small/hello.txt"))?;
     ensure!(small == files[200].1, "small file content differs");
-    let ranges = env.proxy.range_requests_for(&chunks_blob);
+    let ranges = env.proxy().range_requests_for(&chunks_blob);
     let fetched: u64 = ranges.iter().map(|(a, b)| b - a + 1).sum();
     ensure!(
         ranges.len() == 1 && fetched <= 10_000,
         "reading a 10 kB file fetched {fetched} bytes in {ranges:?}"
     );
     ensure!(
-        env.proxy.blob_requests_for(&index_blob).is_empty(),
+        env.proxy().blob_requests_for(&index_blob).is_empty(),
         "the index was fetched again"
     );
 
     // 32 threads reading the same 3 MiB file: each chunk fetched once.
-    env.proxy.clear();
+    env.proxy().clear();
     let path = m.target.join("small/shared.bin");
     let handles: Vec<_> = (0..32)
         .map(|_| {
@@ -225,7 +175,7 @@ fn reads_fetch_only_the_chunks_they_need_once() -> Result<()> {
         let data = h.join().expect("reader thread")?;
         ensure!(data == files[201].1, "concurrent read returned wrong bytes");
     }
-    let ranges = env.proxy.range_requests_for(&chunks_blob);
+    let ranges = env.proxy().range_requests_for(&chunks_blob);
     let fetched: u64 = ranges.iter().map(|(a, b)| b - a + 1).sum();
     ensure!(
         fetched == 3 << 20,
@@ -242,11 +192,11 @@ fn reads_fetch_only_the_chunks_they_need_once() -> Result<()> {
     m.stop()?;
 
     // Restarted on the same cache: nothing fetched for data it had (not even the index).
-    env.proxy.clear();
+    env.proxy().clear();
     let m = env.mount(&image, "mnt", "cache", &["--no-background-fetch"])?;
     ensure!(std::fs::read(m.target.join("small/shared.bin"))? == files[201].1);
     ensure!(std::fs::read(m.target.join("small/hello.txt"))? == files[200].1);
-    let blob_gets = env.proxy.blob_requests();
+    let blob_gets = env.proxy().blob_requests();
     ensure!(
         blob_gets.is_empty(),
         "a restart fetched again: {blob_gets:?}"
@@ -254,35 +204,27 @@ fn reads_fetch_only_the_chunks_they_need_once() -> Result<()> {
     m.stop()?;
 
     // A second image sharing files with the first fetches only the new chunks.
-    let tar2 = env.path("second.tar");
-    util::write_tar(
-        &tar2,
-        &[
+    let second = env
+        .fx
+        .image("second")
+        .files(&[
             ("copy/shared.bin".into(), files[201].1.clone()),
             ("new/only-here.bin".into(), noise(4242, 700_000)),
-        ],
-    )?;
-    let layout2 = env.path("layout-second");
-    oci_layout::build(&layout2, "v1", &[LayerSpec::new(&tar2, Compression::Gzip)])?;
-    let image2 = format!("{}/second:v1", env.proxy.addr());
-    let json2 = beam::ok(&[
-        "convert",
-        "--plain-http",
-        "--json",
-        &format!("oci:{}:v1", layout2.display()),
-        &image2,
-    ])?;
-    let (chunks2, _) = chunk_blob_of(&json2)?;
-    env.proxy.clear();
+        ])?
+        .build()?;
+    let converted2 = second.convert("second:v1", &["--json"])?;
+    let image2 = converted2.reference.clone();
+    let (chunks2, _) = converted2.layer_blobs(0)?;
+    env.proxy().clear();
     let m = env.mount(&image2, "mnt2", "cache", &["--no-background-fetch"])?;
     ensure!(std::fs::read(m.target.join("copy/shared.bin"))? == files[201].1);
     ensure!(
-        env.proxy.range_requests_for(&chunks2).is_empty(),
+        env.proxy().range_requests_for(&chunks2).is_empty(),
         "shared chunks were fetched again"
     );
     std::fs::read(m.target.join("new/only-here.bin"))?;
     let fetched: u64 = env
-        .proxy
+        .proxy()
         .range_requests_for(&chunks2)
         .iter()
         .map(|(a, b)| b - a + 1)
@@ -298,9 +240,13 @@ fn registry_faults_never_serve_wrong_bytes_and_reads_recover() -> Result<()> {
     let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| (format!("f{i}"), noise(77 + i, 600_000)))
         .collect();
-    let tar = env.path("faults.tar");
-    util::write_tar(&tar, &files)?;
-    let image = env.image("faults", &[tar], &["--chunk-size", "262144"])?;
+    let image = env
+        .fx
+        .image("faults")
+        .files(&files)?
+        .build()?
+        .convert("faults:v1", &["--chunk-size", "262144"])?
+        .reference;
     let m = env.mount(
         &image,
         "mnt",
@@ -309,39 +255,40 @@ fn registry_faults_never_serve_wrong_bytes_and_reads_recover() -> Result<()> {
     )?;
 
     // 500s, then success: the read succeeds with the right bytes.
-    env.proxy.set_fault(Fault::times(2, Fault::Status(500)));
+    env.proxy().set_fault(Fault::times(2, Fault::Status(500)));
     ensure!(
         std::fs::read(m.target.join("f0"))? == files[0].1,
         "f0 after 500s"
     );
     // Wrong bytes: never served, refetched.
-    env.proxy.set_fault(Fault::times(1, Fault::CorruptBody));
+    env.proxy().set_fault(Fault::times(1, Fault::CorruptBody));
     ensure!(
         std::fs::read(m.target.join("f1"))? == files[1].1,
         "f1 after corrupt answer"
     );
     // Truncated ranges.
-    env.proxy.set_fault(Fault::times(1, Fault::TruncateBody));
+    env.proxy().set_fault(Fault::times(1, Fault::TruncateBody));
     ensure!(
         std::fs::read(m.target.join("f2"))? == files[2].1,
         "f2 after truncation"
     );
     // Corrupt forever: EIO after the deadline, not a hang, and no wrong byte.
-    env.proxy.set_fault(Fault::CorruptBody);
+    env.proxy().set_fault(Fault::CorruptBody);
     let t = Instant::now();
     let r = std::fs::read(m.target.join("f3"));
     let took = t.elapsed();
     ensure!(r.is_err(), "a read of always-corrupt data succeeded");
     ensure!(
-        r.unwrap_err().raw_os_error() == Some(libc::EIO) && took < Duration::from_secs(20),
+        r.unwrap_err().raw_os_error() == Some(nix::errno::Errno::EIO as i32)
+            && took < Duration::from_secs(20),
         "expected EIO within the deadline, took {took:?}"
     );
     // Registry gone mid-read: EIO after the deadline; back again: the read succeeds.
-    env.proxy.set_fault(Fault::None);
-    env.proxy.set_down(true);
+    env.proxy().set_fault(Fault::None);
+    env.proxy().set_down(true);
     let r = std::fs::read(m.target.join("f4"));
     ensure!(r.is_err(), "read succeeded with the registry down");
-    env.proxy.set_down(false);
+    env.proxy().set_down(false);
     ensure!(
         std::fs::read(m.target.join("f4"))? == files[4].1,
         "f4 after the registry came back"
@@ -364,9 +311,13 @@ fn background_fetch_makes_the_layer_independent_of_the_registry() -> Result<()> 
     let files: Vec<(String, Vec<u8>)> = (0..20)
         .map(|i| (format!("d/f{i}"), noise(500 + i, 300_000)))
         .collect();
-    let tar = env.path("bg.tar");
-    util::write_tar(&tar, &files)?;
-    let image = env.image("bg", &[tar], &[])?;
+    let image = env
+        .fx
+        .image("bg")
+        .files(&files)?
+        .build()?
+        .convert("bg:v1", &[])?
+        .reference;
     let m = env.mount(&image, "mnt", "cache", &["--fetch-deadline", "3"])?;
     let cache = env.path("cache");
     let done = util::wait_for(
@@ -386,14 +337,14 @@ fn background_fetch_makes_the_layer_independent_of_the_registry() -> Result<()> 
         Duration::from_secs(60),
     );
     ensure!(done, "background fetch did not complete");
-    env.proxy.set_down(true);
+    env.proxy().set_down(true);
     for (name, data) in &files {
         ensure!(
             std::fs::read(m.target.join(name))? == *data,
             "{name} differs"
         );
     }
-    env.proxy.set_down(false);
+    env.proxy().set_down(false);
     m.stop()?;
     Ok(())
 }
@@ -440,37 +391,15 @@ fn walk(root: &Path) -> Result<Vec<PathBuf>> {
 #[test]
 fn recorded_access_order_leads_background_fetch() -> Result<()> {
     let env = Env::new()?;
-    let bb = env.path("busybox.tar");
-    util::run_fixture("make-busybox-layer.sh", &[&bb])?;
     // 50 incompressible files of 100,000 bytes: each is one raw chunk, in tar order, so file
     // fNN sits at offset NN * 100,000 of the chunk blob.
     let files: Vec<(String, Vec<u8>)> = (0..50)
         .map(|i| (format!("data/f{i:02}"), noise(3000 + i, 100_000)))
         .collect();
-    let data = env.path("data.tar");
-    util::write_tar(&data, &files)?;
-    let layout = env.path("layout-rec");
-    oci_layout::build(
-        &layout,
-        "v1",
-        &[
-            LayerSpec::new(&bb, Compression::Gzip),
-            LayerSpec::new(&data, Compression::Gzip),
-        ],
-    )?;
-    let image = format!("{}/rec:v1", env.proxy.addr());
-    let json = beam::ok(&[
-        "convert",
-        "--plain-http",
-        "--json",
-        &format!("oci:{}:v1", layout.display()),
-        &image,
-    ])?;
-    let v: serde_json::Value = serde_json::from_str(&json)?;
-    let data_chunks = v[0]["layers"][1]["chunks"]
-        .as_str()
-        .context("chunks")?
-        .to_string();
+    let rec = env.fx.image("rec").busybox()?.files(&files)?.build()?;
+    let converted = rec.convert("rec:v1", &["--json"])?;
+    let image = converted.reference.clone();
+    let (data_chunks, _) = converted.layer_blobs(1)?;
 
     let cache = env.path("rec-cache");
     let out = beam::ok(&[
@@ -493,7 +422,7 @@ fn recorded_access_order_leads_background_fetch() -> Result<()> {
     );
 
     // A fresh node: background fetch starts with f40.
-    env.proxy.clear();
+    env.proxy().clear();
     let m = env.mount(
         &image,
         "mnt",
@@ -501,11 +430,11 @@ fn recorded_access_order_leads_background_fetch() -> Result<()> {
         &["--background-concurrency", "1"],
     )?;
     let got = util::wait_for(
-        || env.proxy.range_requests_for(&data_chunks).len() >= 2,
+        || env.proxy().range_requests_for(&data_chunks).len() >= 2,
         Duration::from_secs(60),
     );
     ensure!(got, "background fetch did not start");
-    let ranges = env.proxy.range_requests_for(&data_chunks);
+    let ranges = env.proxy().range_requests_for(&data_chunks);
     ensure!(
         ranges[0] == (4_000_000, 4_099_999),
         "first background request should be f40's chunk: {ranges:?}"
@@ -514,17 +443,17 @@ fn recorded_access_order_leads_background_fetch() -> Result<()> {
 
     // Background fill off: the recorded list is still fetched as the layer mounts, and
     // nothing else.
-    env.proxy.clear();
+    env.proxy().clear();
     let m = env.mount(&image, "mnt2", "fresh-cache-2", &["--no-background-fetch"])?;
     ensure!(
         util::wait_for(
-            || !env.proxy.range_requests_for(&data_chunks).is_empty(),
+            || !env.proxy().range_requests_for(&data_chunks).is_empty(),
             Duration::from_secs(30)
         ),
         "the recorded prefetch list was not fetched without background fill"
     );
     std::thread::sleep(Duration::from_millis(500));
-    let ranges = env.proxy.range_requests_for(&data_chunks);
+    let ranges = env.proxy().range_requests_for(&data_chunks);
     ensure!(
         ranges == vec![(4_000_000, 4_099_999)],
         "only f40's chunk should be fetched: {ranges:?}"
@@ -539,11 +468,15 @@ fn mirrors_are_tried_first_and_the_origin_backs_them_up() -> Result<()> {
     let files: Vec<(String, Vec<u8>)> = (0..4)
         .map(|i| (format!("m/f{i}"), noise(900 + i, 200_000)))
         .collect();
-    let tar = env.path("mirror.tar");
-    util::write_tar(&tar, &files)?;
-    let image = env.image("mirrored", &[tar], &[])?;
+    let image = env
+        .fx
+        .image("mirrored")
+        .files(&files)?
+        .build()?
+        .convert("mirrored:v1", &[])?
+        .reference;
     // A second proxy in front of the same registry plays the mirror.
-    let mirror = Proxy::start(&env.proxy.upstream())?;
+    let mirror = Proxy::start(&env.proxy().upstream())?;
     let m = env.mount(
         &image,
         "mnt",
@@ -556,7 +489,7 @@ fn mirrors_are_tried_first_and_the_origin_backs_them_up() -> Result<()> {
             &mirror.addr(),
         ],
     )?;
-    env.proxy.clear();
+    env.proxy().clear();
     ensure!(std::fs::read(m.target.join("m/f0"))? == files[0].1);
     ensure!(
         !mirror.blob_requests().is_empty() && env.range_requests().is_empty(),
@@ -575,24 +508,14 @@ fn mirrors_are_tried_first_and_the_origin_backs_them_up() -> Result<()> {
 #[test]
 fn one_layer_can_be_mounted_alone() -> Result<()> {
     let env = Env::new()?;
-    let a = env.path("a.tar");
-    let b = env.path("b.tar");
-    util::write_tar(&a, &[("only-in-a".into(), b"A".to_vec())])?;
-    util::write_tar(&b, &[("only-in-b".into(), b"B".to_vec())])?;
-    let specs = [
-        LayerSpec::new(&a, Compression::Gzip),
-        LayerSpec::new(&b, Compression::Gzip),
-    ];
-    let layout = env.path("layout-two");
-    let built = oci_layout::build_with_config(&layout, "v1", &specs, &Default::default())?;
-    let image = format!("{}/two:v1", env.proxy.addr());
-    beam::ok(&[
-        "convert",
-        "--plain-http",
-        &format!("oci:{}:v1", layout.display()),
-        &image,
-    ])?;
-    let (layer_b, ..) = &built.layers[1];
+    let two = env
+        .fx
+        .image("two")
+        .files(&[("only-in-a".into(), b"A".to_vec())])?
+        .files(&[("only-in-b".into(), b"B".to_vec())])?
+        .build()?;
+    let image = two.convert("two:v1", &[])?.reference;
+    let (layer_b, ..) = &two.built.layers[1];
     let m = env.mount(
         &format!("{image}@{layer_b}"),
         "mnt",

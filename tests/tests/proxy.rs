@@ -1,80 +1,49 @@
 //! The recording, fault-injecting proxy against a real `docker-registry`, with a real skopeo
 //! push through it and ureq as the client.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use beam_tests::oci_layout::{self, BuiltImage};
 use beam_tests::proxy::Record;
-use beam_tests::{Compression, Fault, LayerSpec, Proxy, Registry};
+use beam_tests::util;
+use beam_tests::{Compression, Fault, Fixture, Proxy, Registry};
 
 const REPO: &str = "proxy/img";
-
-/// Deterministic incompressible bytes.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u8
-        })
-        .collect()
-}
-
-fn make_tar(path: &Path, name: &str, data: &[u8]) -> Result<()> {
-    let mut b = tar::Builder::new(File::create(path)?);
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(data.len() as u64);
-    h.set_mtime(1_700_000_000);
-    b.append_data(&mut h, name, data)?;
-    b.finish()?;
-    Ok(())
-}
 
 /// A registry, a proxy in front of it, and a two-layer image pushed through the proxy:
 /// layer 0 is an uncompressed ~300 KB tar of noise, layer 1 a small gzip layer.
 struct Setup {
-    _work: tempfile::TempDir,
-    registry: Registry,
-    proxy: Proxy,
+    fx: Fixture,
     layout: PathBuf,
     image: BuiltImage,
 }
 
 impl Setup {
     fn new() -> Result<Setup> {
-        let work = tempfile::tempdir()?;
-        let t0 = work.path().join("big.tar");
-        make_tar(&t0, "big.bin", &noise(300_000, 1))?;
-        let t1 = work.path().join("small.tar");
-        make_tar(&t1, "small.txt", b"small layer\n")?;
-        let layout = work.path().join("layout");
-        let image = oci_layout::build_with_config(
-            &layout,
-            "v1",
-            &[
-                LayerSpec::new(&t0, Compression::None),
-                LayerSpec::new(&t1, Compression::Gzip),
-            ],
-            &Default::default(),
-        )?;
-        let registry = Registry::start()?;
-        let proxy = Proxy::start(&registry.addr())?;
-        oci_layout::push_with_skopeo(&layout, "v1", &format!("{}/{REPO}:v1", proxy.addr()))?;
+        let fx = Fixture::with_proxy()?;
+        let image = fx
+            .image("img")
+            .files_as(
+                Compression::None,
+                &[("big.bin".into(), util::noise(1, 300_000))],
+            )?
+            .files(&[("small.txt".into(), b"small layer\n".to_vec())])?
+            .build()?;
+        image.push(&format!("{REPO}:v1"))?;
         Ok(Setup {
-            _work: work,
-            registry,
-            proxy,
-            layout,
-            image,
+            fx,
+            layout: image.layout,
+            image: image.built,
         })
+    }
+
+    fn proxy(&self) -> &Proxy {
+        self.fx.proxy()
     }
 
     fn blob(&self, digest: &str) -> Vec<u8> {
@@ -87,7 +56,7 @@ impl Setup {
     }
 
     fn blob_url(&self, digest: &str) -> String {
-        format!("{}/v2/{REPO}/blobs/{digest}", self.proxy.url())
+        format!("{}/v2/{REPO}/blobs/{digest}", self.proxy().url())
     }
 }
 
@@ -134,7 +103,7 @@ fn forwards_uploads_and_downloads_and_records_them() {
     assert!(big_bytes.len() > 300_000);
 
     // skopeo's upload went through the proxy: the upload Location was rewritten to it.
-    let recs = s.proxy.records();
+    let recs = s.proxy().records();
     let uploads: Vec<&Record> = recs
         .iter()
         .filter(|r| r.path.contains("/blobs/uploads/"))
@@ -160,13 +129,16 @@ fn forwards_uploads_and_downloads_and_records_them() {
         "{recs:#?}"
     );
     // The registry really has the blob, byte for byte.
-    let (status, direct) = s.registry.get(&format!("/v2/{REPO}/blobs/{big}")).unwrap();
+    let (status, direct) =
+        s.fx.registry()
+            .get(&format!("/v2/{REPO}/blobs/{big}"))
+            .unwrap();
     assert_eq!(status, 200);
     assert_eq!(direct, big_bytes);
 
-    s.proxy.clear();
-    assert!(s.proxy.records().is_empty());
-    let conns_before = s.proxy.connections();
+    s.proxy().clear();
+    assert!(s.proxy().records().is_empty());
+    let conns_before = s.proxy().connections();
     let a = agent();
     // Whole blob.
     let (status, body) = get(&a, &s.blob_url(&big)).unwrap();
@@ -194,7 +166,7 @@ fn forwards_uploads_and_downloads_and_records_them() {
     let (status, body) = fetch(
         &a,
         "GET",
-        &format!("{}/v2/{REPO}/manifests/v1", s.proxy.url()),
+        &format!("{}/v2/{REPO}/manifests/v1", s.proxy().url()),
         &[("Accept", oci_layout::MANIFEST_MEDIA_TYPE)],
     )
     .unwrap();
@@ -205,7 +177,7 @@ fn forwards_uploads_and_downloads_and_records_them() {
     let (status, _) = get(&a, &s.blob_url(&missing)).unwrap();
     assert_eq!(status, 404);
 
-    let recs = s.proxy.records();
+    let recs = s.proxy().records();
     assert_eq!(recs.len(), 5, "{recs:#?}");
     assert_eq!(
         recs.iter().map(|r| r.status).collect::<Vec<_>>(),
@@ -217,16 +189,16 @@ fn forwards_uploads_and_downloads_and_records_them() {
     assert_eq!(recs[2].method, "HEAD");
     assert_eq!(recs[2].body_bytes, 0);
     assert!(recs.iter().all(|r| !r.faulted));
-    let blobs = s.proxy.blob_requests();
+    let blobs = s.proxy().blob_requests();
     assert_eq!(blobs.len(), 3, "{blobs:#?}");
-    assert_eq!(s.proxy.blob_requests_for(&big).len(), 2);
+    assert_eq!(s.proxy().blob_requests_for(&big).len(), 2);
     assert_eq!(
-        s.proxy.blob_bytes_sent(),
+        s.proxy().blob_bytes_sent(),
         big_bytes.len() as u64 + 1000 + blobs[2].body_bytes
     );
-    assert_eq!(s.proxy.range_requests_for(&big), [(1000, 1999)]);
+    assert_eq!(s.proxy().range_requests_for(&big), [(1000, 1999)]);
     // Keep-alive: ureq reused one connection for all five requests.
-    assert_eq!(s.proxy.connections() - conns_before, 1);
+    assert_eq!(s.proxy().connections() - conns_before, 1);
 }
 
 #[test]
@@ -237,17 +209,17 @@ fn injects_faults_into_blob_gets() {
     let small = s.image.layers[1].0.clone();
     let small_bytes = s.blob(&small);
     let a = agent();
-    let manifest_url = format!("{}/v2/{REPO}/manifests/v1", s.proxy.url());
+    let manifest_url = format!("{}/v2/{REPO}/manifests/v1", s.proxy().url());
     let accept = [("Accept", oci_layout::MANIFEST_MEDIA_TYPE)];
-    s.proxy.clear();
+    s.proxy().clear();
 
     // Status, for every blob; manifests and HEADs are untouched.
-    s.proxy.set_fault(Fault::Status(500));
+    s.proxy().set_fault(Fault::Status(500));
     assert_eq!(get(&a, &s.blob_url(&big)).unwrap().0, 500);
     assert_eq!(get(&a, &s.blob_url(&small)).unwrap().0, 500);
     assert_eq!(fetch(&a, "GET", &manifest_url, &accept).unwrap().0, 200);
     assert_eq!(a.head(&s.blob_url(&big)).call().unwrap().status(), 200);
-    let recs = s.proxy.records();
+    let recs = s.proxy().records();
     assert_eq!(
         recs.iter()
             .map(|r| (r.status, r.faulted))
@@ -256,12 +228,13 @@ fn injects_faults_into_blob_gets() {
     );
 
     // Status for one digest only.
-    s.proxy.set_fault_for(Some(big.clone()), Fault::Status(503));
+    s.proxy()
+        .set_fault_for(Some(big.clone()), Fault::Status(503));
     assert_eq!(get(&a, &s.blob_url(&big)).unwrap().0, 503);
     assert_eq!(get(&a, &s.blob_url(&small)).unwrap(), (200, small_bytes));
 
     // Corrupt: same length, every 97th byte of the body flipped (offsets relative to the body).
-    s.proxy.set_fault(Fault::CorruptBody);
+    s.proxy().set_fault(Fault::CorruptBody);
     let (status, body) = get(&a, &s.blob_url(&big)).unwrap();
     assert_eq!(status, 200);
     assert_eq!(body.len(), big_bytes.len());
@@ -277,18 +250,19 @@ fn injects_faults_into_blob_gets() {
     assert_eq!(body[1..97], big_bytes[501..597]);
 
     // Truncate: full Content-Length, half the body, then close: the client sees an error.
-    s.proxy.clear();
-    s.proxy.set_fault(Fault::TruncateBody);
+    s.proxy().clear();
+    s.proxy().set_fault(Fault::TruncateBody);
     let err = get(&a, &s.blob_url(&big)).unwrap_err();
     assert!(format!("{err:#}").contains("reading the body"), "{err:#}");
-    let recs = s.proxy.blob_requests();
+    let recs = s.proxy().blob_requests();
     assert_eq!(recs.len(), 1, "{recs:#?}");
     assert_eq!(recs[0].status, 200);
     assert_eq!(recs[0].body_bytes, big_bytes.len() as u64 / 2);
     assert!(recs[0].faulted);
 
     // Stall, then a normal answer.
-    s.proxy.set_fault(Fault::Stall(Duration::from_millis(1200)));
+    s.proxy()
+        .set_fault(Fault::Stall(Duration::from_millis(1200)));
     let t = Instant::now();
     let (status, body) = get(&a, &s.blob_url(&small)).unwrap();
     assert!(
@@ -299,7 +273,7 @@ fn injects_faults_into_blob_gets() {
     assert_eq!((status, body.len()), (200, s.blob(&small).len()));
 
     // Fails twice, then succeeds; requests for other digests do not count.
-    s.proxy
+    s.proxy()
         .set_fault_for(Some(big.clone()), Fault::times(2, Fault::Status(500)));
     let mut statuses = Vec::new();
     for _ in 0..2 {
@@ -312,20 +286,20 @@ fn injects_faults_into_blob_gets() {
     assert_eq!(statuses, [500, 500, 200, 200]);
 
     // Down: the connection closes without an answer.
-    s.proxy.clear();
-    s.proxy.set_fault(Fault::Down);
+    s.proxy().clear();
+    s.proxy().set_fault(Fault::Down);
     assert!(get(&a, &s.blob_url(&big)).is_err());
-    let recs = s.proxy.records();
+    let recs = s.proxy().records();
     assert!(!recs.is_empty());
     assert!(recs.iter().all(|r| r.status == 0 && r.faulted), "{recs:#?}");
     assert_eq!(fetch(&a, "GET", &manifest_url, &accept).unwrap().0, 200);
 
     // The whole proxy down, then up again.
-    s.proxy.clear_fault();
-    s.proxy.set_down(true);
-    assert!(get(&a, &format!("{}/v2/", s.proxy.url())).is_err());
-    assert!(get(&agent(), &format!("{}/v2/", s.proxy.url())).is_err());
-    s.proxy.set_down(false);
+    s.proxy().clear_fault();
+    s.proxy().set_down(true);
+    assert!(get(&a, &format!("{}/v2/", s.proxy().url())).is_err());
+    assert!(get(&agent(), &format!("{}/v2/", s.proxy().url())).is_err());
+    s.proxy().set_down(false);
     assert_eq!(get(&a, &s.blob_url(&big)).unwrap(), (200, big_bytes));
 }
 

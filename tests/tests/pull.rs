@@ -8,8 +8,8 @@
 
 use anyhow::{ensure, Context, Result};
 use beam_tests::util;
-use beam_tests::{beam, oci_layout, Proxy};
-use beam_tests::{BeamDaemon, Compression, Containerd, ContainerdOptions, LayerSpec, Registry};
+use beam_tests::{beam, oci_layout};
+use beam_tests::{BeamDaemon, Containerd, ContainerdOptions, Fixture};
 use std::time::Duration;
 
 /// `beam pull --address ... --namespace ... --plain-http IMAGE --json`.
@@ -30,77 +30,47 @@ fn snapshot_names(c: &Containerd) -> Result<Vec<String>> {
 }
 
 /// A two-layer image (busybox, then a data layer with a small file the test reads and a big
-/// one it does not), converted; and the same image unconverted under another name.
+/// one it does not), converted; and the same image unconverted under another name; in a
+/// registry behind the recording proxy.
 struct Images {
-    _work: tempfile::TempDir,
     converted: String,
     plain: String,
     built: oci_layout::BuiltImage,
+    fx: Fixture,
 }
 
-fn build_images(registry: &str) -> Result<Images> {
-    let work = tempfile::tempdir()?;
-    let bb = work.path().join("busybox.tar");
-    util::run_fixture("make-busybox-layer.sh", &[&bb])?;
-    let data = work.path().join("data.tar");
-    let mut big = vec![0u8; 16 << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for b in big.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    util::write_tar(
-        &data,
-        &[
+fn build_images() -> Result<Images> {
+    let fx = Fixture::with_proxy()?;
+    let image = fx
+        .image("bb")
+        .busybox()?
+        .files(&[
             (
                 "data/hello.txt".into(),
                 b"hello from a lazy layer\n".to_vec(),
             ),
-            ("data/big.bin".into(), big),
-        ],
-    )?;
-    let layout = work.path().join("layout");
-    let built = oci_layout::build_with_config(
-        &layout,
-        "v1",
-        &[
-            LayerSpec::new(&bb, Compression::Gzip),
-            LayerSpec::new(&data, Compression::Gzip),
-        ],
-        &Default::default(),
-    )?;
-    let converted = format!("{registry}/pull/bb:v1");
-    beam::ok(&[
-        "convert",
-        "--plain-http",
-        &format!("oci:{}:v1", layout.display()),
-        &converted,
-    ])?;
-    let plain = format!("{registry}/plain/bb:v1");
-    oci_layout::push_with_skopeo(&layout, "v1", &plain)?;
+            ("data/big.bin".into(), util::noise(1, 16 << 20)),
+        ])?
+        .build()?;
     Ok(Images {
-        _work: work,
-        converted,
-        plain,
-        built,
+        converted: image.convert("pull/bb:v1", &[])?.reference,
+        plain: image.push("plain/bb:v1")?,
+        built: image.built,
+        fx,
     })
 }
 
-/// A registry behind the recording proxy with the test images, a beam-snapshotter started
-/// with `daemon_args`, and a containerd using it. Dropped in reverse order: containerd first.
-fn start(daemon_args: &[&str]) -> Result<(Registry, Proxy, Images, BeamDaemon, Containerd)> {
+/// The test images, a beam-snapshotter started with `daemon_args`, and a containerd using
+/// it. Dropped in reverse order: containerd first.
+fn start(daemon_args: &[&str]) -> Result<(Images, BeamDaemon, Containerd)> {
     util::require_root()?;
-    let reg = Registry::start()?;
-    let proxy = Proxy::start(&reg.addr())?;
-    let images = build_images(&proxy.addr())?;
+    let images = build_images()?;
     let d = BeamDaemon::start(daemon_args)?;
     let c = Containerd::start_with(ContainerdOptions {
         extra_config: d.containerd_config(),
         ..Default::default()
     })?;
-    Ok((reg, proxy, images, d, c))
+    Ok((images, d, c))
 }
 
 /// Remove `images` and wait until containerd's GC removed every snapshot.
@@ -122,7 +92,8 @@ fn remove_images(c: &Containerd, images: &[&str]) -> Result<()> {
 #[test]
 fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
     // No registry settings: the daemon learns plain HTTP from `beam pull --plain-http`.
-    let (_reg, proxy, images, d, c) = start(&["--no-background-fetch"])?;
+    let (images, d, c) = start(&["--no-background-fetch"])?;
+    let proxy = images.fx.proxy();
 
     // The Beam blobs of the image, from `beam inspect`: per layer an index and a chunks blob.
     let inspect = beam::ok(&["inspect", "--plain-http", &images.converted])?;
@@ -229,7 +200,8 @@ fn beam_pull_then_ctr_run_fetches_only_what_is_read() -> Result<()> {
 
 #[test]
 fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
-    let (_reg, proxy, images, d, c) = start(&["--no-background-fetch"])?;
+    let (images, d, c) = start(&["--no-background-fetch"])?;
+    let proxy = images.fx.proxy();
     proxy.clear();
     let r = beam_pull(&c, &images.plain)?;
     ensure!(
@@ -266,7 +238,7 @@ fn beam_pull_of_an_unconverted_image_downloads_and_runs() -> Result<()> {
 /// `beam pull` says per layer why and what to change; `beam doctor` fails with the same fix.
 #[test]
 fn beam_pull_names_the_cause_and_fix_of_a_fallback() -> Result<()> {
-    let (_reg, _proxy, images, d, c) = start(&["--no-background-fetch", "--ignore-pull-settings"])?;
+    let (images, d, c) = start(&["--no-background-fetch", "--ignore-pull-settings"])?;
     let out = beam::pull(&c, &images.converted, false)?;
     ensure!(out.status.success(), "beam pull failed: {out:?}");
     let text = format!(

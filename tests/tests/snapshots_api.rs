@@ -58,6 +58,8 @@ use beam_tests::BeamDaemon;
 use containerd_snapshots::api::snapshots::v1 as pb;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::{Code, Status};
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -156,32 +158,19 @@ struct Mounted {
 impl Mounted {
     fn unmount(mut self) -> Result<()> {
         self.active = false;
-        umount(&self.target)
+        util::umount(&self.target)
     }
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
         if self.active {
-            if let Err(e) = umount(&self.target) {
+            if let Err(e) = util::umount(&self.target) {
                 eprintln!("cleanup: {e:#}");
-                let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+                let _ = util::umount_detach(&self.target);
             }
         }
     }
-}
-
-fn umount(target: &Path) -> Result<()> {
-    let mut last = String::new();
-    for _ in 0..20 {
-        let out = Command::new("umount").arg(target).output()?;
-        if out.status.success() {
-            return Ok(());
-        }
-        last = String::from_utf8_lossy(&out.stderr).into_owned();
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("umount {}: {last}", target.display())
 }
 
 /// containerd's `mount.All` for what beam-snapshotter returns: one bind mount (`rbind`, with
@@ -1060,7 +1049,7 @@ async fn view_is_read_only() -> Result<()> {
         let written = fs::write(&testfile, b"testcontent");
         mounted.unmount()?;
         match written {
-            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+            Err(e) if e.raw_os_error() == Some(Errno::EROFS as i32) => {}
             Err(e) => bail!("write to {} failed with {e}, not EROFS", testfile.display()),
             Ok(()) => bail!(
                 "write to {} should fail (EROFS) but did not",
@@ -1213,8 +1202,8 @@ async fn close_twice() -> Result<()> {
     let kept = c.stat("kept").await?;
     drop(c);
     // Close, twice.
-    util::signal(daemon.pid(), libc::SIGTERM);
-    util::signal(daemon.pid(), libc::SIGTERM);
+    util::signal(daemon.pid(), Signal::SIGTERM);
+    util::signal(daemon.pid(), Signal::SIGTERM);
     let mut status = None;
     util::wait_for(
         || {
@@ -1241,7 +1230,7 @@ async fn close_twice() -> Result<()> {
         "kept changed across the restart"
     );
     c.prepare("after", "kept", opt()).await?;
-    util::signal(daemon.pid(), libc::SIGTERM);
+    util::signal(daemon.pid(), Signal::SIGTERM);
     let exited = util::wait_for(
         || matches!(daemon.try_wait(), Ok(Some(s)) if s.success()),
         Duration::from_secs(10),

@@ -2,9 +2,8 @@
 //! snapshots API semantics through `ctr snapshots`, and containers run on Beam snapshots.
 
 use anyhow::{ensure, Context, Result};
-use beam_tests::oci_layout;
 use beam_tests::util::{self, ChildGuard};
-use beam_tests::{Compression, Containerd, ContainerdOptions, LayerSpec, Registry};
+use beam_tests::{Containerd, ContainerdOptions, Fixture};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -168,14 +167,12 @@ fn snapshots_api_semantics_through_containerd() -> Result<()> {
 #[test]
 fn unconverted_image_runs_on_beam_snapshots() -> Result<()> {
     util::require_root()?;
-    let work = tempfile::tempdir()?;
-    let tar = work.path().join("busybox.tar");
-    util::run_fixture("make-busybox-layer.sh", &[&tar])?;
-    let layout = work.path().join("layout");
-    oci_layout::build(&layout, "v1", &[LayerSpec::new(&tar, Compression::Gzip)])?;
-    let reg = Registry::start()?;
-    let image = format!("{}/plain/busybox:v1", reg.addr());
-    oci_layout::push_with_skopeo(&layout, "v1", &image)?;
+    let fx = Fixture::with_registry()?;
+    let image = fx
+        .image("busybox")
+        .busybox()?
+        .build()?
+        .push("plain/busybox:v1")?;
 
     let d = Daemon::start()?;
     let c = Containerd::start_with(ContainerdOptions {
@@ -231,7 +228,6 @@ mod remote {
     use super::*;
     use beam_tests::beam;
     use beam_tests::snapshots_client::SnapshotsClient;
-    use beam_tests::Proxy;
     use std::collections::HashMap;
 
     const TARGET: &str = "containerd.io/snapshot.ref";
@@ -274,41 +270,21 @@ mod remote {
         Ok(())
     }
 
-    fn umount(target: &Path) {
-        let _ = Command::new("umount").arg(target).status();
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn converted_layers_are_committed_lazily_and_survive_a_daemon_kill() -> Result<()> {
         util::require_root()?;
-        let work = tempfile::tempdir()?;
-        let _unmount_work = util::UnmountOnDrop(work.path().to_path_buf());
-        let bb = work.path().join("busybox.tar");
-        util::run_fixture("make-busybox-layer.sh", &[&bb])?;
-        let data = work.path().join("data.tar");
-        util::write_tar(&data, &[("data/sevens.bin".into(), vec![7u8; 3 << 20])])?;
-        let layout = work.path().join("layout");
-        let built = oci_layout::build_with_config(
-            &layout,
-            "v1",
-            &[
-                LayerSpec::new(&bb, Compression::Gzip),
-                LayerSpec::new(&data, Compression::Gzip),
-            ],
-            &Default::default(),
-        )?;
-        let reg = Registry::start()?;
-        let proxy = Proxy::start(&reg.addr())?;
-        let image = format!("{}/lazy/bb:v1", proxy.addr());
-        beam::ok(&[
-            "convert",
-            "--plain-http",
-            &format!("oci:{}:v1", layout.display()),
-            &image,
-        ])?;
+        let fx = Fixture::with_proxy()?;
+        let _unmount_work = util::UnmountOnDrop(fx.dir().to_path_buf());
+        let proxy = fx.proxy();
+        let bb = fx
+            .image("bb")
+            .busybox()?
+            .files(&[("data/sevens.bin".into(), vec![7u8; 3 << 20])])?
+            .build()?;
+        let built = &bb.built;
+        let image = bb.convert("lazy/bb:v1", &[])?.reference;
         // An unconverted image for the fallback.
-        let plain = format!("{}/plain/bb:v1", proxy.addr());
-        oci_layout::push_with_skopeo(&layout, "v1", &plain)?;
+        let plain = bb.push("plain/bb:v1")?;
 
         let dir = util::short_tempdir()?;
         let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
@@ -360,14 +336,14 @@ mod remote {
             .prepare("ctr-1", "layer-1", HashMap::new())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let rootfs = work.path().join("rootfs");
+        let rootfs = fx.path("rootfs");
         mount_overlay(&mounts, &rootfs)?;
         let read = std::fs::read(rootfs.join("data/sevens.bin"));
         let ran = Command::new("chroot")
             .arg(&rootfs)
             .args(["/bin/sh", "-c", "echo lazy"])
             .output();
-        umount(&rootfs);
+        let _ = util::umount(&rootfs);
         ensure!(
             read? == vec![7u8; 3 << 20],
             "wrong content through the lazy layer"
@@ -446,7 +422,7 @@ mod remote {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         mount_overlay(&mounts, &rootfs)?;
         let read = std::fs::read(rootfs.join("data/sevens.bin"));
-        umount(&rootfs);
+        let _ = util::umount(&rootfs);
         ensure!(
             read? == vec![7u8; 3 << 20],
             "wrong content after the restart"
@@ -622,7 +598,6 @@ mod storm {
 
 mod footprint {
     use super::*;
-    use beam_tests::beam;
     use beam_tests::snapshots_client::SnapshotsClient;
     use std::collections::HashMap;
 
@@ -631,29 +606,15 @@ mod footprint {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_rss_with_twenty_lazy_layers() -> Result<()> {
         util::require_root()?;
-        let work = tempfile::tempdir()?;
-        let mut specs = Vec::new();
+        let fx = Fixture::with_registry()?;
+        let mut twenty = fx.image("twenty");
         for i in 0..20 {
-            let tar = work.path().join(format!("l{i}.tar"));
-            util::write_tar(
-                &tar,
-                &[(
-                    format!("f{i}.txt"),
-                    format!("layer {i}\n").repeat(1000).into_bytes(),
-                )],
-            )?;
-            specs.push(LayerSpec::new(&tar, Compression::Gzip));
+            let text = format!("layer {i}\n").repeat(1000).into_bytes();
+            twenty = twenty.files(&[(format!("f{i}.txt"), text)])?;
         }
-        let layout = work.path().join("layout");
-        let built = oci_layout::build_with_config(&layout, "v1", &specs, &Default::default())?;
-        let reg = Registry::start()?;
-        let image = format!("{}/twenty:v1", reg.addr());
-        beam::ok(&[
-            "convert",
-            "--plain-http",
-            &format!("oci:{}:v1", layout.display()),
-            &image,
-        ])?;
+        let twenty = twenty.build()?;
+        let built = &twenty.built;
+        let image = twenty.convert("twenty:v1", &[])?.reference;
         let dir = util::short_tempdir()?;
         let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");

@@ -22,7 +22,7 @@ use beam_tests::snapshots_client::SnapshotsClient;
 use beam_tests::takeover::{self, ReaderStats, RestartableDaemon};
 use beam_tests::util::{self, ChildGuard};
 use beam_tests::{beam, oci_layout};
-use beam_tests::{Compression, Containerd, ContainerdOptions, Fault, LayerSpec, Proxy, Registry};
+use beam_tests::{Containerd, ContainerdOptions, Fault, Fixture, Proxy};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -42,41 +42,29 @@ struct Image {
     built: oci_layout::BuiltImage,
     /// The Beam chunk blob of the data layer (the cold file's chunks).
     data_chunks: String,
-    proxy: Proxy,
-    _reg: Registry,
-    _work: tempfile::TempDir,
+    fx: Fixture,
+}
+
+impl Image {
+    fn proxy(&self) -> &Proxy {
+        self.fx.proxy()
+    }
 }
 
 fn image() -> Result<Image> {
-    let work = tempfile::tempdir()?;
-    let bb = work.path().join("busybox.tar");
-    util::run_fixture("make-busybox-layer.sh", &[&bb])?;
-    let data = work.path().join("data.tar");
+    let fx = Fixture::with_proxy()?;
+    let data = fx.path("data.tar");
     takeover::write_data_layer(&data)?;
-    let reader = work.path().join("reader.tar");
+    let reader = fx.path("reader.tar");
     takeover::write_reader_layer(&reader)?;
-    let layout = work.path().join("layout");
-    let built = oci_layout::build_with_config(
-        &layout,
-        "v1",
-        &[
-            LayerSpec::new(&bb, Compression::Gzip),
-            LayerSpec::new(&data, Compression::Gzip),
-            LayerSpec::new(&reader, Compression::Gzip),
-        ],
-        &Default::default(),
-    )?;
-    let reg = Registry::start()?;
-    let proxy = Proxy::start(&reg.addr())?;
-    let reference = format!("{}/takeover/reader:v1", proxy.addr());
-    beam::ok(&[
-        "convert",
-        "--plain-http",
-        "--chunk-size",
-        "65536",
-        &format!("oci:{}:v1", layout.display()),
-        &reference,
-    ])?;
+    let image = fx
+        .image("reader")
+        .busybox()?
+        .tars(&[data, reader])
+        .build()?;
+    let reference = image
+        .convert("takeover/reader:v1", &["--chunk-size", "65536"])?
+        .reference;
     let inspect = beam::ok(&["inspect", "--plain-http", &reference])?;
     let chunks: Vec<String> = inspect
         .lines()
@@ -86,11 +74,9 @@ fn image() -> Result<Image> {
     ensure!(chunks.len() == 3, "beam inspect: {inspect}");
     Ok(Image {
         reference,
-        built,
+        built: image.built,
         data_chunks: chunks[1].clone(),
-        proxy,
-        _reg: reg,
-        _work: work,
+        fx,
     })
 }
 
@@ -216,7 +202,7 @@ impl Setup {
                 self.daemon.start()?;
             }
             Way::RegistryDown => {
-                self.image.proxy.set_down(true);
+                self.image.proxy().set_down(true);
                 self.daemon.kill();
                 let started = self.daemon.start();
                 let progressed = started.is_ok()
@@ -226,7 +212,7 @@ impl Setup {
                         20,
                         Duration::from_secs(30),
                     );
-                self.image.proxy.set_down(false);
+                self.image.proxy().set_down(false);
                 started?;
                 ensure!(
                     progressed,
@@ -246,14 +232,14 @@ impl Setup {
             Way::SlowRegistry => {
                 let blob = self.image.data_chunks.clone();
                 self.image
-                    .proxy
+                    .proxy()
                     .set_fault_for(Some(blob.clone()), Fault::Stall(Duration::from_secs(1)));
-                let asked_before = self.image.proxy.blob_requests_for(&blob).len();
+                let asked_before = self.image.proxy().blob_requests_for(&blob).len();
                 std::fs::write(self.out.join("cold"), cycle.to_string())?;
                 let in_flight = util::wait_for(
                     || {
                         self.image
-                            .proxy
+                            .proxy()
                             .records()
                             .iter()
                             .any(|r| r.status == 0 && r.digest() == Some(blob.as_str()))
@@ -270,7 +256,7 @@ impl Setup {
                     },
                     Duration::from_secs(30),
                 );
-                self.image.proxy.clear_fault();
+                self.image.proxy().clear_fault();
                 ensure!(
                     done,
                     "cycle {cycle}: the cold read never completed: {:?}\n{}",
@@ -279,7 +265,7 @@ impl Setup {
                 );
                 // The old daemon's request was cut off; the new daemon asked again and got it:
                 // the read was delivered to it again (FUSE_NOTIFY_RESEND), not answered early.
-                let asked: Vec<u16> = self.image.proxy.blob_requests_for(&blob)[asked_before..]
+                let asked: Vec<u16> = self.image.proxy().blob_requests_for(&blob)[asked_before..]
                     .iter()
                     .map(|r| r.status)
                     .collect();

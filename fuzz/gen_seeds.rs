@@ -37,42 +37,6 @@ fn root_only() -> IndexBuilder {
     builder(4096, vec![Node::new(InodeKind::Dir, 0o755)], Vec::new())
 }
 
-/// The tree of the reader's own unit test: root/{a (file, 2 chunks, xattr), d (opaque)/{b
-/// (hard link of a), l -> ../a, w (whiteout)}, dev (char 1/3)}, with a prefetch list.
-fn sample() -> IndexBuilder {
-    let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
-    let mut file = Node::new(InodeKind::File, 0o4755);
-    file.size = 4096 + 10;
-    file.chunks = vec![0, 1];
-    file.uid = 1000;
-    file.xattrs
-        .insert(b"security.capability".to_vec(), vec![1, 2, 3]);
-    nodes.push(file); // 1
-    let mut d = Node::new(InodeKind::Dir, 0o1777);
-    d.opaque = true;
-    nodes.push(d); // 2
-    let mut l = Node::new(InodeKind::Symlink, 0o777);
-    l.target = b"../a".to_vec();
-    nodes.push(l); // 3
-    nodes.push(Node::new(InodeKind::Whiteout, 0)); // 4
-    let mut dev = Node::new(InodeKind::CharDev, 0o666);
-    dev.rdev = (1, 3);
-    nodes.push(dev); // 5
-    nodes[0].children.insert(b"a".to_vec(), 1);
-    nodes[0].children.insert(b"d".to_vec(), 2);
-    nodes[0].children.insert(b"dev".to_vec(), 5);
-    nodes[2].children.insert(b"b".to_vec(), 1);
-    nodes[2].children.insert(b"l".to_vec(), 3);
-    nodes[2].children.insert(b"w".to_vec(), 4);
-    let mut b = builder(
-        4096,
-        nodes,
-        vec![chunk(1, 0, 50, 4096), chunk(2, 50, 10, 10)],
-    );
-    b.prefetch = vec![3, 1];
-    b
-}
-
 /// Every inode kind, several xattrs, a deep directory chain, shared chunks.
 fn every_kind() -> IndexBuilder {
     let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
@@ -157,7 +121,7 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("create seed directory");
     let seeds: BTreeMap<&str, IndexBuilder> = [
         ("root-only", root_only()),
-        ("sample", sample()),
+        ("sample", beam_format::index::sample()),
         ("every-kind", every_kind()),
         ("wide", wide()),
     ]

@@ -35,14 +35,10 @@ use tokio::sync::{oneshot, Semaphore};
 /// Why a range or chunk could not be had.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
-    #[error("registry request failed: {0}")]
-    Remote(String),
-    /// The registry refused in a way another try cannot change (404, 401, 403): given up at
-    /// once instead of at the deadline.
-    #[error("registry refused the request: {0}")]
-    Refused(String),
-    #[error("registry sent {got} bytes for a {want}-byte range")]
-    Truncated { got: u64, want: u64 },
+    /// Reading the range failed (see [`BlobError`]: a refusal is given up at once, the rest
+    /// is retried until the deadline).
+    #[error(transparent)]
+    Blob(#[from] BlobError),
     #[error("chunk {0} failed verification")]
     Corrupt(String),
     #[error("gave up on chunk {chunk} after {secs:.1}s: {last}")]
@@ -53,16 +49,6 @@ pub enum FetchError {
     },
     #[error("local cache: {0}")]
     Cache(String),
-}
-
-impl From<BlobError> for FetchError {
-    fn from(e: BlobError) -> Self {
-        match e {
-            BlobError::Remote(m) => FetchError::Remote(m),
-            BlobError::Refused(m) => FetchError::Refused(m),
-            BlobError::Truncated { got, want } => FetchError::Truncated { got, want },
-        }
-    }
 }
 
 /// Who a fetch is for, most urgent first.
@@ -413,7 +399,7 @@ impl Fetcher {
             match w.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(e),
-                Err(_) => result = Err(FetchError::Remote("fetch abandoned".into())),
+                Err(_) => result = Err(BlobError::Remote("fetch abandoned".into()).into()),
             }
         }
         result
@@ -515,9 +501,10 @@ impl Fetcher {
                         Ok(b)
                     }
                     Ok(Err(e)) => Err(FetchError::from(e)),
-                    Err(_) => Err(FetchError::Remote(format!(
+                    Err(_) => Err(BlobError::Remote(format!(
                         "no answer within {attempt_timeout:?}"
-                    ))),
+                    ))
+                    .into()),
                 }
             };
             let err = match outcome {
@@ -541,8 +528,11 @@ impl Fetcher {
                 }
                 Err(e) => e,
             };
-            if matches!(err, FetchError::Cache(_) | FetchError::Refused(_)) {
-                if let FetchError::Refused(_) = &err {
+            if matches!(
+                err,
+                FetchError::Cache(_) | FetchError::Blob(BlobError::Refused(_))
+            ) {
+                if let FetchError::Blob(BlobError::Refused(_)) = &err {
                     tracing::warn!(source = %source.describe(), offset = start, len, "{err}");
                 }
                 return Err(err);
@@ -584,10 +574,10 @@ impl Fetcher {
             let from = (c.rec.offset - start) as usize;
             let to = from + c.rec.stored_len as usize;
             let Some(stored) = bytes.get(from..to) else {
-                return Err(FetchError::Truncated {
+                return Err(FetchError::Blob(BlobError::Truncated {
                     got: bytes.len() as u64,
                     want: to as u64,
-                });
+                }));
             };
             let data = chunk::decode(stored, c.rec.uncompressed_len as usize, &c.rec.digest)
                 .map_err(|e| {
@@ -919,7 +909,7 @@ mod tests {
         let f = fetcher(dir.path(), Duration::from_secs(60));
         let t = Instant::now();
         let e = f.ensure(&refs, Priority::Demand).await.unwrap_err();
-        assert!(matches!(e, FetchError::Refused(_)), "{e}");
+        assert!(matches!(e, FetchError::Blob(BlobError::Refused(_))), "{e}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         assert_eq!(blob.requests.lock().unwrap().len(), 1);
     }

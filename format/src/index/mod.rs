@@ -87,10 +87,11 @@ pub enum IndexError {
     },
 }
 
-/// The tree the encoder and reader tests share (`fuzz/gen_seeds.rs` builds the same one):
-/// root/{a (file, 2 chunks), d/{b (hardlink of a), l -> a, w (whiteout)}, dev}
-#[cfg(test)]
-fn sample() -> IndexBuilder {
+/// The tree the encoder and reader tests share, and one of the fuzzers' seeds
+/// (`fuzz/gen_seeds.rs`): root/{a (file, 2 chunks, xattr), d (opaque)/{b (hard link of a),
+/// l -> ../a, w (whiteout)}, dev (char 1/3)}, with a prefetch list.
+#[doc(hidden)]
+pub fn sample() -> IndexBuilder {
     use crate::ChunkDigest;
     let digest = |n: u8| ChunkDigest([n; 32]);
     let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];

@@ -179,21 +179,7 @@ impl Default for Config {
 }
 
 /// Why a configuration file could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
-}
+pub type ConfigError = crate::hosts::TomlFileError;
 
 impl Config {
     /// Read `path`; keys it leaves out keep their defaults.

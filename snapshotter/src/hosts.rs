@@ -59,8 +59,11 @@ struct HostEntry {
 }
 
 /// Why a hosts directory could not be read.
+pub type HostsError = TomlFileError;
+
+/// Why a TOML file (a `hosts.toml`, beam-snapshotter's configuration) could not be used.
 #[derive(Debug, thiserror::Error)]
-pub enum HostsError {
+pub enum TomlFileError {
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,

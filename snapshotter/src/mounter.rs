@@ -31,7 +31,9 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
         fs: LayerFs,
         mountpoint: &Path,
         config: &fuser::Config,
-    ) -> Result<Box<dyn FuseSession>>;
+    ) -> Result<Box<dyn FuseSession>> {
+        self.mount_fuse_parked(fs, mountpoint, config, &mut |_| {})
+    }
 
     /// Like [`Mounter::mount_fuse`], but `park` sees the connection's `/dev/fuse` fd after the
     /// mount and before serving starts (to hand a copy to the fd holder).
@@ -79,15 +81,6 @@ impl FuseSession for fuser::BackgroundSession {
 }
 
 impl Mounter for SystemMounter {
-    fn mount_fuse(
-        &self,
-        fs: LayerFs,
-        mountpoint: &Path,
-        config: &fuser::Config,
-    ) -> Result<Box<dyn FuseSession>> {
-        Ok(Box::new(fuser::spawn_mount(fs, mountpoint, config)?))
-    }
-
     fn mount_fuse_parked(
         &self,
         fs: LayerFs,
@@ -151,7 +144,6 @@ mod recording {
     pub enum Call {
         MountFuse {
             mountpoint: PathBuf,
-            parked: bool,
         },
         TakeOver,
         MountOverlay {
@@ -227,21 +219,6 @@ mod recording {
     }
 
     impl Mounter for RecordingMounter {
-        fn mount_fuse(
-            &self,
-            fs: LayerFs,
-            mountpoint: &Path,
-            _config: &fuser::Config,
-        ) -> Result<Box<dyn FuseSession>> {
-            let label = mountpoint.display().to_string();
-            self.calls.lock().unwrap().push(Call::MountFuse {
-                mountpoint: mountpoint.into(),
-                parked: false,
-            });
-            self.filesystems.lock().unwrap().push((label.clone(), fs));
-            Ok(self.session(label))
-        }
-
         fn mount_fuse_parked(
             &self,
             fs: LayerFs,
@@ -252,7 +229,6 @@ mod recording {
             let label = mountpoint.display().to_string();
             self.calls.lock().unwrap().push(Call::MountFuse {
                 mountpoint: mountpoint.into(),
-                parked: true,
             });
             // Any fd stands in for the connection.
             let stand_in = std::fs::File::open("/dev/null")?;

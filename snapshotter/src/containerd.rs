@@ -205,21 +205,16 @@ impl Containerd {
     /// Labels of a blob in the content store, or None if it is not there.
     pub async fn content_labels(&self, digest: &str) -> Result<Option<BTreeMap<String, String>>> {
         let mut c = api::content_client::ContentClient::new(self.channel.clone());
-        match c
+        let r = c
             .info(self.request(api::InfoRequest {
                 digest: digest.to_string(),
             }))
-            .await
-        {
-            Ok(r) => Ok(Some(
-                r.into_inner()
-                    .info
-                    .map(|i| i.labels.into_iter().collect())
-                    .unwrap_or_default(),
-            )),
-            Err(s) if s.code() == Code::NotFound => Ok(None),
-            Err(s) => Err(ApiError::new(format!("content info {digest}"), s).into()),
-        }
+            .await;
+        labels_if_found(
+            r,
+            |r| r.info.map(|i| i.labels),
+            || format!("content info {digest}"),
+        )
     }
 
     /// Set `labels` on a blob of the content store, keeping its other labels.
@@ -437,22 +432,17 @@ impl Containerd {
         key: &str,
     ) -> Result<Option<BTreeMap<String, String>>> {
         let mut c = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
-        match c
+        let r = c
             .stat(self.request(snap::StatSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
                 key: key.to_string(),
             }))
-            .await
-        {
-            Ok(r) => Ok(Some(
-                r.into_inner()
-                    .info
-                    .map(|i| i.labels.into_iter().collect())
-                    .unwrap_or_default(),
-            )),
-            Err(s) if s.code() == Code::NotFound => Ok(None),
-            Err(s) => Err(ApiError::new(format!("stat of snapshot {key}"), s).into()),
-        }
+            .await;
+        labels_if_found(
+            r,
+            |r| r.info.map(|i| i.labels),
+            || format!("stat of snapshot {key}"),
+        )
     }
 
     /// Names of every snapshot of `snapshotter` in this namespace.
@@ -655,6 +645,23 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// The labels an Info-like answer carries; `None` when containerd says NotFound.
+fn labels_if_found<T>(
+    answer: Result<tonic::Response<T>, tonic::Status>,
+    labels: impl FnOnce(T) -> Option<HashMap<String, String>>,
+    what: impl FnOnce() -> String,
+) -> Result<Option<BTreeMap<String, String>>> {
+    match answer {
+        Ok(r) => Ok(Some(
+            labels(r.into_inner())
+                .map(|l| l.into_iter().collect())
+                .unwrap_or_default(),
+        )),
+        Err(s) if s.code() == Code::NotFound => Ok(None),
+        Err(s) => Err(ApiError::new(what(), s).into()),
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub const ANNOTATION_PREFETCH: &str = "dev.beam.prefetch";
 #[derive(Debug)]
 pub struct Recorded {
     pub artifact: Descriptor,
+    /// The bound manifest naming the recorded artifact, when the image was a bound one.
+    pub bound: Option<Descriptor>,
     /// Files recorded per layer, bottom first.
     pub files_per_layer: Vec<usize>,
     pub exit_code: Option<i32>,
@@ -126,9 +128,59 @@ pub async fn record(
         .annotations
         .insert(ANNOTATION_PREFETCH.into(), "recorded".into());
     store.add_referrer(&subject.digest, &referrer).await?;
+    let bound = bind_recorded(store, &m, &desc.digest).await?;
     Ok(Recorded {
         artifact: desc,
+        bound,
         files_per_layer,
         exit_code,
     })
+}
+
+/// When the recorded image is a bound one (what `beam convert` makes), bind the recorded
+/// artifact the same way: the manifest with its `dev.beam.artifact` pointing at the new
+/// artifact takes the tag (and an index naming it gets the new entry), so that nodes, which
+/// use the artifact the pulled manifest binds, get the recorded prefetch lists.
+async fn bind_recorded(
+    store: &Store,
+    m: &crate::store::ResolvedManifest,
+    artifact: &str,
+) -> Result<Option<Descriptor>> {
+    if oci::bound_artifact(&m.manifest).is_none() {
+        return Ok(None);
+    }
+    let bytes = oci::bind_manifest(&m.bytes, artifact)?;
+    let (top, top_bytes) = store.resolve_top().await?;
+    let tag = store.tag();
+    if top.digest == m.desc.digest {
+        let d = store
+            .put_manifest(bytes, &m.desc.media_type, tag.as_deref(), None)
+            .await?;
+        return Ok(Some(d));
+    }
+    let d = store
+        .put_manifest(bytes, &m.desc.media_type, None, None)
+        .await?;
+    let mut index: serde_json::Value = serde_json::from_slice(&top_bytes)
+        .with_context(|| format!("parsing image index {}", top.digest))?;
+    for e in index
+        .get_mut("manifests")
+        .and_then(|m| m.as_array_mut())
+        .into_iter()
+        .flatten()
+    {
+        if e.get("digest").and_then(|d| d.as_str()) == Some(m.desc.digest.as_str()) {
+            e["digest"] = d.digest.clone().into();
+            e["size"] = d.size.into();
+        }
+    }
+    store
+        .put_manifest(
+            serde_json::to_vec(&index)?,
+            &top.media_type,
+            tag.as_deref(),
+            None,
+        )
+        .await?;
+    Ok(Some(d))
 }

@@ -185,6 +185,23 @@ pub struct Converted {
 }
 
 impl Converted {
+    /// The manifest the tag names after the conversion: the bound manifest `beam convert`
+    /// printed (what containerd resolves the tag to, and so what CRI passes as
+    /// `cri.manifest-digest`).
+    pub fn manifest_digest(&self) -> Result<String> {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&self.stdout) {
+            if let Some(b) = v[0]["bound"].as_str() {
+                return Ok(b.to_string());
+            }
+        }
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("bound image "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(String::from)
+            .with_context(|| format!("beam convert printed no bound image: {}", self.stdout))
+    }
+
     /// The chunk blob and index blob digests of layer `layer` (needs `--json`).
     pub fn layer_blobs(&self, layer: usize) -> Result<(String, String)> {
         let v: serde_json::Value = serde_json::from_str(&self.stdout)

@@ -282,7 +282,8 @@ mod remote {
             .files(&[("data/sevens.bin".into(), vec![7u8; 3 << 20])])?
             .build()?;
         let built = &bb.built;
-        let image = bb.convert("lazy/bb:v1", &[])?.reference;
+        let converted = bb.convert("lazy/bb:v1", &[])?;
+        let (image, manifest) = (converted.reference.clone(), converted.manifest_digest()?);
         // An unconverted image for the fallback.
         let plain = bb.push("plain/bb:v1")?;
 
@@ -299,7 +300,7 @@ mod remote {
             [
                 (TARGET, format!("layer-{i}")),
                 (IMAGE, img.to_string()),
-                (MANIFEST, built.manifest_digest.clone()),
+                (MANIFEST, manifest.clone()),
                 (LAYER, built.layers[i].0.clone()),
             ]
             .into_iter()
@@ -614,7 +615,8 @@ mod footprint {
         }
         let twenty = twenty.build()?;
         let built = &twenty.built;
-        let image = twenty.convert("twenty:v1", &[])?.reference;
+        let converted = twenty.convert("twenty:v1", &[])?;
+        let (image, manifest) = (converted.reference.clone(), converted.manifest_digest()?);
         let dir = util::short_tempdir()?;
         let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
         let root = dir.path().join("root");
@@ -651,7 +653,7 @@ mod footprint {
                 ("containerd.io/snapshot/cri.image-ref", image.clone()),
                 (
                     "containerd.io/snapshot/cri.manifest-digest",
-                    built.manifest_digest.clone(),
+                    manifest.clone(),
                 ),
                 (
                     "containerd.io/snapshot/cri.layer-digest",

@@ -39,6 +39,8 @@ fn restarts() -> usize {
 /// The converted three-layer image (busybox, data, reader) in a registry behind a proxy.
 struct Image {
     reference: String,
+    /// The bound manifest the tag names (what CRI passes as `cri.manifest-digest`).
+    manifest: String,
     built: oci_layout::BuiltImage,
     /// The Beam chunk blob of the data layer (the cold file's chunks).
     data_chunks: String,
@@ -62,9 +64,8 @@ fn image() -> Result<Image> {
         .busybox()?
         .tars(&[data, reader])
         .build()?;
-    let reference = image
-        .convert("takeover/reader:v1", &["--chunk-size", "65536"])?
-        .reference;
+    let converted = image.convert("takeover/reader:v1", &["--chunk-size", "65536"])?;
+    let (reference, manifest) = (converted.reference.clone(), converted.manifest_digest()?);
     let inspect = beam::ok(&["inspect", "--plain-http", &reference])?;
     let chunks: Vec<String> = inspect
         .lines()
@@ -74,6 +75,7 @@ fn image() -> Result<Image> {
     ensure!(chunks.len() == 3, "beam inspect: {inspect}");
     Ok(Image {
         reference,
+        manifest,
         built: image.built,
         data_chunks: chunks[1].clone(),
         fx,
@@ -586,7 +588,7 @@ async fn lazy_rootfs(d: &RestartableDaemon, img: &Image) -> Result<PathBuf> {
         let labels: HashMap<String, String> = [
             (TARGET, format!("layer-{i}")),
             (IMAGE, img.reference.clone()),
-            (MANIFEST, img.built.manifest_digest.clone()),
+            (MANIFEST, img.manifest.clone()),
             (LAYER, layer.clone()),
         ]
         .into_iter()

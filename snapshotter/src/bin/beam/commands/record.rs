@@ -66,5 +66,8 @@ pub async fn run(args: Args) -> Result<()> {
             None => " (workload stopped at the timeout)".into(),
         }
     );
+    if let Some(b) = &r.bound {
+        println!("bound image {} (the tag names it now)", b.digest);
+    }
     Ok(())
 }

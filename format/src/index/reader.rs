@@ -181,6 +181,9 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
         // (as the encoder writes them): ranges can then neither overlap nor be shared, and
         // validation stays linear in the index size whatever the input.
         let (mut next_dirent, mut next_ref, mut next_xattr) = (0u64, 0u64, 0u64);
+        // Directories already named by an entry: a directory has exactly one name (two would
+        // make the tree a graph, and walks and `..` ambiguous).
+        let mut named_dirs = vec![false; inodes as usize + 1];
         for ino in 1..=inodes {
             let r = self.inode(ino)?;
             let bad = |reason: String| IndexError::BadInode { ino, reason };
@@ -268,6 +271,16 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
                                 "directory {} is not a child of {ino}",
                                 de.ino
                             )));
+                        }
+                        if child.kind == InodeKind::Dir {
+                            let seen = &mut named_dirs[de.ino as usize];
+                            if *seen {
+                                return Err(bad_d(format!(
+                                    "directory {} has a second name",
+                                    de.ino
+                                )));
+                            }
+                            *seen = true;
                         }
                     }
                 }
@@ -655,5 +668,22 @@ mod tests {
         b.nodes[3].mtime = i64::MAX;
         b.nodes[3].mtime_nsec = 999_999_999;
         IndexReader::new(b.encode().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn one_directory_under_two_names_is_refused() {
+        // The root's entries are `a`, `d` (a directory), `dev`: make `dev` name `d`'s inode.
+        let good = sample().encode().unwrap();
+        let r = IndexReader::new(&good).unwrap();
+        let ino_at = |i: usize| r.sections[SEC_DIRENTS].offset + i * DIRENT_LEN + 8;
+        let d = u64::from_le_bytes(good[ino_at(1)..ino_at(1) + 8].try_into().unwrap());
+        assert_eq!(r.inode(d).unwrap().kind, InodeKind::Dir);
+        let mut b = good.clone();
+        b[ino_at(2)..ino_at(2) + 8].copy_from_slice(&d.to_le_bytes());
+        reseal(&mut b);
+        let Err(e) = IndexReader::new(&b) else {
+            panic!("a directory with two names was accepted");
+        };
+        assert!(e.to_string().contains("second name"), "{e}");
     }
 }

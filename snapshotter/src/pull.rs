@@ -242,7 +242,11 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     // path.
     let converted = async {
         match store
-            .find_beam(&platform.desc.digest, &crate::store::Trust::any_referrer())
+            .find_beam_for(
+                &platform.desc.digest,
+                &platform.manifest,
+                &crate::store::Trust::any_referrer(),
+            )
             .await
         {
             Ok(found) => found.is_some(),

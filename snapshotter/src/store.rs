@@ -386,7 +386,7 @@ impl Store {
     pub async fn beam_image(&self) -> Result<(ResolvedManifest, String, Vec<oci::BeamLayer>)> {
         let m = self.platform_manifest().await?;
         let Some(found) = self
-            .find_beam(&m.desc.digest, &Trust::any_referrer())
+            .find_beam_for(&m.desc.digest, &m.manifest, &Trust::any_referrer())
             .await?
         else {
             bail!(
@@ -398,34 +398,44 @@ impl Store {
         Ok((m, found.artifact, found.layers))
     }
 
-    /// The Beam artifact that may serve image manifest `subject` under `trust`:
-    /// - the artifact `subject` binds (its `dev.beam.artifact` annotation; the digest the user
-    ///   pulled covers it), always;
+    /// The Beam artifact that may serve image manifest `subject` under `trust` (the manifest
+    /// is fetched; see [`Store::find_beam_for`]).
+    pub async fn find_beam(&self, subject: &str, trust: &Trust) -> Result<Option<FoundBeam>> {
+        let bytes = self.manifest(subject).await?;
+        let manifest: ImageManifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing manifest {subject}"))?;
+        self.find_beam_for(subject, &manifest, trust).await
+    }
+
+    /// The Beam artifact that may serve image manifest `manifest` (digest `subject`) under
+    /// `trust`:
+    /// - the artifact the manifest binds (its `dev.beam.artifact` annotation; the digest the
+    ///   user pulled covers it), always; the referrers are then not asked at all;
     /// - else an artifact found by the referrers of `subject`, only in a repository `trust`
     ///   lists (anyone with push rights can attach one); one found elsewhere is an error that
     ///   says why it was refused and what to do;
     /// - else none (the image was not converted).
     ///
     /// The artifact's layers must match the manifest's one for one.
-    pub async fn find_beam(&self, subject: &str, trust: &Trust) -> Result<Option<FoundBeam>> {
-        // Both at once: the manifest (for a binding) and its referrers.
-        let (manifest, referrers) = tokio::join!(self.manifest(subject), self.referrers(subject));
-        let manifest: ImageManifest = serde_json::from_slice(&manifest?)
-            .with_context(|| format!("parsing manifest {subject}"))?;
-        if let Some(artifact) = oci::bound_artifact(&manifest) {
-            let layers = self
-                .beam_artifact(artifact, None)
+    pub async fn find_beam_for(
+        &self,
+        subject: &str,
+        manifest: &ImageManifest,
+        trust: &Trust,
+    ) -> Result<Option<FoundBeam>> {
+        if let Some(artifact) = oci::bound_artifact(manifest) {
+            let (layers, _) = self
+                .beam_artifact(artifact)
                 .await
-                .with_context(|| format!("Beam artifact {artifact} bound by {subject}"))?
-                .context("a bound artifact has no subject condition")?;
-            check_layers_match(artifact, &layers, &manifest, subject)?;
+                .with_context(|| format!("Beam artifact {artifact} bound by {subject}"))?;
+            check_layers_match(artifact, &layers, manifest, subject)?;
             return Ok(Some(FoundBeam {
                 artifact: artifact.to_string(),
                 layers,
                 admitted: Admission::Bound,
             }));
         }
-        let mut refs = referrers?;
+        let mut refs = self.referrers(subject).await?;
         // Newest first, and artifacts with a recorded prefetch list before those without.
         refs.reverse();
         refs.sort_by_key(|d| !d.annotations.contains_key("dev.beam.prefetch"));
@@ -434,9 +444,9 @@ impl Store {
             if d.artifact_type.as_deref() != Some(oci::ARTIFACT_TYPE) {
                 continue;
             }
-            let layers = match self.beam_artifact(&d.digest, Some(subject)).await {
-                Ok(Some(layers)) => layers,
-                Ok(None) => continue,
+            let layers = match self.beam_artifact(&d.digest).await {
+                Ok((layers, of)) if of.as_deref() == Some(subject) => layers,
+                Ok(_) => continue,
                 Err(e) => {
                     tracing::warn!(artifact = %d.digest, "skipping Beam artifact: {e:#}");
                     last_err = Some(e);
@@ -449,12 +459,12 @@ impl Store {
                      a trusted repository (a referrer can be pushed by anyone with push rights): \
                      convert with `beam convert` (which binds the artifact into the image) and \
                      pull the image it prints, or trust the repository on this node \
-                     ([trust] referrer_repositories, --trust-referrers)",
+                     ([remote] trust_referrers, --trust-referrers)",
                     d.digest,
                     self.repository()
                 );
             };
-            check_layers_match(&d.digest, &layers, &manifest, subject)?;
+            check_layers_match(&d.digest, &layers, manifest, subject)?;
             return Ok(Some(FoundBeam {
                 artifact: d.digest.clone(),
                 layers,
@@ -467,21 +477,12 @@ impl Store {
         Ok(None)
     }
 
-    /// The layers of Beam artifact `digest`; with `subject`, `None` unless its subject is that.
-    async fn beam_artifact(
-        &self,
-        digest: &str,
-        subject: Option<&str>,
-    ) -> Result<Option<Vec<oci::BeamLayer>>> {
+    /// The layers of Beam artifact `digest`, and the digest of its subject.
+    async fn beam_artifact(&self, digest: &str) -> Result<(Vec<oci::BeamLayer>, Option<String>)> {
         let bytes = self.manifest(digest).await?;
         let m: ImageManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("parsing Beam artifact {digest}"))?;
-        if let Some(s) = subject {
-            if m.subject.as_ref().map(|d| d.digest.as_str()) != Some(s) {
-                return Ok(None);
-            }
-        }
-        Ok(Some(oci::parse_artifact(&m)?))
+        Ok((oci::parse_artifact(&m)?, m.subject.map(|s| s.digest)))
     }
 
     /// `registry/repository` of a registry store; `oci:DIR` of a layout.

@@ -107,7 +107,7 @@ async fn already_bound(
     let mut out = Vec::new();
     for m in manifests {
         let found = src
-            .find_beam(&m.desc.digest, &crate::store::Trust::default())
+            .find_beam_for(&m.desc.digest, &m.manifest, &crate::store::Trust::default())
             .await?
             .with_context(|| format!("{} names no Beam artifact", m.desc.digest))?;
         let bytes = src.manifest(&found.artifact).await?;

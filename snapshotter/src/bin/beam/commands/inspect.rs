@@ -18,7 +18,11 @@ pub async fn run(args: Args) -> Result<()> {
     let store = Store::open(Location::parse(&image)?, &registry.options()?, false)?;
     let m = store.platform_manifest().await?;
     let Some(found) = store
-        .find_beam(&m.desc.digest, &beam::store::Trust::any_referrer())
+        .find_beam_for(
+            &m.desc.digest,
+            &m.manifest,
+            &beam::store::Trust::any_referrer(),
+        )
         .await?
     else {
         bail!("{image} ({}) has no Beam conversion", m.desc.digest);

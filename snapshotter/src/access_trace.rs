@@ -161,26 +161,11 @@ async fn bind_recorded(
     let d = store
         .put_manifest(bytes, &m.desc.media_type, None, None)
         .await?;
-    let mut index: serde_json::Value = serde_json::from_slice(&top_bytes)
+    let replaced = [(m.desc.digest.clone(), d.clone())].into_iter().collect();
+    let index = oci::repoint_index(&top_bytes, &replaced)
         .with_context(|| format!("parsing image index {}", top.digest))?;
-    for e in index
-        .get_mut("manifests")
-        .and_then(|m| m.as_array_mut())
-        .into_iter()
-        .flatten()
-    {
-        if e.get("digest").and_then(|d| d.as_str()) == Some(m.desc.digest.as_str()) {
-            e["digest"] = d.digest.clone().into();
-            e["size"] = d.size.into();
-        }
-    }
     store
-        .put_manifest(
-            serde_json::to_vec(&index)?,
-            &top.media_type,
-            tag.as_deref(),
-            None,
-        )
+        .put_manifest(index, &top.media_type, tag.as_deref(), None)
         .await?;
     Ok(Some(d))
 }

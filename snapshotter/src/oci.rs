@@ -71,6 +71,28 @@ pub fn bind_manifest(original: &[u8], artifact: &str) -> serde_json::Result<Vec<
     serde_json::to_vec(&v)
 }
 
+/// Image index `index` (its JSON bytes) with each entry whose digest is a key of `replaced`
+/// pointing at that descriptor's digest and size instead; every other field is kept.
+pub fn repoint_index(
+    index: &[u8],
+    replaced: &BTreeMap<String, Descriptor>,
+) -> serde_json::Result<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(index)?;
+    if let Some(entries) = v.get_mut("manifests").and_then(|m| m.as_array_mut()) {
+        for e in entries {
+            let new = e
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .and_then(|d| replaced.get(d));
+            if let Some(b) = new {
+                e["digest"] = b.digest.clone().into();
+                e["size"] = b.size.into();
+            }
+        }
+    }
+    serde_json::to_vec(&v)
+}
+
 /// Every manifest media type Beam asks a registry for.
 pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
     MEDIA_TYPE_OCI_MANIFEST,
@@ -408,5 +430,27 @@ mod tests {
         assert!(!is_sha256_digest("sha256:../x"));
         assert!(!is_sha256_digest(&d('A')));
         assert_eq!(referrers_tag(&d('a')), format!("sha256-{}", "a".repeat(64)));
+    }
+
+    #[test]
+    fn binding_adds_the_artifact_and_repointing_keeps_every_other_field() {
+        let m = br#"{"schemaVersion":2,"config":{"mediaType":"c","digest":"sha256:c","size":1},"layers":[],"x-other":7}"#;
+        let bound: serde_json::Value =
+            serde_json::from_slice(&bind_manifest(m, "sha256:a").unwrap()).unwrap();
+        assert_eq!(bound["annotations"][ANNOTATION_BOUND_ARTIFACT], "sha256:a");
+        assert_eq!(bound["x-other"], 7);
+        let index = br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:m","size":1,"platform":{"os":"linux"}},{"digest":"sha256:k","size":2}]}"#;
+        let replaced = [(
+            "sha256:m".to_string(),
+            Descriptor::new(MEDIA_TYPE_OCI_MANIFEST, "sha256:b".into(), 9),
+        )]
+        .into_iter()
+        .collect();
+        let v: serde_json::Value =
+            serde_json::from_slice(&repoint_index(index, &replaced).unwrap()).unwrap();
+        assert_eq!(v["manifests"][0]["digest"], "sha256:b");
+        assert_eq!(v["manifests"][0]["size"], 9);
+        assert_eq!(v["manifests"][0]["platform"]["os"], "linux");
+        assert_eq!(v["manifests"][1]["digest"], "sha256:k");
     }
 }

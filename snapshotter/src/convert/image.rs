@@ -160,23 +160,9 @@ async fn bind(
         return Ok(());
     }
     // An index: the same index with each converted entry pointing at its bound manifest.
-    let mut index: serde_json::Value = serde_json::from_slice(top_bytes)
+    let index = oci::repoint_index(top_bytes, &replaced)
         .with_context(|| format!("parsing image index {}", top.digest))?;
-    let entries = index
-        .get_mut("manifests")
-        .and_then(|m| m.as_array_mut())
-        .with_context(|| format!("image index {} has no manifests", top.digest))?;
-    for e in entries {
-        let Some(d) = e.get("digest").and_then(|d| d.as_str()) else {
-            continue;
-        };
-        if let Some(b) = replaced.get(d) {
-            e["digest"] = b.digest.clone().into();
-            e["size"] = b.size.into();
-        }
-    }
-    dst.put_manifest(serde_json::to_vec(&index)?, &top.media_type, tag, None)
-        .await?;
+    dst.put_manifest(index, &top.media_type, tag, None).await?;
     Ok(())
 }
 

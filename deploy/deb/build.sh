@@ -9,6 +9,8 @@
 # Contents:
 #   /usr/bin/beam, /usr/bin/beam-snapshotter     (debug info stripped, symbols kept)
 #   /lib/systemd/system/beam-snapshotter.service (deploy/systemd/)
+#   /lib/systemd/system/beam-autoconvert.service (deploy/systemd/; not enabled)
+#   /usr/share/doc/beam/examples/autoconvert.toml (deploy/autoconvert/)
 #   /usr/lib/tmpfiles.d/beam.conf                (deploy/systemd/beam-snapshotter.tmpfiles)
 #   /etc/beam/config.toml                        (conffile; deploy/beam/config.toml)
 #   /usr/share/doc/beam/{README.md,copyright}
@@ -78,6 +80,10 @@ for b in beam beam-snapshotter; do
     chmod 0755 "$pkg/usr/bin/$b"
 done
 install -m 0644 "$repo/deploy/systemd/beam-snapshotter.service" "$pkg/lib/systemd/system/"
+# Shipped, not enabled: it runs beside a registry, not on nodes (docs/autoconvert.md).
+install -m 0644 "$repo/deploy/systemd/beam-autoconvert.service" "$pkg/lib/systemd/system/"
+install -d -m 0755 "$pkg/usr/share/doc/beam/examples"
+install -m 0644 "$repo/deploy/autoconvert/autoconvert.toml" "$pkg/usr/share/doc/beam/examples/autoconvert.toml"
 install -m 0644 "$repo/deploy/systemd/beam-snapshotter.tmpfiles" "$pkg/usr/lib/tmpfiles.d/beam.conf"
 install -m 0644 "$repo/deploy/beam/config.toml" "$pkg/etc/beam/config.toml"
 install -m 0644 "$repo/README.md" "$pkg/usr/share/doc/beam/README.md"

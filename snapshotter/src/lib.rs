@@ -24,7 +24,9 @@
 //! - [`metrics`]: OpenMetrics of the fetcher and the layers;
 //! - [`daemon`]: beam-snapshotter's gRPC adapter, lazy layers, control API;
 //! - [`config`]: beam-snapshotter's configuration;
-//! - [`pull`], [`doctor`], [`node_setup`]: `beam pull`, `beam doctor`, `beam node-setup`.
+//! - [`pull`], [`doctor`], [`node_setup`]: `beam pull`, `beam doctor`, `beam node-setup`;
+//! - [`autoconvert`]: `beam autoconvert`, the service that converts every image pushed to a
+//!   registry.
 
 pub mod blob;
 pub mod cache;
@@ -36,6 +38,7 @@ pub mod doctor;
 pub mod fetch;
 pub use beam_format as format;
 pub mod access_trace;
+pub mod autoconvert;
 pub mod fs;
 pub mod hosts;
 pub mod labels;

@@ -517,6 +517,49 @@ impl Registry {
         Ok(digest)
     }
 
+    /// Every repository of the registry `host` (`/v2/_catalog`, page by page). Registries
+    /// with token auth need a token with the `registry:catalog:*` scope for this; where that
+    /// is not given, list the repositories in the configuration instead.
+    pub async fn catalog(&self, host: &str) -> Result<Vec<String>> {
+        const PAGE: usize = 1000;
+        let r = parse_reference(&format!("{host}/catalog:latest"))?;
+        self.login(&r).await?;
+        let auth = self.auth(r.resolve_registry());
+        let mut out: Vec<String> = Vec::new();
+        loop {
+            let page = self
+                .client
+                .catalog(&r, &auth, Some(PAGE), out.last().map(String::as_str))
+                .await
+                .with_context(|| format!("listing the repositories of {host}"))?;
+            let n = page.repositories.len();
+            out.extend(page.repositories);
+            if n < PAGE {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every tag of `r`'s repository, page by page.
+    pub async fn tags(&self, r: &Reference) -> Result<Vec<String>> {
+        const PAGE: usize = 1000;
+        self.login(r).await?;
+        let auth = self.auth(r.resolve_registry());
+        let mut out: Vec<String> = Vec::new();
+        loop {
+            let page = self
+                .client
+                .list_tags(r, &auth, Some(PAGE), out.last().map(String::as_str))
+                .await
+                .with_context(|| format!("listing the tags of {}", r.repository()))?;
+            let n = page.tags.len();
+            out.extend(page.tags);
+            if n < PAGE {
+                return Ok(out);
+            }
+        }
+    }
+
     /// Referrers of manifest `subject` in `r`'s repository: the referrers API when the
     /// registry has it, else the referrers tag fallback. Empty when there are none.
     pub async fn referrers(&self, r: &Reference, subject: &str) -> Result<Vec<Descriptor>> {

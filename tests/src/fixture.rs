@@ -50,6 +50,14 @@ impl Fixture {
         })
     }
 
+    /// A work directory and the registry given (e.g. one that sends notifications).
+    pub fn with_this_registry(registry: Registry) -> Result<Fixture> {
+        Ok(Fixture {
+            registry: Some(registry),
+            ..Fixture::new()?
+        })
+    }
+
     /// A work directory, a registry and the proxy in front of it; images are pushed (and
     /// read) through the proxy, which records every request.
     pub fn with_proxy() -> Result<Fixture> {

@@ -3,6 +3,7 @@
 //! directory tree comparison. No mocks: every helper runs the real
 //! program, and every process, mount and directory it makes is cleaned up on drop.
 
+pub mod autoconvert;
 pub mod beam;
 pub mod containerd;
 pub mod cri;

@@ -50,28 +50,36 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry without authentication.
     pub fn start() -> Result<Registry> {
-        Self::start_inner(None, None)
+        Self::start_inner(None, None, None)
+    }
+
+    /// Starts a registry (no auth) that sends its events (Distribution's notifications) to
+    /// `url`, with `Authorization: Bearer TOKEN` when a token is given. It retries every
+    /// second while the endpoint is down, as a registry configured by the docs does.
+    pub fn start_with_notifications(url: &str, token: Option<&str>) -> Result<Registry> {
+        Self::start_inner(None, None, Some((url.to_string(), token.map(String::from))))
     }
 
     /// Starts a registry serving HTTPS with the PEM certificate and key given (no auth).
     /// `get` and the access-log helpers still work; readiness is a TCP connect.
     pub fn start_with_tls(cert: &Path, key: &Path) -> Result<Registry> {
-        Self::start_inner(None, Some((cert.to_path_buf(), key.to_path_buf())))
+        Self::start_inner(None, Some((cert.to_path_buf(), key.to_path_buf())), None)
     }
 
     /// Starts a registry that requires HTTP basic auth with `user`/`pass` (htpasswd, bcrypt).
     pub fn start_with_basic_auth(user: &str, pass: &str) -> Result<Registry> {
-        Self::start_inner(Some((user.to_string(), pass.to_string())), None)
+        Self::start_inner(Some((user.to_string(), pass.to_string())), None, None)
     }
 
     fn start_inner(
         credentials: Option<(String, String)>,
         tls: Option<(PathBuf, PathBuf)>,
+        notify: Option<(String, Option<String>)>,
     ) -> Result<Registry> {
         // The free port can be taken by someone else before the registry binds it: retry.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::try_start(credentials.clone(), tls.clone()) {
+            match Self::try_start(credentials.clone(), tls.clone(), notify.clone()) {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     let text = format!("{e:#}");
@@ -88,6 +96,7 @@ impl Registry {
     fn try_start(
         credentials: Option<(String, String)>,
         tls: Option<(PathBuf, PathBuf)>,
+        notify: Option<(String, Option<String>)>,
     ) -> Result<Registry> {
         let bin = util::tool_path(
             "BEAM_REGISTRY_BIN",
@@ -130,6 +139,17 @@ impl Registry {
                 "auth:\n  htpasswd:\n    realm: beam-test\n    path: {}\n",
                 htpasswd.display()
             ));
+        }
+        if let Some((url, token)) = &notify {
+            // The same endpoint block docs/autoconvert.md tells operators to paste.
+            config.push_str(&format!(
+                "notifications:\n  events:\n    includereferences: true\n  endpoints:\n    - name: beam\n      url: {url}\n      timeout: 5s\n      threshold: 3\n      backoff: 1s\n      ignore:\n        mediatypes:\n          - application/octet-stream\n        actions:\n          - pull\n"
+            ));
+            if let Some(t) = token {
+                config.push_str(&format!(
+                    "      headers:\n        Authorization: [\"Bearer {t}\"]\n"
+                ));
+            }
         }
         let config_path = dir.path().join("config.yml");
         fs::write(&config_path, &config)

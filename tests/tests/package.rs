@@ -336,6 +336,8 @@ fn deb_installs_verifies_runs_and_purges_in_a_throwaway_root() -> Result<()> {
         ("usr/bin/beam", 0o755),
         ("usr/bin/beam-snapshotter", 0o755),
         ("lib/systemd/system/beam-snapshotter.service", 0o644),
+        ("lib/systemd/system/beam-autoconvert.service", 0o644),
+        ("usr/share/doc/beam/examples/autoconvert.toml", 0o644),
         ("usr/lib/tmpfiles.d/beam.conf", 0o644),
         ("etc/beam/config.toml", 0o644),
         ("usr/share/doc/beam/README.md", 0o644),
@@ -373,6 +375,18 @@ fn deb_installs_verifies_runs_and_purges_in_a_throwaway_root() -> Result<()> {
     ensure!(
         report.trim().is_empty(),
         "systemd-analyze verify warned:\n{report}"
+    );
+    // The autoconvert unit too; it is shipped but not enabled (it runs beside a registry).
+    let (ok, report) = systemd_verify(&root, "beam-autoconvert.service")?;
+    ensure!(
+        ok && report.trim().is_empty(),
+        "systemd-analyze verify beam-autoconvert.service:\n{report}"
+    );
+    ensure!(
+        !root
+            .join("etc/systemd/system/multi-user.target.wants/beam-autoconvert.service")
+            .exists(),
+        "postinst enabled beam-autoconvert"
     );
     let canary = root.join("etc/systemd/system/beam-canary.service");
     let unit_text = std::fs::read_to_string(root.join("lib/systemd/system").join(UNIT))?;

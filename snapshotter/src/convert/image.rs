@@ -37,6 +37,18 @@ pub struct ConvertedImage {
     pub bound: Option<Descriptor>,
 }
 
+/// The tag named another image when the conversion was done than when it started: the bound
+/// manifest is not pushed (the artifact of the image converted is, harmlessly).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{location} moved from {was} to {now} during the conversion; not binding it (convert it again)"
+)]
+pub struct TagMoved {
+    pub location: String,
+    pub was: String,
+    pub now: String,
+}
+
 /// How the Beam artifact is tied to the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Binding {
@@ -87,6 +99,19 @@ pub async fn convert_image(
         out.push(convert_manifest(src, dst, m, opts, tmp.path(), &bars).await?);
     }
     if binding == Binding::Bound {
+        if same_place {
+            // Someone may have pushed to the tag while we converted: moving it to the bound
+            // form of what it named before would throw their push away.
+            let (now, _) = dst.resolve_top().await?;
+            if now.digest != top.digest {
+                return Err(TagMoved {
+                    location: dst.location().to_string(),
+                    was: top.digest.clone(),
+                    now: now.digest,
+                }
+                .into());
+            }
+        }
         let tag = dst.tag().or_else(|| src.tag());
         bind(dst, &top, &top_bytes, &manifests, &mut out, tag.as_deref()).await?;
     }

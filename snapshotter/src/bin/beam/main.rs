@@ -7,7 +7,9 @@
 mod commands;
 
 use clap::{Parser, Subcommand};
-use commands::{cache, convert, doctor, inspect, mount, node_setup, pull, record, status, unpack};
+use commands::{
+    autoconvert, cache, convert, doctor, inspect, mount, node_setup, pull, record, status, unpack,
+};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,11 @@ enum Command {
     NodeSetup(node_setup::Args),
     /// Show an image's Beam conversion: artifact, layers, chunk counts.
     Inspect(inspect::Args),
+    /// Run the service that converts every image pushed to a registry: it receives the
+    /// registry's push notifications (Distribution, Harbor) at `POST /events`, queues them
+    /// durably, converts with the bound conversion of `beam convert`, and scans the registry
+    /// for images it missed. `beam autoconvert status` asks a running one.
+    Autoconvert(autoconvert::Args),
 }
 
 // mallopt and the SIGPIPE reset are libc calls made before any thread starts.
@@ -104,5 +111,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Doctor(args) => doctor::run(args).await,
         Command::NodeSetup(args) => node_setup::run(args).await,
         Command::Inspect(args) => inspect::run(args).await,
+        Command::Autoconvert(args) => autoconvert::run(args).await,
     }
 }

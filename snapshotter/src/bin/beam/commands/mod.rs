@@ -1,6 +1,7 @@
 //! One module per `beam` command: each has its flags (`Args`) and `run(args)`, which calls the
 //! library and prints the result. The flag groups several commands share live here.
 
+pub mod autoconvert;
 pub mod cache;
 pub mod convert;
 pub mod doctor;

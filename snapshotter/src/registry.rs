@@ -179,6 +179,21 @@ impl Failure {
         match e {
             E::ImageManifestNotFoundError(_) => Failure::NotFound,
             E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => Failure::Denied,
+            // A manifest push refused because a blob it names is unknown, right after we
+            // uploaded that blob: the registry has not made it visible yet (another upload
+            // of the same blob committing at once, an eventually consistent store). The
+            // body is the spec's error envelope; its codes, not its text, decide.
+            E::ServerError { code: 400, message, .. }
+                if serde_json::from_str::<oci_client::errors::OciEnvelope>(message).is_ok_and(
+                    |env| {
+                        env.errors.iter().any(|e| {
+                            matches!(e.code, C::ManifestBlobUnknown | C::BlobUnknown)
+                        })
+                    },
+                ) =>
+            {
+                Failure::Transient
+            }
             E::ServerError { code, .. } => Failure::of_status(*code),
             E::RegistryError { envelope, .. } => {
                 let codes: Vec<&C> = envelope.errors.iter().map(|e| &e.code).collect();
@@ -986,6 +1001,14 @@ mod tests {
             })),
             Failure::Denied
         );
+        // Distribution 2.8's answer to a manifest push racing another upload of a blob it
+        // names (seen with two autoconvert replicas): worth another try.
+        let racing = E::ServerError {
+            code: 400,
+            url: "http://r/v2/a/manifests/sha256:aa".into(),
+            message: r#"{"errors":[{"code":"DIGEST_INVALID","message":"provided digest did not match uploaded content"},{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry","detail":"sha256:44"}]}"#.into(),
+        };
+        assert_eq!(Failure::of(&anyhow::Error::new(racing)), Failure::Transient);
         // Text alone decides nothing.
         assert!(!is_not_found(&anyhow!("manifest sha256-404 unknown: 404")));
         assert!(!Failure::of(&anyhow!("HTTP 404")).is_retryable());

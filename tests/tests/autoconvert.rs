@@ -445,3 +445,77 @@ fn a_push_to_the_tag_during_its_conversion_wins() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn two_replicas_scanning_one_registry_make_one_artifact_per_image() -> Result<()> {
+    let s = setup(false)?;
+    let repos: Vec<String> = (0..5).map(|i| format!("replicas/img{i}")).collect();
+    for (i, repo) in repos.iter().enumerate() {
+        push_small(&s.fx, &format!("rep{i}"), repo)?;
+    }
+    // Two services, each with its own queue, scanning the same registry at the same moment.
+    let other_state = s.fx.path("autoconvert-state-2");
+    let other_listen = format!("127.0.0.1:{}", util::free_port()?);
+    let a = s.start(&["--scan-interval", "0"])?;
+    let b = AutoConvert::start(
+        &other_listen,
+        &s.fx.addr(),
+        &other_state,
+        Some(&s.token_file),
+        &["--scan-interval", "0"],
+    )?;
+    wait_until("all converted", Duration::from_secs(30), || {
+        for repo in &repos {
+            if !s.bound_once(repo, "v1")? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .map_err(|e| e.context(format!("{}\n{}", a.log(), b.log())))?;
+    for svc in [&a, &b] {
+        wait_until("queue drained", Duration::from_secs(20), || {
+            Ok(svc.status()?["queue_depth"] == 0)
+        })?;
+    }
+    let (sa, sb) = (a.status()?, b.status()?);
+    for repo in &repos {
+        ensure!(s.bound_once(repo, "v1")?, "{repo}");
+    }
+    eprintln!("replica a: {}\nreplica b: {}", sa["counters"], sb["counters"]);
+    ensure!(
+        sa["counters"]["failed"] == 0 && sb["counters"]["failed"] == 0,
+        "{sa}\n{sb}"
+    );
+    Ok(())
+}
+
+#[test]
+fn registry_errors_are_retried_with_backoff() -> Result<()> {
+    let s = setup(true)?;
+    // The service's first requests are answered 503 (a registry restarting), then it recovers.
+    let flaky = Proxy::start(&s.fx.addr())?;
+    let svc = AutoConvert::start(
+        &s.listen,
+        &flaky.addr(),
+        &s.state,
+        Some(&s.token_file),
+        &["--scan-interval", "0"],
+    )?;
+    flaky.set_fault(Fault::times(3, Fault::Status(503)));
+    push_small(&s.fx, "flaky", "flaky/app")?;
+    wait_until("converted after the retries", Duration::from_secs(40), || {
+        s.bound_once("flaky/app", "v1")
+    })
+    .map_err(|e| e.context(svc.log()))?;
+    let r = svc.result("flaky/app", "v1")?.context("a result")?;
+    ensure!(
+        r["state"] == "converted" && r["attempts"].as_u64().is_some_and(|a| a >= 2),
+        "result: {r}"
+    );
+    ensure!(
+        svc.status()?["counters"]["retries"].as_u64().is_some_and(|n| n >= 1),
+        "no retry counted"
+    );
+    Ok(())
+}

@@ -183,14 +183,15 @@ impl Failure {
             // uploaded that blob: the registry has not made it visible yet (another upload
             // of the same blob committing at once, an eventually consistent store). The
             // body is the spec's error envelope; its codes, not its text, decide.
-            E::ServerError { code: 400, message, .. }
-                if serde_json::from_str::<oci_client::errors::OciEnvelope>(message).is_ok_and(
-                    |env| {
-                        env.errors.iter().any(|e| {
-                            matches!(e.code, C::ManifestBlobUnknown | C::BlobUnknown)
-                        })
-                    },
-                ) =>
+            E::ServerError {
+                code: 400, message, ..
+            } if serde_json::from_str::<oci_client::errors::OciEnvelope>(message).is_ok_and(
+                |env| {
+                    env.errors
+                        .iter()
+                        .any(|e| matches!(e.code, C::ManifestBlobUnknown | C::BlobUnknown))
+                },
+            ) =>
             {
                 Failure::Transient
             }

@@ -482,7 +482,10 @@ fn two_replicas_scanning_one_registry_make_one_artifact_per_image() -> Result<()
     for repo in &repos {
         ensure!(s.bound_once(repo, "v1")?, "{repo}");
     }
-    eprintln!("replica a: {}\nreplica b: {}", sa["counters"], sb["counters"]);
+    eprintln!(
+        "replica a: {}\nreplica b: {}",
+        sa["counters"], sb["counters"]
+    );
     ensure!(
         sa["counters"]["failed"] == 0 && sb["counters"]["failed"] == 0,
         "{sa}\n{sb}"
@@ -504,9 +507,11 @@ fn registry_errors_are_retried_with_backoff() -> Result<()> {
     )?;
     flaky.set_fault(Fault::times(3, Fault::Status(503)));
     push_small(&s.fx, "flaky", "flaky/app")?;
-    wait_until("converted after the retries", Duration::from_secs(40), || {
-        s.bound_once("flaky/app", "v1")
-    })
+    wait_until(
+        "converted after the retries",
+        Duration::from_secs(40),
+        || s.bound_once("flaky/app", "v1"),
+    )
     .map_err(|e| e.context(svc.log()))?;
     let r = svc.result("flaky/app", "v1")?.context("a result")?;
     ensure!(
@@ -514,7 +519,9 @@ fn registry_errors_are_retried_with_backoff() -> Result<()> {
         "result: {r}"
     );
     ensure!(
-        svc.status()?["counters"]["retries"].as_u64().is_some_and(|n| n >= 1),
+        svc.status()?["counters"]["retries"]
+            .as_u64()
+            .is_some_and(|n| n >= 1),
         "no retry counted"
     );
     Ok(())

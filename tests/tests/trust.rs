@@ -164,3 +164,123 @@ fn a_third_partys_unbound_artifact_is_used_only_once_the_repository_is_trusted()
     );
     Ok(())
 }
+
+/// A blob or manifest of the registry's storage, by digest.
+fn stored(reg: &Registry, digest: &str) -> Result<Vec<u8>> {
+    let hex = digest.strip_prefix("sha256:").context("a sha256 digest")?;
+    let path = reg.dir().join(format!(
+        "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// PUT a manifest or index to `reg` (plain HTTP, no auth); returns its digest.
+fn put_manifest(
+    reg: &Registry,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> Result<()> {
+    let url = format!("{}/v2/{repo}/manifests/{reference}", reg.url());
+    match ureq::put(&url)
+        .set("Content-Type", media_type)
+        .send_bytes(body)
+    {
+        Ok(_) => Ok(()),
+        Err(ureq::Error::Status(code, r)) => {
+            anyhow::bail!("PUT {url}: {code} {}", r.into_string().unwrap_or_default())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[test]
+fn a_referrer_made_from_another_images_layers_is_refused_even_where_trusted() -> Result<()> {
+    util::require_root()?;
+    let work = tempfile::tempdir()?;
+    let victim = busybox_layout(work.path())?;
+    let reg = Registry::start()?;
+    let image = format!("{}/victim/bb:v1", reg.addr());
+    oci_layout::push_with_skopeo(&work.path().join("layout"), "v1", &image)?;
+
+    // Someone with push rights converts an image of their own into the victim's repository...
+    let other_tar = work.path().join("other.tar");
+    util::write_tar(
+        &other_tar,
+        &[("bin/sh".into(), b"#!/bin/false\n# not busybox\n".to_vec())],
+    )?;
+    oci_layout::build_with_config(
+        &work.path().join("other"),
+        "v1",
+        &[LayerSpec::new(&other_tar, Compression::Gzip)],
+        &Default::default(),
+    )?;
+    let other = format!("oci:{}:v1", work.path().join("other").display());
+    let out = beam::ok(&[
+        "convert",
+        "--plain-http",
+        "--unbound",
+        "--json",
+        &other,
+        &format!("{}/victim/bb:other", reg.addr()),
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let artifact = v[0]["artifact"].as_str().context("artifact")?.to_string();
+    // ...and re-labels its artifact as the victim's: subject and source layers rewritten,
+    // its index and chunks (another layer's files) and their diff IDs kept.
+    let mut m: serde_json::Value = serde_json::from_slice(&stored(&reg, &artifact)?)?;
+    let victim_manifest = stored(&reg, &victim.manifest_digest)?;
+    m["subject"] = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": victim.manifest_digest,
+        "size": victim_manifest.len(),
+    });
+    for l in m["layers"].as_array_mut().context("layers")? {
+        l["annotations"]["dev.beam.layer.source"] = victim.layers[0].0.clone().into();
+    }
+    let forged = serde_json::to_vec(&m)?;
+    let forged_digest = {
+        use sha2::{Digest, Sha256};
+        format!("sha256:{}", hex::encode(Sha256::digest(&forged)))
+    };
+    put_manifest(
+        &reg,
+        "victim/bb",
+        &forged_digest,
+        "application/vnd.oci.image.manifest.v1+json",
+        &forged,
+    )?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": forged_digest,
+            "size": forged.len(),
+            "artifactType": "application/vnd.beam.image.v1",
+        }],
+    });
+    let referrers_tag = victim.manifest_digest.replace(':', "-");
+    put_manifest(
+        &reg,
+        "victim/bb",
+        &referrers_tag,
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&index)?,
+    )?;
+
+    // The node trusts the repository's referrers, and still does not serve the forged layer:
+    // its diff ID is not the one the victim's config names. The layer is downloaded instead.
+    let d = BeamDaemon::start(&["--trust-referrers", &format!("{}/victim/*", reg.addr())])?;
+    let c = containerd_for(&d)?;
+    let pinned = format!("{}/victim/bb@{}", reg.addr(), victim.manifest_digest);
+    let r = pull_json(&c, &pinned)?;
+    ensure!(r["lazy"] == 0 && r["downloaded"] == 1, "beam pull: {r}");
+    let why = r["layers"][0]["fallback_reason"].as_str().unwrap_or("");
+    ensure!(why.contains("diff ID"), "fallback reason: {why:?}");
+    let out = c.run(&pinned, "victim-bb", &["/bin/echo", "the real busybox"])?;
+    ensure!(out == "the real busybox\n", "{out:?}");
+    Ok(())
+}

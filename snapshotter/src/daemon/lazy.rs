@@ -433,7 +433,17 @@ impl LazyLayers {
             transport,
         };
         let (id, fs) = snapshots.reserve()?;
-        let (mounted, admitted) = match self.mount_at(&remote, &fs, self.held(id), None).await {
+        let mounted = self
+            .mount_at(&remote, &fs, self.held(id), None)
+            .await
+            .and_then(|(m, admitted)| {
+                // The Beam layer must be the layer containerd's chain names (issue 16).
+                match chain_mismatch(target, parent, &m.layer.diff_id) {
+                    Some(why) => Err(anyhow::anyhow!(why)),
+                    None => Ok((m, admitted)),
+                }
+            });
+        let (mounted, admitted) = match mounted {
             Ok((m, admitted)) => {
                 self.fetch_whole_if_small(&m).await;
                 (m, admitted)
@@ -629,5 +639,67 @@ impl LazyLayers {
             .drain()
             .map(|(_, m)| m)
             .collect()
+    }
+}
+
+/// Why the Beam layer whose diff ID is `diff_id` may not be the snapshot `target` on `parent`,
+/// or None when it may.
+///
+/// containerd names a layer's snapshot by its chain ID, which it computes from the diff IDs in
+/// the image config that the pulled manifest names: `chain(L1) = diff_id(L1)`,
+/// `chain(Ln) = sha256(chain(Ln-1) + " " + diff_id(Ln))`. The Beam artifact says which diff ID
+/// each of its layers was converted from; if that does not give the target's chain ID from
+/// the parent's, the artifact's layer is not the one the image vouches for (a referrer made for
+/// another image, a layer swapped in the artifact), and the daemon must not serve it. Names
+/// that are not chain IDs (a direct client of the snapshots API) are not checked: containerd,
+/// not an image, chooses them.
+pub fn chain_mismatch(target: &str, parent: &str, diff_id: &str) -> Option<String> {
+    // containerd's metadata store passes backend keys `NAMESPACE/ID/NAME`.
+    let bare = |k: &str| k.rsplit('/').next().unwrap_or(k).to_string();
+    let target_chain = bare(target);
+    if !crate::oci::is_sha256_digest(&target_chain) {
+        return None;
+    }
+    let expected = if parent.is_empty() {
+        diff_id.to_string()
+    } else {
+        let parent_chain = bare(parent);
+        if !crate::oci::is_sha256_digest(&parent_chain) {
+            return None;
+        }
+        crate::oci::sha256_digest(format!("{parent_chain} {diff_id}").as_bytes())
+    };
+    (expected != target_chain).then(|| {
+        format!(
+            "the Beam layer was converted from diff ID {diff_id}, which is not the layer the \
+             image config names here (its chain ID would be {expected}, containerd expects \
+             {target_chain}): refusing to serve it"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_beam_layer_must_be_the_chains_layer() {
+        use super::chain_mismatch;
+        let d1 = crate::oci::sha256_digest(b"layer one");
+        let d2 = crate::oci::sha256_digest(b"layer two");
+        // chain(L1) = diff ID; chain(L2) = sha256("chain(L1) diffID(L2)").
+        let c2 = crate::oci::sha256_digest(format!("{d1} {d2}").as_bytes());
+        assert_eq!(chain_mismatch(&format!("default/7/{d1}"), "", &d1), None);
+        assert_eq!(
+            chain_mismatch(&format!("default/9/{c2}"), &format!("default/7/{d1}"), &d2),
+            None
+        );
+        // Another layer's Beam layer, or the right one at the wrong place, is refused.
+        assert!(
+            chain_mismatch(&format!("default/9/{c2}"), &format!("default/7/{d1}"), &d1)
+                .unwrap()
+                .contains("refusing")
+        );
+        assert!(chain_mismatch(&d1, "", &d2).is_some());
+        // Names a direct client chose are not chain IDs: not checked.
+        assert_eq!(chain_mismatch("layer-1", "layer-0", &d2), None);
     }
 }

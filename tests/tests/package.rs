@@ -268,6 +268,14 @@ fn check_package_metadata(deb: &Path, version: &str) -> Result<()> {
         ("./etc/beam/config.toml", "-rw-r--r--"),
         ("./usr/share/doc/beam/README.md", "-rw-r--r--"),
         ("./usr/share/doc/beam/copyright", "-rw-r--r--"),
+        (
+            "./lib/systemd/system/beam-autoconvert.service",
+            "-rw-r--r--",
+        ),
+        (
+            "./usr/share/doc/beam/examples/autoconvert.toml",
+            "-rw-r--r--",
+        ),
     ];
     for (path, perms) in expected {
         let found = listed.iter().find(|(_, _, p)| *p == path);

@@ -24,7 +24,7 @@ pub mod index;
 pub use chunk::{ChunkDigest, ChunkError};
 pub use index::{
     ChunkRecord, DirentRecord, IndexBuilder, IndexError, IndexReader, InodeKind, InodeRecord,
-    XattrRecord, ROOT_INO,
+    ReadLimits, XattrRecord, ROOT_INO,
 };
 
 /// Version of the index encoding written by this build.

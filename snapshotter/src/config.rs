@@ -24,6 +24,9 @@
 //! accept_pull_settings = true       # false: ignore the registry settings `beam pull` sends
 //! trust_referrers = []              # repositories whose unbound (referrer) artifacts are used:
 //!                                   # "host:port/repo", "host:port/team/*", "*" (docs/security.md)
+//! max_index_bytes = 268435456       # a layer's index past these limits: downloaded in full
+//! max_index_inodes = 10000000
+//! max_index_depth = 1024
 //!
 //! [takeover]
 //! enabled = true                    # lazy layers' FUSE connections survive a daemon restart
@@ -108,7 +111,17 @@ pub struct RemoteConfig {
     /// pulled) are used: `host[:port]/repo`, `host[:port]/prefix/*` or `*`. Empty by default:
     /// only artifacts the pulled manifest binds serve an image (docs/security.md).
     pub trust_referrers: Vec<String>,
+    /// Largest index a layer may have (bytes; it is held in memory while the layer is mounted).
+    /// A layer past any of the three index limits is downloaded in full, with the reason.
+    pub max_index_bytes: u64,
+    /// Most inodes (files, directories, links) in one layer's index.
+    pub max_index_inodes: u64,
+    /// Deepest directory nesting in one layer.
+    pub max_index_depth: u32,
 }
+
+/// Default of `[remote] max_index_bytes`: 256 MiB, about four million files.
+pub const DEFAULT_MAX_INDEX_BYTES: u64 = 256 << 20;
 
 impl Default for RemoteConfig {
     fn default() -> Self {
@@ -116,6 +129,22 @@ impl Default for RemoteConfig {
             enabled: true,
             accept_pull_settings: true,
             trust_referrers: Vec::new(),
+            max_index_bytes: DEFAULT_MAX_INDEX_BYTES,
+            max_index_inodes: crate::format::index::DEFAULT_MAX_INODES,
+            max_index_depth: crate::format::index::DEFAULT_MAX_DEPTH,
+        }
+    }
+}
+
+impl RemoteConfig {
+    /// The index limits these settings give.
+    pub fn index_limits(&self) -> crate::format::ReadLimits {
+        crate::format::ReadLimits {
+            max_len: self
+                .max_index_bytes
+                .min(crate::format::index::MAX_INDEX_LEN as u64) as usize,
+            max_inodes: self.max_index_inodes,
+            max_depth: self.max_index_depth,
         }
     }
 }

@@ -211,11 +211,19 @@ pub async fn load_index(
     store: &Store,
     cache: &ChunkCache,
     layer: &BeamLayer,
+    limits: &crate::format::ReadLimits,
 ) -> Result<SharedIndex> {
     let path = cache.index_path(&layer.index.digest);
+    if layer.index.size > limits.max_len as u64 {
+        return Err(crate::format::IndexError::TooLong {
+            len: layer.index.size as usize,
+            limit: limits.max_len,
+        })
+        .with_context(|| format!("index {} of layer {}", layer.index.digest, layer.source));
+    }
     if let Ok(bytes) = std::fs::read(&path) {
         if crate::oci::sha256_digest(&bytes) == layer.index.digest {
-            let r = IndexReader::new(bytes).with_context(|| {
+            let r = IndexReader::with_limits(bytes, limits).with_context(|| {
                 format!("index {} of layer {}", layer.index.digest, layer.source)
             })?;
             return Ok(Arc::new(r));
@@ -223,14 +231,15 @@ pub async fn load_index(
         let _ = std::fs::remove_file(&path);
     }
     let bytes = store
-        .blob_bytes(&layer.index, crate::format::index::MAX_INDEX_LEN as u64)
+        .blob_bytes(&layer.index, limits.max_len as u64)
         .await
         .with_context(|| format!("fetching index of layer {}", layer.source))?;
-    cache
-        .write_atomic(&path, &bytes)
-        .with_context(|| format!("caching index {}", layer.index.digest))?;
-    let r = IndexReader::new(bytes)
+    // Validated before it is cached: a refused index does not take disk either.
+    let r = IndexReader::with_limits(bytes, limits)
         .with_context(|| format!("index {} of layer {}", layer.index.digest, layer.source))?;
+    cache
+        .write_atomic(&path, r.as_bytes())
+        .with_context(|| format!("caching index {}", layer.index.digest))?;
     Ok(Arc::new(r))
 }
 
@@ -509,7 +518,7 @@ pub async fn mount_image(
         mounter: opts.mounter.clone(),
     };
     for (i, l) in layers.into_iter().enumerate() {
-        let index = load_index(store, &fetcher.cache, &l).await?;
+        let index = load_index(store, &fetcher.cache, &l, &Default::default()).await?;
         if index.blob_size() != l.chunks.size {
             bail!(
                 "layer {}: index expects a {}-byte chunk blob, descriptor says {}",
@@ -750,7 +759,7 @@ mod tests {
         let (m, _, layers) = s.store.beam_image().await.unwrap();
         assert_eq!(m.manifest.layers.len(), 1);
         let layer = layers[0].clone();
-        let index = load_index(&s.store, &s.fetcher.cache, &layer)
+        let index = load_index(&s.store, &s.fetcher.cache, &layer, &Default::default())
             .await
             .unwrap();
         let source = s.store.range_source(&layer.chunks).unwrap();

@@ -284,3 +284,44 @@ fn a_referrer_made_from_another_images_layers_is_refused_even_where_trusted() ->
     ensure!(out == "the real busybox\n", "{out:?}");
     Ok(())
 }
+
+#[test]
+fn a_layer_past_the_nodes_index_limit_is_downloaded_and_the_others_stay_lazy() -> Result<()> {
+    util::require_root()?;
+    let fx = beam_tests::Fixture::with_registry()?;
+    let image = fx
+        .image("limits")
+        .busybox()?
+        .files(&[("data/hello.txt".into(), b"still lazy\n".to_vec())])?
+        .build()?;
+    let reference = image.convert("limits/app:v1", &[])?.reference;
+    // The busybox layer has about 280 inodes, the data layer 3: a node that takes 50 at most.
+    let config = fx.path("beam.toml");
+    std::fs::write(&config, "[remote]\nmax_index_inodes = 50\n")?;
+    let d = BeamDaemon::start(&["--config", &config.display().to_string()])?;
+    let c = containerd_for(&d)?;
+    let r = pull_json(&c, &reference)?;
+    ensure!(r["lazy"] == 1 && r["downloaded"] == 1, "beam pull: {r}");
+    let busybox_layer = &image.built.layers[0].0;
+    let refused = r["layers"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["digest"] == *busybox_layer))
+        .context("the busybox layer in beam pull's report")?;
+    let why = refused["fallback_reason"].as_str().unwrap_or("");
+    ensure!(
+        why.contains("too many inodes")
+            && why.contains("limit 50")
+            && why.contains(busybox_layer.as_str())
+            && why.contains("max_index_inodes"),
+        "fallback reason: {why:?}"
+    );
+    // Both layers serve the container: the downloaded one and the lazy one.
+    let out = c.run_with(
+        &["--snapshotter", "beam"],
+        &reference,
+        "limits",
+        &["/bin/cat", "/data/hello.txt"],
+    )?;
+    ensure!(out == "still lazy\n", "{out:?}");
+    Ok(())
+}

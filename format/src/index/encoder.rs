@@ -223,7 +223,10 @@ impl IndexBuilder {
         ];
         let total: usize = HEADER_LEN + sections.iter().map(|s| s.len()).sum::<usize>();
         if total > MAX_INDEX_LEN {
-            return Err(IndexError::TooLong(total));
+            return Err(IndexError::TooLong {
+                len: total,
+                limit: MAX_INDEX_LEN,
+            });
         }
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(MAGIC);

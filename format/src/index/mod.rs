@@ -31,7 +31,7 @@ mod reader;
 mod records;
 
 pub use encoder::{with_prefetch, IndexBuilder, Node};
-pub use reader::IndexReader;
+pub use reader::{IndexReader, ReadLimits, DEFAULT_MAX_DEPTH, DEFAULT_MAX_INODES};
 pub use records::{
     ChunkRecord, DirentRecord, InodeKind, InodeRecord, XattrRecord, FLAG_OPAQUE, HEADER_LEN, MAGIC,
     MAX_INDEX_LEN, MAX_NAME_LEN, ROOT_INO,
@@ -44,8 +44,8 @@ use crate::{FORMAT_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 pub enum IndexError {
     #[error("index is {0} bytes, shorter than its {HEADER_LEN}-byte header")]
     TooShort(usize),
-    #[error("index is {0} bytes, larger than the {MAX_INDEX_LEN}-byte limit")]
-    TooLong(usize),
+    #[error("index is {len} bytes, larger than the {limit}-byte limit")]
+    TooLong { len: usize, limit: usize },
     #[error("not a Beam index: bad magic {0:02x?}")]
     BadMagic([u8; 8]),
     #[error("unsupported Beam index version {0} (this build reads version {FORMAT_VERSION})")]
@@ -85,6 +85,8 @@ pub enum IndexError {
         count: u64,
         limit: u64,
     },
+    #[error("directory {ino} is {depth} levels deep (limit {limit})")]
+    TooDeep { ino: u64, depth: u32, limit: u32 },
 }
 
 /// The tree the encoder and reader tests share, and one of the fuzzers' seeds

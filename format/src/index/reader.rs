@@ -14,6 +14,39 @@ pub(super) struct Section {
     pub(super) len: usize,
 }
 
+/// What a reader accepts at most: a node reads indexes from registries it does not control,
+/// and each one is held in memory while its layer is mounted. The defaults are what
+/// [`IndexReader::new`] uses; a node can set its own (beam-snapshotter's `[index]` config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Bytes of the whole index.
+    pub max_len: usize,
+    /// Inodes (files, directories, links...) in one layer.
+    pub max_inodes: u64,
+    /// Directories nested in one another below the root.
+    pub max_depth: u32,
+}
+
+/// lz4's largest expansion, and slack for its fixed costs (token, offsets, last literals).
+const LZ4_MAX_RATIO: u64 = 255;
+const LZ4_RATIO_SLACK: u64 = 1024;
+
+/// A directory nesting limit well above any real tree (4096-byte paths allow 2048 levels only
+/// with one-letter names) and low enough for recursive tools.
+pub const DEFAULT_MAX_DEPTH: u32 = 1024;
+/// Inodes per layer; `beam convert` refuses layers with more entries than this.
+pub const DEFAULT_MAX_INODES: u64 = 10_000_000;
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_len: MAX_INDEX_LEN,
+            max_inodes: DEFAULT_MAX_INODES,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
+    }
+}
+
 /// A validated index, queried in place. `B` is anything that holds the bytes (a `Vec`, an
 /// `Arc<[u8]>`, a memory map).
 pub struct IndexReader<B> {
@@ -36,12 +69,21 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 impl<B: AsRef<[u8]>> IndexReader<B> {
     /// Check `bytes` (header, checksum, every reference) and wrap them for queries.
     pub fn new(bytes: B) -> Result<Self, IndexError> {
+        Self::with_limits(bytes, &ReadLimits::default())
+    }
+
+    /// [`IndexReader::new`] with the node's own limits.
+    pub fn with_limits(bytes: B, limits: &ReadLimits) -> Result<Self, IndexError> {
         let b = bytes.as_ref();
         if b.len() < HEADER_LEN {
             return Err(IndexError::TooShort(b.len()));
         }
-        if b.len() > MAX_INDEX_LEN {
-            return Err(IndexError::TooLong(b.len()));
+        let max_len = limits.max_len.min(MAX_INDEX_LEN);
+        if b.len() > max_len {
+            return Err(IndexError::TooLong {
+                len: b.len(),
+                limit: max_len,
+            });
         }
         let magic: [u8; 8] = b[0..8].try_into().expect("8 bytes");
         if &magic != MAGIC {
@@ -104,7 +146,7 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
             blob_size,
             sections,
         };
-        reader.validate()?;
+        reader.validate(limits)?;
         Ok(reader)
     }
 
@@ -129,7 +171,7 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
     }
 
     /// Check every cross-reference once so that queries can trust them.
-    fn validate(&self) -> Result<(), IndexError> {
+    fn validate(&self, limits: &ReadLimits) -> Result<(), IndexError> {
         let inodes = self.inode_count();
         if inodes == 0 {
             return Err(IndexError::BadInode {
@@ -137,11 +179,12 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
                 reason: "the index has no root".into(),
             });
         }
-        if inodes > u32::MAX as u64 {
+        let max_inodes = limits.max_inodes.min(u32::MAX as u64);
+        if inodes > max_inodes {
             return Err(IndexError::TooMany {
                 what: "inodes",
                 count: inodes,
-                limit: u32::MAX as u64,
+                limit: max_inodes,
             });
         }
         let cs = self.chunk_size as u64;
@@ -164,6 +207,14 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
                     c.stored_len, c.uncompressed_len
                 )));
             }
+            // lz4 cannot expand more than about 255:1 (each further byte of a match length
+            // stands for 255 bytes); a claim beyond that is not a chunk, whatever it decodes to.
+            if (c.stored_len as u64) * LZ4_MAX_RATIO + LZ4_RATIO_SLACK < c.uncompressed_len as u64 {
+                return Err(bad(format!(
+                    "{} stored bytes cannot hold {} bytes (more than lz4's {LZ4_MAX_RATIO}:1)",
+                    c.stored_len, c.uncompressed_len
+                )));
+            }
             if c.offset
                 .checked_add(c.stored_len as u64)
                 .is_none_or(|e| e > self.blob_size)
@@ -183,7 +234,10 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
         let (mut next_dirent, mut next_ref, mut next_xattr) = (0u64, 0u64, 0u64);
         // Directories already named by an entry: a directory has exactly one name (two would
         // make the tree a graph, and walks and `..` ambiguous).
-        let mut named_dirs = vec![false; inodes as usize + 1];
+        // Depth of each named directory (0: not named yet; the root is 1). A directory's
+        // children come after it (checked below), so one pass fills it.
+        let mut named_dirs = vec![0u32; inodes as usize + 1];
+        named_dirs[ROOT_INO as usize] = 1;
         for ino in 1..=inodes {
             let r = self.inode(ino)?;
             let bad = |reason: String| IndexError::BadInode { ino, reason };
@@ -273,14 +327,23 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
                             )));
                         }
                         if child.kind == InodeKind::Dir {
+                            let depth = named_dirs[ino as usize].saturating_add(1);
                             let seen = &mut named_dirs[de.ino as usize];
-                            if *seen {
+                            if *seen != 0 {
                                 return Err(bad_d(format!(
                                     "directory {} has a second name",
                                     de.ino
                                 )));
                             }
-                            *seen = true;
+                            *seen = depth;
+                            // The root is depth 1: its subdirectories are one level deep.
+                            if depth - 1 > limits.max_depth {
+                                return Err(IndexError::TooDeep {
+                                    ino: de.ino,
+                                    depth: depth - 1,
+                                    limit: limits.max_depth,
+                                });
+                            }
                         }
                     }
                 }
@@ -521,6 +584,7 @@ mod tests {
     use super::*;
     use crate::index::encoder::seal as reseal;
     use crate::index::sample;
+    use crate::index::Node;
 
     #[test]
     fn encodes_and_queries_a_tree() {
@@ -563,6 +627,96 @@ mod tests {
             "a file has no entries"
         );
         assert_eq!(r.prefetch().collect::<Vec<_>>(), vec![l.ino, f.ino]);
+    }
+
+    /// An index of `depth` directories nested in one another below the root.
+    fn nested(depth: usize) -> Vec<u8> {
+        let mut b = sample();
+        b.nodes = vec![Node::new(InodeKind::Dir, 0o755)];
+        b.chunks.clear();
+        b.prefetch.clear();
+        for i in 1..=depth {
+            b.nodes.push(Node::new(InodeKind::Dir, 0o755));
+            b.nodes[i - 1].children.insert(b"d".to_vec(), i);
+        }
+        b.encode().unwrap()
+    }
+
+    #[test]
+    fn limits_accept_an_index_at_them_and_refuse_one_past() {
+        let bytes = nested(5);
+        let at = ReadLimits {
+            max_len: bytes.len(),
+            max_inodes: 6,
+            max_depth: 5,
+        };
+        IndexReader::with_limits(&bytes, &at).unwrap();
+        assert_eq!(
+            IndexReader::with_limits(
+                &bytes,
+                &ReadLimits {
+                    max_len: bytes.len() - 1,
+                    ..at
+                }
+            )
+            .err(),
+            Some(IndexError::TooLong {
+                len: bytes.len(),
+                limit: bytes.len() - 1
+            })
+        );
+        assert_eq!(
+            IndexReader::with_limits(
+                &bytes,
+                &ReadLimits {
+                    max_inodes: 5,
+                    ..at
+                }
+            )
+            .err(),
+            Some(IndexError::TooMany {
+                what: "inodes",
+                count: 6,
+                limit: 5
+            })
+        );
+        assert_eq!(
+            IndexReader::with_limits(&bytes, &ReadLimits { max_depth: 4, ..at }).err(),
+            Some(IndexError::TooDeep {
+                ino: 6,
+                depth: 5,
+                limit: 4
+            })
+        );
+        // The defaults take a tree 1024 deep and refuse 1025.
+        IndexReader::new(nested(DEFAULT_MAX_DEPTH as usize)).unwrap();
+        assert!(matches!(
+            IndexReader::new(nested(DEFAULT_MAX_DEPTH as usize + 1)),
+            Err(IndexError::TooDeep { .. })
+        ));
+    }
+
+    #[test]
+    fn a_chunk_claiming_more_than_lz4_can_expand_is_refused() {
+        let mut b = sample();
+        b.chunk_size = 1 << 20;
+        b.blob_size = 1 << 20;
+        for n in &mut b.nodes {
+            if n.kind == InodeKind::File {
+                n.size = 1 << 20;
+                n.chunks = vec![0];
+            }
+        }
+        b.chunks.truncate(1);
+        b.chunks[0].uncompressed_len = 1 << 20;
+        // 1 MiB from 4096 stored bytes (256:1 with slack): the most lz4 can do.
+        b.chunks[0].stored_len = ((1u64 << 20) - LZ4_RATIO_SLACK).div_ceil(LZ4_MAX_RATIO) as u32;
+        IndexReader::new(b.encode().unwrap()).unwrap();
+        b.chunks[0].stored_len -= 1;
+        let Err(IndexError::BadChunk { reason, .. }) = IndexReader::new(b.encode().unwrap()) else {
+            panic!("an impossible expansion was accepted");
+        };
+        assert!(reason.contains("lz4"), "{reason}");
     }
 
     #[test]

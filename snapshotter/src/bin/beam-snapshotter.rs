@@ -299,7 +299,8 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
             .trust(beam::store::Trust {
                 referrer_repositories: config.remote.trust_referrers.clone(),
             })
-            .whole_layer_max_bytes(config.fetch.whole_layer_max_bytes);
+            .whole_layer_max_bytes(config.fetch.whole_layer_max_bytes)
+            .index_limits(config.remote.index_limits());
         if config.takeover.enabled {
             let socket = config.holder_socket();
             let grace = std::time::Duration::from_secs_f64(config.takeover.grace_secs);

@@ -53,6 +53,8 @@ pub struct LazyLayers {
     index_loads: Arc<Mutex<HashMap<String, IndexLoad>>>,
     /// Layers whose chunk blob is at most this many bytes are fetched whole while they mount.
     whole_layer_max_bytes: u64,
+    /// What an index may hold (size, inodes, depth): `[remote] max_index_*`.
+    index_limits: crate::format::ReadLimits,
     /// Clients for the settings `beam pull` sent with a layer (issue 12), by those settings.
     pull_clients: Mutex<
         HashMap<crate::registry::PullTransport, (RegistryOptions, Arc<crate::registry::Registry>)>,
@@ -122,6 +124,7 @@ impl LazyLayers {
             artifacts: Mutex::new(HashMap::new()),
             index_loads: Arc::new(Mutex::new(HashMap::new())),
             whole_layer_max_bytes: DEFAULT_WHOLE_LAYER_MAX_BYTES,
+            index_limits: crate::format::ReadLimits::default(),
             fetcher,
             registry,
             mount,
@@ -153,6 +156,12 @@ impl LazyLayers {
     /// Fetch layers whose chunk blob is at most `bytes` whole while they mount (0: never).
     pub fn whole_layer_max_bytes(mut self, bytes: u64) -> Self {
         self.whole_layer_max_bytes = bytes;
+        self
+    }
+
+    /// Refuse indexes past these limits (the layer is then downloaded in full).
+    pub fn index_limits(mut self, limits: crate::format::ReadLimits) -> Self {
+        self.index_limits = limits;
         self
     }
 
@@ -321,10 +330,27 @@ impl LazyLayers {
         let layer = layer.clone();
         let loads_map = self.index_loads.clone();
         let key = digest.clone();
+        let limits = self.index_limits;
         let load = async move {
-            let r = mount::load_index(&store, &cache, &layer)
+            let r = mount::load_index(&store, &cache, &layer, &limits)
                 .await
-                .map_err(|e| format!("{e:#}"));
+                .map_err(|e| {
+                    let over = e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<crate::format::IndexError>(),
+                            Some(
+                                crate::format::IndexError::TooLong { .. }
+                                    | crate::format::IndexError::TooMany { .. }
+                                    | crate::format::IndexError::TooDeep { .. }
+                            )
+                        )
+                    });
+                    if over {
+                        format!("{e:#} (the node's limit: [remote] max_index_bytes, max_index_inodes, max_index_depth)")
+                    } else {
+                        format!("{e:#}")
+                    }
+                });
             // Done: later loads read the cached file.
             loads_map.lock().expect("index loads lock").remove(&key);
             r

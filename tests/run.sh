@@ -32,7 +32,7 @@ for l in sys.stdin:
   echo "== $pkg ${*:-(all)} as nobody"
   (cd /tmp && runuser -u nobody -- "$exe" "$@" --test-threads=2)
 }
-for t in "beam-format" "beam mount::tests"; do
+for t in "beam-format" "beam mount::tests" "beam unpack::tests"; do
   # shellcheck disable=SC2086
   unprivileged $t 2>&1 | tee -a "$log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1

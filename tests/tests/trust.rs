@@ -108,6 +108,20 @@ fn a_bound_conversion_serves_its_pinned_digest_and_runs_without_beam() -> Result
             .is_some_and(|a| a.contains("bound by the image manifest")),
         "beam pull does not say the rule: {r}"
     );
+    // beam status says it too, per layer.
+    let st = beam::ok(&[
+        "status",
+        "--address",
+        &d.socket().display().to_string(),
+        "--json",
+    ])?;
+    let st: serde_json::Value = serde_json::from_str(&st)?;
+    ensure!(
+        st["layers"][0]["admitted"]
+            .as_str()
+            .is_some_and(|a| a.contains("bound by the image manifest")),
+        "beam status: {st}"
+    );
     drop(c);
     drop(d);
 

@@ -82,6 +82,11 @@ impl ControlService {
                     read_errors: state.map(|l| l.read_errors).unwrap_or(0),
                     held: state.is_some_and(|l| l.held),
                     passthrough_opens: state.map(|l| l.passthrough_opens).unwrap_or(0),
+                    admitted: r
+                        .labels
+                        .get(crate::labels::ADMITTED)
+                        .cloned()
+                        .unwrap_or_default(),
                     taken_over_unix_ms: state
                         .and_then(|l| l.taken_over_at)
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())

@@ -29,6 +29,7 @@ pub async fn run(args: Args) -> Result<()> {
                     "chunks_cached": l.chunks_cached, "reads": l.reads,
                     "read_errors": l.read_errors, "held": l.held,
                     "passthrough_opens": l.passthrough_opens,
+                    "admitted": l.admitted,
                     "taken_over_unix_ms": (l.taken_over_unix_ms > 0)
                         .then_some(l.taken_over_unix_ms),
                 })
@@ -110,10 +111,11 @@ pub async fn run(args: Args) -> Result<()> {
                 "mounted by this daemon".to_string()
             };
             println!(
-                        "layer {} ({})\n  snapshot {}\n  connection {connection}\n  fetched {}/{} chunks, {} reads, {} errors, at {}",
+                        "layer {} ({})\n  snapshot {}\n  admitted: {}\n  connection {connection}\n  fetched {}/{} chunks, {} reads, {} errors, at {}",
                         l.layer,
                         l.image,
                         l.snapshot,
+                        if l.admitted.is_empty() { "(before this version)" } else { &l.admitted },
                         l.chunks_cached,
                         l.chunks_total,
                         l.reads,

@@ -30,7 +30,46 @@ pub struct Recorded {
     pub exit_code: Option<i32>,
 }
 
-/// Mount `store`'s image, run `cmd` chrooted into it (killed after `timeout`), and publish the
+/// The capabilities a container gets by default (Docker's and containerd's default set); the
+/// workload keeps no other (no `CAP_SYS_ADMIN`: it cannot mount, load modules or leave its root).
+const CONTAINER_CAPS: &str = "-all,+chown,+dac_override,+fowner,+fsetid,+kill,+setgid,+setuid,\
++setpcap,+net_bind_service,+net_raw,+sys_chroot,+mknod,+audit_write,+setfcap";
+
+/// `cmd` run isolated in the image mounted at `root` (issue 16), as a container would be, by
+/// util-linux's `unshare` and `setpriv`:
+/// - its own mount, PID, network, IPC and UTS namespaces (PID 1 of its own; only a loopback
+///   interface, which is down; killed with everything it started when `beam record` stops it);
+/// - the image's root bind-mounted `nosuid,nodev` in that mount namespace: a device node in the
+///   image opens no host device, a setuid binary gains nothing;
+/// - `no_new_privs` and the container default capability bounding set;
+/// - chrooted into the image.
+fn isolated(root: &std::path::Path, cmd: &[String]) -> tokio::process::Command {
+    const SCRIPT: &str = r#"t="$0"; caps="$1"; shift
+mount --bind "$t" "$t" && mount -o remount,bind,nosuid,nodev "$t" &&
+exec setpriv --no-new-privs --bounding-set "$caps" chroot "$t" "$@""#;
+    let mut c = tokio::process::Command::new("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--net",
+        "--ipc",
+        "--uts",
+        "--",
+        "/bin/sh",
+        "-c",
+        SCRIPT,
+    ])
+    .arg(root)
+    .arg(CONTAINER_CAPS)
+    .args(cmd);
+    c
+}
+
+/// Mount `store`'s image, run `cmd` isolated in it ([`isolated`]) (killed after `timeout`), and publish the
 /// recorded artifact.
 pub async fn record(
     store: &Store,
@@ -55,12 +94,10 @@ pub async fn record(
         mounter: crate::mounter::system(),
     };
     let mounted = mount_image(store, fetcher, target.path(), None, &opts).await?;
-    let mut child = tokio::process::Command::new("chroot")
-        .arg(target.path())
-        .args(cmd)
+    let mut child = isolated(target.path(), cmd)
         .kill_on_drop(true)
         .spawn()
-        .context("starting the workload (chroot)")?;
+        .context("starting the workload (unshare, from util-linux)")?;
     let exit_code = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(status) => status?.code(),
         Err(_) => {

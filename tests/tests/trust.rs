@@ -339,3 +339,48 @@ fn a_layer_past_the_nodes_index_limit_is_downloaded_and_the_others_stay_lazy() -
     ensure!(out == "still lazy\n", "{out:?}");
     Ok(())
 }
+
+#[test]
+fn beam_record_runs_the_workload_isolated() -> Result<()> {
+    util::require_root()?;
+    let fx = beam_tests::Fixture::with_registry()?;
+    // An image that ships a device node (1,3: the null device, harmless if it were opened).
+    let dev_tar = fx.path("dev.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&dev_tar)?);
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Char);
+        h.set_mode(0o666);
+        h.set_size(0);
+        h.set_mtime(1_700_000_000);
+        h.set_device_major(1)?;
+        h.set_device_minor(3)?;
+        b.append_data(&mut h, "hostdev", &[][..])?;
+        b.finish()?;
+    }
+    let image = fx.image("iso").busybox()?.tars(&[dev_tar]).build()?;
+    let reference = image.convert("iso/app:v1", &[])?.reference;
+    let script = "echo pid=$$; \
+                  if cat /hostdev >/dev/null 2>&1; then echo dev=opened; else echo dev=refused; fi; \
+                  echo links=$(ip -o link | wc -l)";
+    let out = beam::ok(&[
+        "record",
+        "--plain-http",
+        "--cache-dir",
+        &fx.path("cache").display().to_string(),
+        "--work-dir",
+        &fx.path("work").display().to_string(),
+        &reference,
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ])?;
+    // PID 1 of its own PID namespace; the image's device node opens nothing (nodev); a network
+    // namespace of its own, with the loopback interface only.
+    ensure!(out.contains("pid=1\n"), "{out}");
+    ensure!(out.contains("dev=refused\n"), "{out}");
+    ensure!(out.contains("links=1\n"), "{out}");
+    ensure!(out.contains("recorded"), "{out}");
+    Ok(())
+}

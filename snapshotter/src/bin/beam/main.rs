@@ -31,7 +31,8 @@ enum Command {
     /// Mount a converted image read-only at DIR, lazily; IMAGE@LAYER_DIGEST mounts one layer.
     /// Runs until Ctrl-C or SIGTERM, then unmounts.
     Mount(mount::Args),
-    /// Run CMD chrooted into a lazy mount of IMAGE, record the order in which it opens files,
+    /// Run CMD isolated in a lazy mount of IMAGE (own namespaces, nosuid/nodev, no new
+    /// privileges, container capabilities), record the order in which it opens files,
     /// and publish a Beam artifact whose prefetch lists follow that order.
     Record(record::Args),
     /// Ask a running beam-snapshotter what it is doing: lazy layers and their fetch progress,

@@ -113,6 +113,41 @@ fn wide() -> IndexBuilder {
     b
 }
 
+/// At the reader's limits (issue 16): directories nested exactly `DEFAULT_MAX_DEPTH` deep, a
+/// 16 MiB chunk at the largest expansion lz4 can give, 255-byte names, extreme field values.
+fn at_limits() -> IndexBuilder {
+    use beam_format::index::DEFAULT_MAX_DEPTH;
+    let mut nodes = vec![Node::new(InodeKind::Dir, 0o7777)];
+    let mut parent = 0;
+    for _ in 0..DEFAULT_MAX_DEPTH {
+        nodes.push(Node::new(InodeKind::Dir, 0o755));
+        let id = nodes.len() - 1;
+        nodes[parent].children.insert(b"d".to_vec(), id);
+        parent = id;
+    }
+    let max = beam_format::MAX_CHUNK_SIZE;
+    let mut big = Node::new(InodeKind::File, 0o7777);
+    big.size = max as u64;
+    big.chunks = vec![0];
+    big.uid = u32::MAX;
+    big.gid = u32::MAX;
+    big.mtime = i64::MAX;
+    big.mtime_nsec = 999_999_999;
+    big.xattrs.insert(vec![b'x'; 255], vec![0xff; 4096]);
+    nodes.push(big);
+    let id = nodes.len() - 1;
+    nodes[parent].children.insert(vec![b'n'; 255], id);
+    let mut dev = Node::new(InodeKind::CharDev, 0o600);
+    dev.rdev = (u32::MAX, u32::MAX);
+    dev.mtime = i64::MIN;
+    nodes.push(dev);
+    let id = nodes.len() - 1;
+    nodes[0].children.insert(vec![0xfe; 255], id);
+    // The fewest stored bytes the reader accepts for a full chunk (lz4's 255:1, with slack).
+    let stored = (max - 1024).div_ceil(255);
+    builder(max, nodes, vec![chunk(9, 0, stored, max)])
+}
+
 fn main() {
     let dir = std::env::args_os()
         .nth(1)
@@ -124,6 +159,7 @@ fn main() {
         ("sample", beam_format::index::sample()),
         ("every-kind", every_kind()),
         ("wide", wide()),
+        ("at-limits", at_limits()),
     ]
     .into_iter()
     .collect();

@@ -129,7 +129,7 @@ impl Registry {
         let mut refreshed = false;
         let resp = loop {
             match self
-                .client()
+                .client(r)
                 .pull_blob_stream_partial(r, digest, offset, Some(len))
                 .await
             {

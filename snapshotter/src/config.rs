@@ -290,11 +290,19 @@ impl Config {
                 .filter(|h| h.plain_http)
                 .map(|h| h.host.clone())
                 .collect(),
-            ca_files: self
-                .registry
-                .iter()
-                .filter_map(|h| h.ca_file.clone())
-                .collect(),
+            ca_files: Vec::new(),
+            // A registry's CA is trusted for it and the mirrors listed with it, nowhere else.
+            host_ca_files: {
+                let mut m = std::collections::BTreeMap::<String, Vec<PathBuf>>::new();
+                for h in &self.registry {
+                    if let Some(ca) = &h.ca_file {
+                        for host in std::iter::once(&h.host).chain(&h.mirrors) {
+                            m.entry(host.clone()).or_default().push(ca.clone());
+                        }
+                    }
+                }
+                m
+            },
             mirrors: Vec::new(),
             host_mirrors: self
                 .registry

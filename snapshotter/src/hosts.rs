@@ -152,8 +152,27 @@ pub fn apply_hosts_dir(dir: &Path, opts: &mut RegistryOptions) -> Result<Vec<Str
                     .push(host);
             }
         }
+        // A CA vouches for the hosts of its file: the registry and its server.
         if let Some(ca) = &file.ca {
-            opts.ca_files.extend(ca.paths());
+            let server = file
+                .server
+                .as_deref()
+                .and_then(split_url)
+                .map(|(_, h)| h)
+                .filter(|_| !is_default);
+            let hosts: Vec<String> = if is_default {
+                // `_default`: every host without a directory of its own; scoping it to one is
+                // impossible, so it stays global (as containerd treats it).
+                Vec::new()
+            } else {
+                std::iter::once(registry.clone()).chain(server).collect()
+            };
+            if hosts.is_empty() {
+                opts.ca_files.extend(ca.paths());
+            }
+            for h in hosts {
+                opts.host_ca_files.entry(h).or_default().extend(ca.paths());
+            }
         }
         if file.skip_verify == Some(true) {
             warnings.push(format!(
@@ -186,7 +205,10 @@ pub fn apply_hosts_dir(dir: &Path, opts: &mut RegistryOptions) -> Result<Vec<Str
                 opts.plain_http_hosts.push(host.clone());
             }
             if let Some(ca) = &entry.ca {
-                opts.ca_files.extend(ca.paths());
+                opts.host_ca_files
+                    .entry(host.clone())
+                    .or_default()
+                    .extend(ca.paths());
             }
             for (what, set) in [
                 ("skip_verify", entry.skip_verify == Some(true)),
@@ -218,6 +240,10 @@ pub fn apply_hosts_dir(dir: &Path, opts: &mut RegistryOptions) -> Result<Vec<Str
     opts.plain_http_hosts.dedup();
     opts.ca_files.sort();
     opts.ca_files.dedup();
+    for cas in opts.host_ca_files.values_mut() {
+        cas.sort();
+        cas.dedup();
+    }
     Ok(warnings)
 }
 
@@ -275,7 +301,16 @@ mod tests {
             o.plain_http_hosts,
             vec!["127.0.0.1:5000".to_string(), "mirror-b:5000".to_string()]
         );
-        assert_eq!(o.ca_files, vec![PathBuf::from("/etc/certs/a.pem")]);
+        // The CA is for mirror-a only: it vouches for no other host.
+        assert!(o.ca_files.is_empty(), "{:?}", o.ca_files);
+        assert_eq!(
+            o.host_ca_files,
+            [(
+                "mirror-a:5000".to_string(),
+                vec![PathBuf::from("/etc/certs/a.pem")]
+            )]
+            .into()
+        );
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("skip_verify"));
     }

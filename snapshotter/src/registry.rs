@@ -23,8 +23,12 @@ pub struct RegistryOptions {
     pub plain_http: bool,
     /// Plain HTTP for these hosts (`host` or `host:port`).
     pub plain_http_hosts: Vec<String>,
-    /// PEM files of extra CAs to trust.
+    /// PEM files of extra CAs to trust for every registry (`--ca-file` of a command).
     pub ca_files: Vec<PathBuf>,
+    /// PEM files of CAs trusted for one registry host only (a `hosts.toml`'s `ca`, a
+    /// `[[registry]]`'s `ca_file`, the `--ca-file` of the `beam pull` that named the host):
+    /// a CA given for one host never vouches for another (issue 16).
+    pub host_ca_files: std::collections::BTreeMap<String, Vec<PathBuf>>,
     /// Mirror hosts tried in order before the origin for blob reads of every registry.
     pub mirrors: Vec<String>,
     /// Mirror hosts for one registry host only.
@@ -80,6 +84,7 @@ impl RegistryOptions {
             ca_files: self
                 .ca_files
                 .iter()
+                .chain(self.host_ca_files.get(host).into_iter().flatten())
                 .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()))
                 .collect(),
             mirrors,
@@ -94,9 +99,11 @@ impl RegistryOptions {
         if t.plain_http && !o.plain_http_hosts.contains(&t.host) {
             o.plain_http_hosts.push(t.host.clone());
         }
+        // The pull's CAs vouch for its registry host, not for every host of this client.
+        let cas = o.host_ca_files.entry(t.host.clone()).or_default();
         for f in &t.ca_files {
-            if !o.ca_files.contains(f) {
-                o.ca_files.push(f.clone());
+            if !cas.contains(f) {
+                cas.push(f.clone());
             }
         }
         if !t.mirrors.is_empty() {
@@ -133,7 +140,10 @@ pub const MAX_MANIFEST_LEN: usize = 4 << 20;
 
 /// A registry client shared by everything in one process.
 pub struct Registry {
+    /// The client of every host without CAs of its own.
     client: Client,
+    /// The clients of hosts with CAs of their own: each trusts the global CAs and its own.
+    host_clients: std::collections::BTreeMap<String, Client>,
     /// Where credentials come from (None: the Docker config of this process).
     docker_config: Option<PathBuf>,
     /// Credentials per registry, read once (credential helpers are processes: not one per
@@ -268,25 +278,34 @@ impl Registry {
         } else {
             ClientProtocol::Https
         };
-        let mut extra_root_certificates = Vec::new();
-        for f in &opts.ca_files {
-            let data =
-                std::fs::read(f).with_context(|| format!("reading CA file {}", f.display()))?;
-            extra_root_certificates.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            });
-        }
-        let config = ClientConfig {
-            protocol,
+        let read = |files: &mut dyn Iterator<Item = &PathBuf>| -> Result<Vec<Certificate>> {
+            files
+                .map(|f| {
+                    let data = std::fs::read(f)
+                        .with_context(|| format!("reading CA file {}", f.display()))?;
+                    Ok(Certificate {
+                        encoding: CertificateEncoding::Pem,
+                        data,
+                    })
+                })
+                .collect()
+        };
+        let config = |extra_root_certificates| ClientConfig {
+            protocol: protocol.clone(),
             extra_root_certificates,
             connect_timeout: Some(std::time::Duration::from_secs(10)),
             read_timeout: Some(std::time::Duration::from_secs(60)),
             platform_resolver: None,
             ..Default::default()
         };
+        let mut host_clients = std::collections::BTreeMap::new();
+        for (host, files) in &opts.host_ca_files {
+            let certs = read(&mut opts.ca_files.iter().chain(files))?;
+            host_clients.insert(host.clone(), Client::new(config(certs)));
+        }
         Ok(Registry {
-            client: Client::new(config),
+            client: Client::new(config(read(&mut opts.ca_files.iter())?)),
+            host_clients,
             docker_config: opts.docker_config.clone(),
             credentials: Default::default(),
         })
@@ -318,22 +337,25 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(registry.to_string(), auth.clone());
-        self.client
+        self.client(r)
             .auth(r, &auth, oci_client::RegistryOperation::Pull)
             .await
             .with_context(|| format!("renewing the token for {registry}"))?;
         Ok(())
     }
 
-    /// The underlying client (for the fetcher's Range requests).
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
+    /// The client for `r`'s host: its own when the host has CAs of its own.
+    pub(crate) fn client(&self, r: &Reference) -> &Client {
+        self.host_clients
+            .get(r.registry())
+            .or_else(|| self.host_clients.get(r.resolve_registry()))
+            .unwrap_or(&self.client)
     }
 
     /// Make sure credentials for `r`'s registry are known to the client.
     pub(crate) async fn ensure_login(&self, r: &Reference) {
         let registry = r.resolve_registry();
-        self.client
+        self.client(r)
             .store_auth_if_needed(registry, &self.auth(registry))
             .await;
     }
@@ -342,7 +364,7 @@ impl Registry {
     async fn login(&self, r: &Reference) -> Result<()> {
         let registry = r.resolve_registry();
         let auth = self.auth(registry);
-        self.client.store_auth_if_needed(registry, &auth).await;
+        self.client(r).store_auth_if_needed(registry, &auth).await;
         Ok(())
     }
 
@@ -350,7 +372,7 @@ impl Registry {
     pub async fn manifest(&self, r: &Reference) -> Result<(Vec<u8>, String, String)> {
         self.login(r).await?;
         let (bytes, _registry_digest) = self
-            .client
+            .client(r)
             .pull_manifest_raw(
                 r,
                 &self.auth(r.resolve_registry()),
@@ -391,7 +413,7 @@ impl Registry {
         }
         self.login(r).await?;
         let mut stream = self
-            .client
+            .client(r)
             .pull_blob_stream(r, desc.digest.as_str())
             .await
             .with_context(|| format!("fetching blob {} of {r}", desc.digest))?;
@@ -442,7 +464,7 @@ impl Registry {
             data: Vec::with_capacity(desc.size as usize),
             max: desc.size as usize,
         };
-        self.client
+        self.client(r)
             .pull_blob(r, desc.digest.as_str(), &mut out)
             .await
             .with_context(|| format!("fetching blob {} of {r}", desc.digest))?;
@@ -459,7 +481,7 @@ impl Registry {
     /// Whether blob `digest` is in `r`'s repository.
     pub async fn blob_exists(&self, r: &Reference, digest: &str) -> Result<bool> {
         self.login(r).await?;
-        self.client
+        self.client(r)
             .blob_exists(r, digest)
             .await
             .with_context(|| format!("checking blob {digest} in {r}"))
@@ -470,7 +492,7 @@ impl Registry {
         let digest = oci::sha256_digest(&data);
         let size = data.len() as u64;
         if !self.blob_exists(r, &digest).await? {
-            self.client
+            self.client(r)
                 .push_blob(r, data, &digest)
                 .await
                 .with_context(|| format!("pushing blob {digest} to {r}"))?;
@@ -493,7 +515,7 @@ impl Registry {
             let data = tokio::fs::read(path)
                 .await
                 .with_context(|| format!("reading {}", path.display()))?;
-            self.client
+            self.client(r)
                 .push_blob(r, data, digest)
                 .await
                 .with_context(|| format!("pushing blob {digest} to {r}"))?;
@@ -507,7 +529,7 @@ impl Registry {
                 oci_client::errors::OciDistributionError::GenericError(Some(e.to_string()))
             })
         });
-        self.client
+        self.client(r)
             .push_blob_stream(r, stream, digest, Some(size))
             .await
             .with_context(|| format!("pushing blob {digest} to {r}"))?;
@@ -526,7 +548,7 @@ impl Registry {
         let ct = media_type
             .parse()
             .map_err(|_| anyhow!("invalid media type {media_type:?}"))?;
-        self.client
+        self.client(r)
             .push_manifest_raw(r, bytes, ct)
             .await
             .with_context(|| format!("pushing manifest {digest} to {r}"))?;
@@ -544,7 +566,7 @@ impl Registry {
         let mut out: Vec<String> = Vec::new();
         loop {
             let page = self
-                .client
+                .client(&r)
                 .catalog(&r, &auth, Some(PAGE), out.last().map(String::as_str))
                 .await
                 .with_context(|| format!("listing the repositories of {host}"))?;
@@ -564,7 +586,7 @@ impl Registry {
         let mut out: Vec<String> = Vec::new();
         loop {
             let page = self
-                .client
+                .client(r)
                 .list_tags(r, &auth, Some(PAGE), out.last().map(String::as_str))
                 .await
                 .with_context(|| format!("listing the tags of {}", r.repository()))?;
@@ -584,7 +606,7 @@ impl Registry {
         // Both at once: the API and the tag fallback (registries without the API, such as
         // Distribution 2.8, answer the first with 404), one round trip instead of two.
         let (api, tag) = tokio::join!(
-            self.client.pull_referrers(&at, None),
+            self.client(&at).pull_referrers(&at, None),
             self.referrers_tag_index(r, subject)
         );
         if let Ok(index) = api {
@@ -617,7 +639,7 @@ impl Registry {
         desc: &Descriptor,
     ) -> Result<()> {
         let at = with_digest(r, subject);
-        if let Ok(index) = self.client.pull_referrers(&at, None).await {
+        if let Ok(index) = self.client(&at).pull_referrers(&at, None).await {
             if index.manifests.iter().any(|m| m.digest == desc.digest) {
                 return Ok(());
             }
@@ -877,7 +899,14 @@ mod tests {
         let o = daemon.with_transport(&back);
         assert!(!o.plain_http, "plain HTTP for the pull's host only");
         assert_eq!(o.plain_http_hosts, ["other:5000", "r:5000"]);
-        assert_eq!(o.ca_files, [PathBuf::from("/etc/ca.pem")]);
+        // The pull's CA is trusted for its registry host only.
+        assert!(o.ca_files.is_empty());
+        assert_eq!(o.host_ca_files["r:5000"], [PathBuf::from("/etc/ca.pem")]);
+        assert_eq!(
+            o.transport_for("r:5000").ca_files,
+            [PathBuf::from("/etc/ca.pem")]
+        );
+        assert!(o.transport_for("other:5000").ca_files.is_empty());
         assert_eq!(o.host_mirrors["r:5000"], ["m:5000", "all:5000", "d:5000"]);
         assert_eq!(
             o.docker_config,

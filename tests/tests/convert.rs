@@ -559,5 +559,37 @@ fn https_registry_with_a_custom_ca() -> Result<()> {
         inspect.contains("artifact"),
         "inspect over HTTPS: {inspect}"
     );
+
+    // A CA in containerd's hosts directory is trusted for its own host only (issue 16): given
+    // for another registry it does not vouch for this one; given for this one it does.
+    let hosts_for = |name: &str, host: &str| -> Result<std::path::PathBuf> {
+        let dir = d.join(format!("hosts-{name}"));
+        std::fs::create_dir_all(dir.join(host))?;
+        std::fs::write(
+            dir.join(host).join("hosts.toml"),
+            format!("server = \"https://{host}\"\nca = \"{ca}\"\n"),
+        )?;
+        Ok(dir)
+    };
+    let elsewhere = hosts_for("elsewhere", "other.example:5000")?;
+    let out = beam(&[
+        "inspect",
+        "--hosts-dir",
+        elsewhere.to_str().context("utf-8")?,
+        &image,
+    ])?;
+    ensure!(
+        !out.status.success(),
+        "a CA given for other.example:5000 vouched for {}",
+        reg.addr()
+    );
+    let here = hosts_for("here", &reg.addr())?;
+    let inspect = beam_ok(&[
+        "inspect",
+        "--hosts-dir",
+        here.to_str().context("utf-8")?,
+        &image,
+    ])?;
+    ensure!(inspect.contains("artifact"), "inspect: {inspect}");
     Ok(())
 }

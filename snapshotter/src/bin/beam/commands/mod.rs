@@ -45,6 +45,7 @@ impl RegistryFlags {
             plain_http: self.plain_http,
             plain_http_hosts: self.plain_http_hosts.clone(),
             ca_files: self.ca_files.clone(),
+            host_ca_files: Default::default(),
             mirrors: self.mirrors.clone(),
             host_mirrors: Default::default(),
             docker_config: None,

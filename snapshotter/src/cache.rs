@@ -375,6 +375,12 @@ impl ChunkCache {
         pins.values().flat_map(|s| s.iter().copied()).collect()
     }
 
+    /// Whether the cache has a budget and would use 90% of it or more with `extra` bytes more:
+    /// background fill stops there.
+    pub fn near_budget(&self, extra: u64) -> bool {
+        self.budget > 0 && self.used().saturating_add(extra) >= self.budget / 10 * 9
+    }
+
     /// Bytes used by chunks and assembled files (as tracked since open).
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)

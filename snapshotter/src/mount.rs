@@ -435,9 +435,25 @@ pub async fn background_fetch(
     // `fill`) the rest at background priority in requests sized to the link, one per batch so
     // that each waits its turn behind the foreground. Batches never mix the two (a batch is
     // fetched in offset order).
+    // Background fill takes only chunks that files reference (an index may list others; a
+    // hostile one, many), in blob order.
     let mut rest = Vec::new();
     if fill {
-        rest.extend((0..index.chunk_count()).filter(|c| !seen.contains(c)));
+        let mut referenced = vec![false; index.chunk_count() as usize];
+        for ino in 1..=index.inode_count() {
+            if let Ok(r) = index.inode(ino) {
+                if r.kind == InodeKind::File {
+                    for c in index.file_chunks(&r) {
+                        if let Some(x) = referenced.get_mut(c as usize) {
+                            *x = true;
+                        }
+                    }
+                }
+            }
+        }
+        rest.extend(
+            (0..index.chunk_count()).filter(|c| referenced[*c as usize] && !seen.contains(c)),
+        );
     }
     for (chunks, p) in [
         (order, crate::fetch::Priority::Prefetch),
@@ -445,19 +461,39 @@ pub async fn background_fetch(
     ] {
         let mut batch: Vec<ChunkRef> = Vec::new();
         let mut batch_bytes = 0u64;
+        // What the batch takes in the cache (chunks are stored decompressed).
+        let mut batch_cached = 0u64;
         let n = chunks.len();
         for (i, c) in chunks.into_iter().enumerate() {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            if let Ok(rec) = index.chunk(c) {
-                if !fetcher.cache.contains(&rec.digest) {
-                    batch_bytes += rec.stored_len as u64;
-                    batch.push(ChunkRef {
-                        rec,
-                        source: source.clone(),
-                    });
+            let Ok(rec) = index.chunk(c) else { continue };
+            // Fill stops short of the cache budget: past it, it would only evict what it
+            // fetched (or what readers need) to make room. Reads still fetch what they need.
+            if p == crate::fetch::Priority::Background
+                && fetcher
+                    .cache
+                    .near_budget(batch_cached + rec.uncompressed_len as u64)
+            {
+                if !batch.is_empty() {
+                    if let Err(e) = fetcher.ensure(&batch, p).await {
+                        tracing::info!("background fetch: {e}; will retry on demand");
+                    }
                 }
+                tracing::info!(
+                    source = %source.describe(),
+                    "background fill stops: the cache is at 90% of its budget"
+                );
+                return;
+            }
+            if !fetcher.cache.contains(&rec.digest) {
+                batch_cached += rec.uncompressed_len as u64;
+                batch_bytes += rec.stored_len as u64;
+                batch.push(ChunkRef {
+                    rec,
+                    source: source.clone(),
+                });
             }
             let max = match p {
                 crate::fetch::Priority::Background => fetcher.background_request_bytes(),
@@ -469,6 +505,7 @@ pub async fn background_fetch(
                 }
                 batch.clear();
                 batch_bytes = 0;
+                batch_cached = 0;
             }
         }
     }
@@ -819,5 +856,95 @@ mod tests {
         let before = s.mounter.calls().len();
         mounted.leave_mounted();
         assert_eq!(s.mounter.calls().len(), before);
+    }
+
+    /// A layer whose index lists `n` chunks of 4 KiB; the files reference the first
+    /// `referenced` of them. Its chunk blob is a file in `dir`.
+    fn layer_with_chunks(
+        dir: &Path,
+        n: usize,
+        referenced: usize,
+    ) -> (SharedIndex, Arc<dyn RangeSource>) {
+        use crate::format::chunk;
+        use crate::format::index::{ChunkRecord, IndexBuilder, Node};
+        let mut blob = Vec::new();
+        let mut chunks = Vec::new();
+        for i in 0..n {
+            let data: Vec<u8> = (0..4096u32)
+                .map(|j| ((j * (i as u32 + 7)) % 253) as u8)
+                .collect();
+            let c = chunk::compress(&data);
+            chunks.push(ChunkRecord {
+                digest: c.digest,
+                offset: blob.len() as u64,
+                stored_len: c.stored.len() as u32,
+                uncompressed_len: c.uncompressed_len,
+            });
+            blob.extend_from_slice(&c.stored);
+        }
+        let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
+        for i in 0..referenced {
+            let mut f = Node::new(InodeKind::File, 0o644);
+            f.size = 4096;
+            f.chunks = vec![i as u32];
+            nodes.push(f);
+            let id = nodes.len() - 1;
+            nodes[0].children.insert(format!("f{i}").into_bytes(), id);
+        }
+        let index = IndexBuilder {
+            chunk_size: 4096,
+            blob_size: blob.len() as u64,
+            nodes,
+            chunks,
+            prefetch: Vec::new(),
+        }
+        .encode()
+        .unwrap();
+        let path = dir.join("chunks");
+        std::fs::write(&path, &blob).unwrap();
+        (
+            Arc::new(IndexReader::new(index).unwrap()),
+            Arc::new(crate::blob::LayoutBlob { path }),
+        )
+    }
+
+    fn fetcher_with_budget(dir: &Path, budget: u64) -> Arc<Fetcher> {
+        Arc::new(Fetcher::new(
+            Arc::new(ChunkCache::open(dir, budget).unwrap()),
+            FetchOptions::default(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn background_fill_takes_only_chunks_files_reference() {
+        let work = tempfile::tempdir().unwrap();
+        let (index, source) = layer_with_chunks(work.path(), 6, 3);
+        let fetcher = fetcher_with_budget(&work.path().join("cache"), 0);
+        let stop = Arc::new(AtomicBool::new(false));
+        background_fetch(index.clone(), source, fetcher.clone(), stop, true).await;
+        for c in 0..6 {
+            let d = index.chunk(c).unwrap().digest;
+            assert_eq!(fetcher.cache.contains(&d), c < 3, "chunk {c}");
+        }
+    }
+
+    #[tokio::test]
+    async fn background_fill_stops_short_of_the_cache_budget() {
+        let work = tempfile::tempdir().unwrap();
+        let (index, source) = layer_with_chunks(work.path(), 40, 40);
+        // Room for about ten of the forty chunks.
+        let budget = 10 * 4096;
+        let fetcher = fetcher_with_budget(&work.path().join("cache"), budget);
+        let stop = Arc::new(AtomicBool::new(false));
+        background_fetch(index.clone(), source, fetcher.clone(), stop, true).await;
+        let cached = (0..40)
+            .filter(|c| fetcher.cache.contains(&index.chunk(*c).unwrap().digest))
+            .count();
+        assert!(cached > 0, "nothing was filled");
+        // Not fetched and evicted: never fetched. The chunks fetched fit the budget.
+        let fetched = fetcher.counters.chunks.load(Ordering::Relaxed);
+        assert!(fetched < 10, "{fetched} chunks fetched for room for 10");
+        assert_eq!(fetched as usize, cached);
+        assert!(fetcher.cache.used() <= budget);
     }
 }

@@ -284,3 +284,59 @@ fn beam_pull_names_the_cause_and_fix_of_a_fallback() -> Result<()> {
     drop(c);
     d.stop()
 }
+
+#[test]
+fn cache_prune_beside_a_running_daemon_keeps_what_its_layers_use() -> Result<()> {
+    let (images, d, c) = start(&["--no-background-fetch"])?;
+    let r = beam_pull(&c, &images.converted)?;
+    ensure!(r["lazy"] == 2, "beam pull: {r}");
+    let out = c.run_with(
+        &["--snapshotter", "beam"],
+        &images.converted,
+        "prune-1",
+        &["/bin/cat", "/data/hello.txt"],
+    )?;
+    ensure!(out == "hello from a lazy layer\n", "{out:?}");
+    let cache = d.root().join("cache");
+    let cache = cache.to_str().context("utf-8")?;
+    let socket = d.socket().display().to_string();
+    let stats = |what: &str| -> Result<u64> {
+        let s = beam::ok(&["cache", "stats", "--cache-dir", cache, "--json"])?;
+        let v: serde_json::Value = serde_json::from_str(&s)?;
+        v[what].as_u64().context("stats")
+    };
+    let before = stats("chunks")?;
+    ensure!(before > 0, "nothing cached");
+    // Through the daemon: the chunks its mounted layers pin stay.
+    let said = beam::ok(&[
+        "cache",
+        "prune",
+        "--cache-dir",
+        cache,
+        "--to",
+        "0",
+        "--address",
+        &socket,
+    ])?;
+    ensure!(said.contains("through beam-snapshotter"), "{said}");
+    let after = stats("chunks")?;
+    ensure!(
+        after > 0,
+        "the prune removed chunks mounted layers use: {said}"
+    );
+    // Once the image is gone, nothing pins them: the same prune empties the cache.
+    remove_images(&c, &[&images.converted])?;
+    let said = beam::ok(&[
+        "cache",
+        "prune",
+        "--cache-dir",
+        cache,
+        "--to",
+        "0",
+        "--address",
+        &socket,
+    ])?;
+    ensure!(said.contains("through beam-snapshotter"), "{said}");
+    ensure!(stats("chunks")? == 0, "{said}");
+    Ok(())
+}

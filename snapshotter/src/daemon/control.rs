@@ -107,6 +107,39 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<tonic::Response<DaemonStatus>, tonic::Status> {
         Ok(tonic::Response::new(ControlService::status(self)))
     }
+
+    async fn prune(
+        &self,
+        req: tonic::Request<pb::PruneRequest>,
+    ) -> Result<tonic::Response<pb::PruneResponse>, tonic::Status> {
+        let req = req.into_inner();
+        let Some(remote) = &self.remote else {
+            return Err(tonic::Status::not_found("this daemon has no chunk cache"));
+        };
+        let cache = remote.fetcher.cache.clone();
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if !same(Path::new(&req.cache_dir), cache.dir()) {
+            return Err(tonic::Status::not_found(format!(
+                "this daemon's cache is {}, not {}",
+                cache.dir().display(),
+                req.cache_dir
+            )));
+        }
+        let to = req.to_bytes;
+        let p = tokio::task::spawn_blocking(move || cache.prune(to).map(|p| (p, cache.used())))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .map_err(|e| tonic::Status::internal(format!("pruning the cache: {e}")))?;
+        Ok(tonic::Response::new(pb::PruneResponse {
+            removed_chunks: p.0.removed_chunks,
+            removed_files: p.0.removed_files,
+            freed_bytes: p.0.freed_bytes,
+            used_bytes: p.1,
+        }))
+    }
 }
 
 /// The tonic service to add to the daemon's server.
@@ -114,8 +147,9 @@ pub fn server(svc: ControlService) -> pb::control_server::ControlServer<ControlS
     pb::control_server::ControlServer::new(svc)
 }
 
-/// Ask the daemon listening on `socket` for its state.
-pub async fn fetch_status(socket: &Path) -> Result<DaemonStatus> {
+async fn connect(
+    socket: &Path,
+) -> Result<pb::control_client::ControlClient<tonic::transport::Channel>> {
     let socket = socket.to_path_buf();
     let shown = socket.display().to_string();
     let channel = tonic::transport::Endpoint::try_from("http://[::1]:50051")?
@@ -124,7 +158,46 @@ pub async fn fetch_status(socket: &Path) -> Result<DaemonStatus> {
         }))
         .await
         .with_context(|| format!("connecting to beam-snapshotter at {shown}"))?;
-    let mut client = pb::control_client::ControlClient::new(channel);
+    Ok(pb::control_client::ControlClient::new(channel))
+}
+
+/// What a prune through the daemon did.
+pub use pb::PruneResponse as DaemonPrune;
+
+/// Prune `cache_dir` down to `to_bytes` through the daemon on `socket`, which keeps what its
+/// mounted layers pin. `Ok(None)`: no daemon answers there, or its cache is another directory;
+/// the caller may prune the directory itself.
+pub async fn prune_through(
+    socket: &Path,
+    cache_dir: &Path,
+    to_bytes: u64,
+) -> Result<Option<DaemonPrune>> {
+    let Ok(mut client) = connect(socket).await else {
+        return Ok(None);
+    };
+    match client
+        .prune(pb::PruneRequest {
+            cache_dir: cache_dir.display().to_string(),
+            to_bytes,
+        })
+        .await
+    {
+        Ok(r) => Ok(Some(r.into_inner())),
+        Err(s) if s.code() == tonic::Code::NotFound || s.code() == tonic::Code::Unimplemented => {
+            Ok(None)
+        }
+        Err(s) => Err(anyhow::anyhow!(
+            "beam-snapshotter at {} could not prune: {}",
+            socket.display(),
+            s.message()
+        )),
+    }
+}
+
+/// Ask the daemon listening on `socket` for its state.
+pub async fn fetch_status(socket: &Path) -> Result<DaemonStatus> {
+    let shown = socket.display().to_string();
+    let mut client = connect(socket).await?;
     let r = client
         .status(pb::StatusRequest {})
         .await

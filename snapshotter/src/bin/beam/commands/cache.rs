@@ -20,13 +20,18 @@ enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove cached chunks, oldest first, down to `--to` bytes (default: everything). A
-    /// running `beam mount` fetches again what it needs.
+    /// Remove cached chunks, oldest first, down to `--to` bytes (default: everything). When
+    /// beam-snapshotter serves this cache, the prune goes through it and keeps every chunk a
+    /// mounted layer pins; otherwise the directory is pruned here (a running `beam mount`
+    /// fetches again what it needs).
     Prune {
         #[command(flatten)]
         cache: CacheFlags,
         #[arg(long, default_value_t = 0)]
         to: u64,
+        /// The daemon's socket.
+        #[arg(long, default_value = "/run/beam/beam.sock")]
+        address: std::path::PathBuf,
     },
 }
 
@@ -67,7 +72,21 @@ pub async fn run(args: Args) -> Result<()> {
             }
             Ok(())
         }
-        CacheCommand::Prune { cache, to } => {
+        CacheCommand::Prune { cache, to, address } => {
+            if let Some(p) =
+                beam::daemon::control::prune_through(&address, &cache.cache_dir, to).await?
+            {
+                println!(
+                    "removed {} chunks and {} files, freed {:.1} MB (through beam-snapshotter at \
+                     {}: chunks its mounted layers use were kept; {:.1} MB left)",
+                    p.removed_chunks,
+                    p.removed_files,
+                    p.freed_bytes as f64 / 1e6,
+                    address.display(),
+                    p.used_bytes as f64 / 1e6
+                );
+                return Ok(());
+            }
             let c = beam::cache::ChunkCache::open(&cache.cache_dir, cache.cache_budget)?;
             let p = c.prune(to)?;
             println!(

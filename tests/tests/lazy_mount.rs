@@ -533,3 +533,63 @@ fn one_layer_can_be_mounted_alone() -> Result<()> {
     m.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_full_cache_disk_is_a_clear_error_and_leaves_the_cache_whole() -> Result<()> {
+    let env = Env::new()?;
+    // Two incompressible 3 MiB files in one layer, and a cache disk of 4 MiB: the second
+    // cannot be cached while the first is (the mounted layer pins its chunks).
+    let files = vec![
+        ("data/a".to_string(), noise(41, 3 << 20)),
+        ("data/b".to_string(), noise(42, 3 << 20)),
+    ];
+    let image = env
+        .fx
+        .image("full")
+        .files(&files)?
+        .build()?
+        .convert("full:v1", &[])?
+        .reference;
+    let cache = env.path("small-cache");
+    std::fs::create_dir_all(&cache)?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &cache,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )?;
+    let _unmount = util::UnmountOnDrop(cache.clone());
+    let m = env.mount(
+        &image,
+        "full-mnt",
+        "small-cache",
+        &["--no-background-fetch", "--no-passthrough"],
+    )?;
+    let mnt = env.path("full-mnt");
+    ensure!(std::fs::read(mnt.join("data/a"))? == files[0].1, "a");
+    let started = Instant::now();
+    let b = std::fs::read(mnt.join("data/b"));
+    let took = started.elapsed();
+    // Either it was served (room was made) or it is a plain I/O error, at once, not at the
+    // 60 s fetch deadline; never wrong bytes.
+    match &b {
+        Ok(bytes) => ensure!(*bytes == files[1].1, "b: wrong bytes"),
+        Err(e) => ensure!(
+            e.raw_os_error() == Some(nix::libc::EIO) && took < Duration::from_secs(20),
+            "b: {e} after {took:?}"
+        ),
+    }
+    // The cache holds no temporary leftovers, and the first file still reads.
+    ensure!(std::fs::read(mnt.join("data/a"))? == files[0].1, "a again");
+    let tmp_left: Vec<_> = std::fs::read_dir(cache.join("tmp"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    ensure!(tmp_left.is_empty(), "temp files left: {tmp_left:?}");
+    eprintln!(
+        "second file: {:?} after {took:?}",
+        b.as_ref().map(|v| v.len())
+    );
+    m.stop()?;
+    Ok(())
+}

@@ -513,6 +513,10 @@ impl Service {
         } else {
             settings.repositories.clone()
         };
+        // In an order of our own: replicas scanning one registry at once then mostly convert
+        // different images, and each finds the others' work done (bound) when it gets there.
+        let mut repositories = repositories;
+        fastrand::shuffle(&mut repositories);
         let queued: HashSet<String> = self.queue.pending()?.iter().map(|j| j.key()).collect();
         let mut queued_now = 0;
         for repo in repositories {
@@ -526,7 +530,10 @@ impl Service {
                 continue;
             };
             let tags = match registry.tags(reference).await {
-                Ok(t) => t,
+                Ok(mut t) => {
+                    fastrand::shuffle(&mut t);
+                    t
+                }
                 Err(e) => {
                     tracing::warn!(repository = %repo, error = %format!("{e:#}"), "autoconvert: listing tags failed");
                     continue;

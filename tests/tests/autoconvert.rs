@@ -50,6 +50,17 @@ impl Setup {
         )
     }
 
+    /// The service, reaching the registry through `registry` (a proxy in front of it).
+    fn start_via(&self, registry: &str) -> Result<AutoConvert> {
+        AutoConvert::start(
+            &self.listen,
+            registry,
+            &self.state,
+            Some(&self.token_file),
+            &["--scan-interval", "0"],
+        )
+    }
+
     fn data(&self) -> std::path::PathBuf {
         self.fx.registry().dir().join("data")
     }
@@ -84,6 +95,13 @@ impl Setup {
         );
         Ok(true)
     }
+}
+
+/// A proxy in front of the setup's registry that stalls every request `ms` milliseconds.
+fn stalling_proxy(s: &Setup, ms: u64) -> Result<Proxy> {
+    let p = Proxy::start(&s.fx.addr())?;
+    p.set_fault(Fault::Stall(Duration::from_millis(ms)));
+    Ok(p)
 }
 
 /// Push a small distinct image (one file layer) to `repo:v1` with skopeo.
@@ -200,15 +218,8 @@ fn a_burst_of_20_pushes_survives_a_kill_9_midway() -> Result<()> {
     let s = setup(true)?;
     // The first service reaches the registry through a proxy that stalls every request, so
     // that when it is killed, acknowledged pushes are still waiting in its queue.
-    let slow = Proxy::start(&s.fx.addr())?;
-    slow.set_fault(Fault::Stall(Duration::from_millis(300)));
-    let first = AutoConvert::start(
-        &s.listen,
-        &slow.addr(),
-        &s.state,
-        Some(&s.token_file),
-        &["--scan-interval", "0"],
-    )?;
+    let slow = stalling_proxy(&s, 300)?;
+    let first = s.start_via(&slow.addr())?;
     let repos: Vec<String> = (0..20).map(|i| format!("burst/img{i:02}")).collect();
     for (i, repo) in repos[..10].iter().enumerate() {
         push_small(&s.fx, &format!("img{i:02}"), repo)?;
@@ -401,15 +412,8 @@ fn a_push_to_the_tag_during_its_conversion_wins() -> Result<()> {
     let s = setup(true)?;
     // Slow conversions (every registry request of the service stalls), so that the second
     // push lands while the first is being converted.
-    let slow = Proxy::start(&s.fx.addr())?;
-    slow.set_fault(Fault::Stall(Duration::from_millis(200)));
-    let svc = AutoConvert::start(
-        &s.listen,
-        &slow.addr(),
-        &s.state,
-        Some(&s.token_file),
-        &["--scan-interval", "0"],
-    )?;
+    let slow = stalling_proxy(&s, 200)?;
+    let svc = s.start_via(&slow.addr())?;
     let first =
         s.fx.image("first")
             .files(&[("data/which.txt".into(), b"first\n".to_vec())])?
@@ -498,13 +502,7 @@ fn registry_errors_are_retried_with_backoff() -> Result<()> {
     let s = setup(true)?;
     // The service's first requests are answered 503 (a registry restarting), then it recovers.
     let flaky = Proxy::start(&s.fx.addr())?;
-    let svc = AutoConvert::start(
-        &s.listen,
-        &flaky.addr(),
-        &s.state,
-        Some(&s.token_file),
-        &["--scan-interval", "0"],
-    )?;
+    let svc = s.start_via(&flaky.addr())?;
     flaky.set_fault(Fault::times(3, Fault::Status(503)));
     push_small(&s.fx, "flaky", "flaky/app")?;
     wait_until(

@@ -305,19 +305,22 @@ fn cache_prune_beside_a_running_daemon_keeps_what_its_layers_use() -> Result<()>
         let v: serde_json::Value = serde_json::from_str(&s)?;
         v[what].as_u64().context("stats")
     };
+    let prune = || {
+        beam::ok(&[
+            "cache",
+            "prune",
+            "--cache-dir",
+            cache,
+            "--to",
+            "0",
+            "--address",
+            &socket,
+        ])
+    };
     let before = stats("chunks")?;
     ensure!(before > 0, "nothing cached");
     // Through the daemon: the chunks its mounted layers pin stay.
-    let said = beam::ok(&[
-        "cache",
-        "prune",
-        "--cache-dir",
-        cache,
-        "--to",
-        "0",
-        "--address",
-        &socket,
-    ])?;
+    let said = prune()?;
     ensure!(said.contains("through beam-snapshotter"), "{said}");
     let after = stats("chunks")?;
     ensure!(
@@ -326,16 +329,7 @@ fn cache_prune_beside_a_running_daemon_keeps_what_its_layers_use() -> Result<()>
     );
     // Once the image is gone, nothing pins them: the same prune empties the cache.
     remove_images(&c, &[&images.converted])?;
-    let said = beam::ok(&[
-        "cache",
-        "prune",
-        "--cache-dir",
-        cache,
-        "--to",
-        "0",
-        "--address",
-        &socket,
-    ])?;
+    let said = prune()?;
     ensure!(said.contains("through beam-snapshotter"), "{said}");
     ensure!(stats("chunks")? == 0, "{said}");
     Ok(())

@@ -130,6 +130,18 @@ impl Queue {
         }
     }
 
+    /// The job queued under `key` in `pending`, if any.
+    fn queued(
+        &self,
+        pending: &redb::Table<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<Job>, QueueError> {
+        Ok(pending
+            .get(key)
+            .map_err(|e| self.err(e))?
+            .and_then(|v| serde_json::from_slice(v.value()).ok()))
+    }
+
     /// Queue `(repository, tag, digest)` jobs in one durable transaction. A tag already queued
     /// takes the new digest and a new sequence number (and starts its retries afresh).
     /// Returns how many were new to the queue.
@@ -151,10 +163,7 @@ impl Queue {
             for (repository, tag, digest) in items {
                 seq += 1;
                 let k = key(repository, tag);
-                let old: Option<Job> = pending
-                    .get(k.as_str())
-                    .map_err(|e| self.err(e))?
-                    .and_then(|v| serde_json::from_slice(v.value()).ok());
+                let old = self.queued(&pending, &k)?;
                 if old.is_none() {
                     added += 1;
                 }
@@ -217,10 +226,7 @@ impl Queue {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
-            let current: Option<Job> = pending
-                .get(k.as_str())
-                .map_err(|e| self.err(e))?
-                .and_then(|v| serde_json::from_slice(v.value()).ok());
+            let current = self.queued(&pending, &k)?;
             if current.is_some_and(|c| c.seq == job.seq) {
                 pending.remove(k.as_str()).map_err(|e| self.err(e))?;
             }
@@ -240,10 +246,7 @@ impl Queue {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
-            let current: Option<Job> = pending
-                .get(k.as_str())
-                .map_err(|e| self.err(e))?
-                .and_then(|v| serde_json::from_slice(v.value()).ok());
+            let current = self.queued(&pending, &k)?;
             if current.is_some_and(|c| c.seq == job.seq) {
                 pending.remove(k.as_str()).map_err(|e| self.err(e))?;
             }
@@ -257,10 +260,7 @@ impl Queue {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
-            let current: Option<Job> = pending
-                .get(k.as_str())
-                .map_err(|e| self.err(e))?
-                .and_then(|v| serde_json::from_slice(v.value()).ok());
+            let current = self.queued(&pending, &k)?;
             if let Some(mut c) = current.filter(|c| c.seq == job.seq) {
                 c.attempts += 1;
                 c.not_before_ms = now_ms() + delay_ms;

@@ -296,52 +296,41 @@ impl Service {
         let mut reg = prometheus_client::registry::Registry::with_prefix("beam_autoconvert");
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut counter = |name: &str, help: &str, v: u64| {
+        for (name, help, v) in [
+            ("events", "Tagged pushes received and queued", &c.events),
+            (
+                "refused_requests",
+                "Event requests refused (token or body)",
+                &c.refused,
+            ),
+            ("conversions", "Images converted and bound", &c.converted),
+            (
+                "already_converted",
+                "Jobs whose tag already named a bound image",
+                &c.already,
+            ),
+            (
+                "skipped",
+                "Jobs not converted on purpose (artifacts, rules)",
+                &c.skipped,
+            ),
+            ("failures", "Images that could not be converted", &c.failed),
+            (
+                "retries",
+                "Attempts retried after a registry error",
+                &c.retries,
+            ),
+            ("scans", "Catch-up scans of the registry", &c.scans),
+            (
+                "converted_bytes",
+                "Uncompressed layer bytes converted",
+                &c.convert_bytes,
+            ),
+        ] {
             let x: Counter = Counter::default();
-            x.inc_by(v);
+            x.inc_by(get(v));
             reg.register(name, help, x);
-        };
-        counter(
-            "events",
-            "Tagged pushes received and queued",
-            get(&c.events),
-        );
-        counter(
-            "refused_requests",
-            "Event requests refused (token or body)",
-            get(&c.refused),
-        );
-        counter(
-            "conversions",
-            "Images converted and bound",
-            get(&c.converted),
-        );
-        counter(
-            "already_converted",
-            "Jobs whose tag already named a bound image",
-            get(&c.already),
-        );
-        counter(
-            "skipped",
-            "Jobs not converted on purpose (artifacts, rules)",
-            get(&c.skipped),
-        );
-        counter(
-            "failures",
-            "Images that could not be converted",
-            get(&c.failed),
-        );
-        counter(
-            "retries",
-            "Attempts retried after a registry error",
-            get(&c.retries),
-        );
-        counter("scans", "Catch-up scans of the registry", get(&c.scans));
-        counter(
-            "converted_bytes",
-            "Uncompressed layer bytes converted",
-            get(&c.convert_bytes),
-        );
+        }
         let ms = get(&c.convert_ms);
         let bytes = get(&c.convert_bytes);
         let secs: Counter<f64, std::sync::atomic::AtomicU64> = Counter::default();

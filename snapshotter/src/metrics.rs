@@ -167,20 +167,34 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serve `GET /metrics` on `listener` until the task is dropped; every other request is 404.
 pub async fn serve(listener: tokio::net::TcpListener, sources: Arc<Sources>) {
+    serve_http(listener, "metrics", move |req| {
+        let response = respond(&req, &sources);
+        async move { response }
+    })
+    .await
+}
+
+/// Serve HTTP/1.1 on `listener` until the task is dropped, `handle` answering each request
+/// (`what` names the endpoint in logs). Used by the metrics endpoint and `beam autoconvert`.
+pub async fn serve_http<H, F>(listener: tokio::net::TcpListener, what: &'static str, handle: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "metrics: accepting a connection failed");
+                tracing::warn!(error = %e, "{what}: accepting a connection failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        let sources = sources.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &sources);
-                async move { Ok::<_, std::convert::Infallible>(response) }
+                let response = handle(req);
+                async move { Ok::<_, std::convert::Infallible>(response.await) }
             });
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -188,7 +202,7 @@ pub async fn serve(listener: tokio::net::TcpListener, sources: Arc<Sources>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
             if let Err(e) = served {
-                tracing::debug!(error = %e, "metrics: connection ended with an error");
+                tracing::debug!(error = %e, "{what}: connection ended with an error");
             }
         });
     }

@@ -17,7 +17,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -29,7 +28,6 @@ use std::time::Duration;
 
 /// Largest event body read (Distribution batches events; Harbor sends one artifact).
 const MAX_BODY: usize = 1 << 20;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A worker with nothing due looks again after this long (a retry may have come due).
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
@@ -107,31 +105,11 @@ impl Service {
             tokio::spawn(self.clone().worker());
         }
         tokio::spawn(self.clone().scanner());
-        loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "autoconvert: accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+        crate::metrics::serve_http(listener, "autoconvert", move |req| {
             let me = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let me = me.clone();
-                    async move { Ok::<_, std::convert::Infallible>(me.respond(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "autoconvert: connection ended with an error");
-                }
-            });
-        }
+            async move { me.respond(req).await }
+        })
+        .await
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -645,21 +623,10 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let me = svc.clone();
-        let server = tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let me = me.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let me = me.clone();
-                        async move { Ok::<_, std::convert::Infallible>(me.respond(req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let server = tokio::spawn(crate::metrics::serve_http(listener, "test", move |req| {
+            let me = me.clone();
+            async move { me.respond(req).await }
+        }));
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::new();
         let url = format!("http://{addr}/events");

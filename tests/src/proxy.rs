@@ -47,6 +47,9 @@ pub enum Fault {
     Stall(Duration),
     /// Close the connection at once without an answer.
     Down,
+    /// Forward without the request's `Range` header: the upstream answers 200 with the whole
+    /// blob, as a registry that does not support Range requests does.
+    IgnoreRange,
     /// Apply the inner fault to the next `n` matching requests, then forward normally. See
     /// [`Fault::times`].
     FailTimes(u32, Box<Fault>),
@@ -757,7 +760,8 @@ fn handle(
     }
 
     // Upstream request and response head.
-    let upstream = match forward_request(shared, method, path, req, framing, reader) {
+    let drop_range = fault == Fault::IgnoreRange;
+    let upstream = match forward_request(shared, method, path, req, framing, reader, drop_range) {
         Ok(u) => u,
         Err(e) => {
             eprintln!(
@@ -898,6 +902,7 @@ fn forward_request<'a>(
     req: &Head,
     framing: Framing,
     client: &mut BufReader<TcpStream>,
+    drop_range: bool,
 ) -> io::Result<Upstream<'a>> {
     let stream = TcpStream::connect(&shared.upstream)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -911,6 +916,7 @@ fn forward_request<'a>(
         if hop_by_hop(k)
             || k.eq_ignore_ascii_case("host")
             || k.eq_ignore_ascii_case("content-length")
+            || (drop_range && k.eq_ignore_ascii_case("range"))
         {
             continue;
         }

@@ -593,3 +593,44 @@ fn a_full_cache_disk_is_a_clear_error_and_leaves_the_cache_whole() -> Result<()>
     m.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_registry_that_ignores_range_still_serves_the_right_bytes() -> Result<()> {
+    let env = Env::new()?;
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("g{i}"), noise(90 + i, 600_000)))
+        .collect();
+    let converted = env
+        .fx
+        .image("norange")
+        .files(&files)?
+        .build()?
+        .convert("norange:v1", &["--chunk-size", "262144", "--json"])?;
+    let (chunks, _) = converted.layer_blobs(0)?;
+    let m = env.mount(
+        &converted.reference,
+        "nr-mnt",
+        "nr-cache",
+        &["--no-background-fetch"],
+    )?;
+    // Every request for the chunk blob reaches the registry without its Range header, so
+    // the registry answers 200 with the whole blob.
+    env.proxy()
+        .set_fault_for(Some(chunks.clone()), Fault::IgnoreRange);
+    ensure!(std::fs::read(m.target.join("g2"))? == files[2].1, "g2");
+    ensure!(std::fs::read(m.target.join("g0"))? == files[0].1, "g0");
+    let whole: Vec<_> = env
+        .fx
+        .registry()
+        .blob_gets()
+        .into_iter()
+        .filter(|e| e.path.ends_with(&chunks) && e.status == 200)
+        .collect();
+    ensure!(
+        !whole.is_empty(),
+        "the registry never answered a whole-blob 200: {:?}",
+        env.fx.registry().blob_gets()
+    );
+    m.stop()?;
+    Ok(())
+}

@@ -47,6 +47,9 @@ pub enum Fault {
     Stall(Duration),
     /// Close the connection at once without an answer.
     Down,
+    /// Forward the headers of a 2xx answer, then its body one byte per this interval
+    /// (slowloris), until the client gives up.
+    Dribble(Duration),
     /// Forward without the request's `Range` header: the upstream answers 200 with the whole
     /// blob, as a registry that does not support Range requests does.
     IgnoreRange,
@@ -859,6 +862,18 @@ fn handle(
                     *b ^= 0xFF;
                 }
             }
+        }
+        if let (true, Fault::Dribble(every)) = (ok, &fault) {
+            for b in &buf[..n] {
+                shared.update(seq, |r| r.body_bytes += 1);
+                out.write_all(std::slice::from_ref(b))?;
+                out.flush()?;
+                if !shared.sleep(*every) {
+                    return Ok(false);
+                }
+            }
+            off += n as u64;
+            continue;
         }
         // Count before sending so a client that got the bytes always sees them counted.
         shared.update(seq, |r| r.body_bytes += n as u64);

@@ -634,3 +634,50 @@ fn a_registry_that_ignores_range_still_serves_the_right_bytes() -> Result<()> {
     m.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_slowloris_registry_ends_reads_at_their_deadline_and_they_recover() -> Result<()> {
+    let env = Env::new()?;
+    let files: Vec<(String, Vec<u8>)> = (0..2)
+        .map(|i| (format!("s{i}"), noise(120 + i, 300_000)))
+        .collect();
+    let converted = env
+        .fx
+        .image("slow")
+        .files(&files)?
+        .build()?
+        .convert("slow:v1", &["--json"])?;
+    let (chunks, _) = converted.layer_blobs(0)?;
+    let m = env.mount(
+        &converted.reference,
+        "slow-mnt",
+        "slow-cache",
+        &["--no-background-fetch", "--fetch-deadline", "3"],
+    )?;
+    // One byte every 100 ms: a 300 KB range would take over 8 hours.
+    env.proxy().set_fault_for(
+        Some(chunks.clone()),
+        Fault::Dribble(Duration::from_millis(100)),
+    );
+    let t = Instant::now();
+    let r = std::fs::read(m.target.join("s0"));
+    let took = t.elapsed();
+    ensure!(
+        r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(nix::libc::EIO),
+        "a read behind a slowloris registry: {:?}",
+        r.map(|b| b.len())
+    );
+    // Each FUSE request ends at the 3 s deadline. One read() can take two of them: after the
+    // kernel's readahead request fails, it asks again for the page the reader needs (6.0 s
+    // here). Not a hang, but not yet one deadline per reader either (RELIABILITY.md).
+    ensure!(
+        took < Duration::from_secs(8),
+        "the read ended after {took:?}, past two 3 s deadlines"
+    );
+    // The registry recovers: so do reads, with the right bytes.
+    env.proxy().clear_fault();
+    ensure!(std::fs::read(m.target.join("s0"))? == files[0].1, "s0");
+    eprintln!("slowloris: EIO after {took:?}");
+    m.stop()?;
+    Ok(())
+}

@@ -148,31 +148,17 @@ impl AutoConvert {
     }
 }
 
-/// The Beam artifacts (manifests with Beam's artifact type) stored in `repo` of the registry
-/// whose storage is under `data`: read from the registry's own files, so a duplicate that no
-/// tag or referrer names is counted too.
-pub fn beam_artifacts_in_storage(data: &Path, repo: &str) -> Result<Vec<String>> {
-    let revisions = data.join(format!(
-        "docker/registry/v2/repositories/{repo}/_manifests/revisions/sha256"
-    ));
+/// The Beam artifacts (manifests with Beam's artifact type) stored in `repo` of `registry`:
+/// read from the registry's own files, so a duplicate that no tag or referrer names is counted
+/// too.
+pub fn beam_artifacts_in_storage(registry: &crate::Registry, repo: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    let entries = match std::fs::read_dir(&revisions) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", revisions.display())),
-    };
-    for e in entries {
-        let hex = e?.file_name().to_string_lossy().into_owned();
-        let blob = data.join(format!(
-            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
-            &hex[..2]
-        ));
-        let bytes = std::fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    for digest in registry.stored_manifests(repo)? {
+        let v: serde_json::Value =
+            serde_json::from_slice(&registry.stored_blob(&digest)?).unwrap_or_default();
         if v["artifactType"] == "application/vnd.beam.image.v1" {
-            out.push(format!("sha256:{hex}"));
+            out.push(digest);
         }
     }
-    out.sort();
     Ok(out)
 }

@@ -276,6 +276,48 @@ impl Registry {
             .collect()
     }
 
+    /// A blob (or manifest) by digest, read from the registry's own storage, not over HTTP.
+    pub fn stored_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64)
+            .with_context(|| format!("{digest} is not a sha256 digest"))?;
+        let path = self.dir().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ));
+        fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// The digest `repo:tag` names, from the registry's storage.
+    pub fn stored_tag(&self, repo: &str, tag: &str) -> Result<String> {
+        let link = self.dir().join(format!(
+            "data/docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}/current/link"
+        ));
+        Ok(fs::read_to_string(&link)
+            .with_context(|| format!("reading {}", link.display()))?
+            .trim()
+            .to_string())
+    }
+
+    /// Every manifest stored in `repo` (tagged or not), by digest, sorted.
+    pub fn stored_manifests(&self, repo: &str) -> Result<Vec<String>> {
+        let revisions = self.dir().join(format!(
+            "data/docker/registry/v2/repositories/{repo}/_manifests/revisions/sha256"
+        ));
+        let entries = match fs::read_dir(&revisions) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", revisions.display())),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            out.push(format!("sha256:{}", e?.file_name().to_string_lossy()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// A GET against the registry (with basic auth if configured): `(status, body)`.
     /// Non-2xx answers are returned, not errors; only transport failures are errors.
     pub fn get(&self, path: &str) -> Result<(u16, Vec<u8>)> {

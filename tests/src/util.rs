@@ -49,6 +49,28 @@ pub fn wait_for_every(
     }
 }
 
+/// Polls `cond` every 100 ms until it returns `Ok(true)`; an error after `timeout` names `what`
+/// and the last error `cond` returned (a condition that reads files or asks a service).
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match cond() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: not within {timeout:?} (last error: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The workspace root (parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));

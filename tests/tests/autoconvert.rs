@@ -61,24 +61,12 @@ impl Setup {
         )
     }
 
-    fn data(&self) -> std::path::PathBuf {
-        self.fx.registry().dir().join("data")
-    }
-
     /// The manifest `repo:tag` names, read from the registry's storage.
     fn tagged_manifest(&self, repo: &str, tag: &str) -> Result<serde_json::Value> {
-        let data = self.data();
-        let link = data.join(format!(
-            "docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}/current/link"
-        ));
-        let digest = std::fs::read_to_string(&link)
-            .with_context(|| format!("reading {}", link.display()))?;
-        let hex = digest.trim().strip_prefix("sha256:").context("a digest")?;
-        let blob = data.join(format!(
-            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
-            &hex[..2]
-        ));
-        Ok(serde_json::from_slice(&std::fs::read(blob)?)?)
+        let reg = self.fx.registry();
+        Ok(serde_json::from_slice(
+            &reg.stored_blob(&reg.stored_tag(repo, tag)?)?,
+        )?)
     }
 
     /// Whether `repo:tag` names a bound Beam image, and its repository holds exactly one Beam
@@ -88,7 +76,7 @@ impl Setup {
         let Some(artifact) = m["annotations"]["dev.beam.artifact"].as_str() else {
             return Ok(false);
         };
-        let stored = beam_artifacts_in_storage(&self.data(), repo)?;
+        let stored = beam_artifacts_in_storage(self.fx.registry(), repo)?;
         ensure!(
             stored == [artifact.to_string()],
             "{repo}: the bound manifest names {artifact}, the storage holds Beam artifacts {stored:?}"
@@ -116,23 +104,6 @@ fn push_small(fx: &Fixture, name: &str, repo: &str) -> Result<String> {
     image.push(&format!("{repo}:v1"))
 }
 
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match cond() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?} (last error: {last})"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_pushed_image_is_converted_and_starts_lazily_and_still_runs_without_beam() -> Result<()> {
     util::require_root()?;
@@ -149,7 +120,7 @@ fn a_pushed_image_is_converted_and_starts_lazily_and_still_runs_without_beam() -
     let pushed = Instant::now();
     let reference = image.push("apps/web:v1")?;
     // Within 10 s of the push, the tag names the bound image and one artifact exists.
-    wait_until("conversion after the push", Duration::from_secs(10), || {
+    util::wait_until("conversion after the push", Duration::from_secs(10), || {
         s.bound_once("apps/web", "v1")
     })
     .map_err(|e| e.context(svc.log()))?;
@@ -226,7 +197,7 @@ fn a_burst_of_20_pushes_survives_a_kill_9_midway() -> Result<()> {
     }
     // Every push so far acknowledged (in the queue or converting), most not converted yet.
     let mut waiting = 0;
-    wait_until("10 pushes acknowledged", Duration::from_secs(20), || {
+    util::wait_until("10 pushes acknowledged", Duration::from_secs(20), || {
         let st = first.status()?;
         let done = st["results"].as_array().map_or(0, |r| r.len());
         let queued = st["queue_depth"].as_u64().unwrap_or(0) as usize;
@@ -241,7 +212,7 @@ fn a_burst_of_20_pushes_survives_a_kill_9_midway() -> Result<()> {
     }
     slow.clear_fault();
     let svc = s.start(&["--scan-interval", "0"])?;
-    wait_until("all 20 converted", Duration::from_secs(90), || {
+    util::wait_until("all 20 converted", Duration::from_secs(90), || {
         for repo in &repos {
             if !s.bound_once(repo, "v1")? {
                 return Ok(false);
@@ -250,7 +221,7 @@ fn a_burst_of_20_pushes_survives_a_kill_9_midway() -> Result<()> {
         Ok(true)
     })
     .map_err(|e| e.context(svc.log()))?;
-    wait_until("nothing left queued", Duration::from_secs(20), || {
+    util::wait_until("nothing left queued", Duration::from_secs(20), || {
         let st = svc.status()?;
         Ok(st["queue_depth"] == 0 && st["converting"].as_array().is_some_and(|c| c.is_empty()))
     })?;
@@ -281,7 +252,7 @@ fn a_push_made_while_the_service_was_stopped_is_converted_by_the_catch_up() -> R
     let s = setup(false)?;
     push_small(&s.fx, "late", "late/app")?;
     let svc = s.start(&["--scan-interval", "0"])?;
-    wait_until("catch-up conversion", Duration::from_secs(20), || {
+    util::wait_until("catch-up conversion", Duration::from_secs(20), || {
         s.bound_once("late/app", "v1")
     })
     .map_err(|e| e.context(svc.log()))?;
@@ -368,11 +339,11 @@ fn bad_requests_change_nothing_and_an_unconvertible_image_does_not_block_the_que
     foreign_layer(&bad.layout)?;
     bad.push("odd/foreign:v1")?;
     push_small(&s.fx, "good", "fine/good")?;
-    wait_until("the good image converted", Duration::from_secs(20), || {
+    util::wait_until("the good image converted", Duration::from_secs(20), || {
         s.bound_once("fine/good", "v1")
     })
     .map_err(|e| e.context(svc.log()))?;
-    wait_until(
+    util::wait_until(
         "the foreign image reported",
         Duration::from_secs(20),
         || Ok(svc.result("odd/foreign", "v1")?.is_some()),
@@ -423,7 +394,7 @@ fn a_push_to_the_tag_during_its_conversion_wins() -> Result<()> {
             .files(&[("data/which.txt".into(), b"second\n".to_vec())])?
             .build()?;
     first.push("race/app:v1")?;
-    wait_until(
+    util::wait_until(
         "the first conversion running",
         Duration::from_secs(10),
         || {
@@ -433,7 +404,7 @@ fn a_push_to_the_tag_during_its_conversion_wins() -> Result<()> {
         },
     )?;
     second.push("race/app:v1")?;
-    wait_until("the second push bound", Duration::from_secs(60), || {
+    util::wait_until("the second push bound", Duration::from_secs(60), || {
         let m = s.tagged_manifest("race/app", "v1")?;
         Ok(m["annotations"]["dev.beam.artifact"].is_string()
             && m["layers"][0]["digest"] == second.built.layers[0].0)
@@ -468,7 +439,7 @@ fn two_replicas_scanning_one_registry_make_one_artifact_per_image() -> Result<()
         Some(&s.token_file),
         &["--scan-interval", "0"],
     )?;
-    wait_until("all converted", Duration::from_secs(30), || {
+    util::wait_until("all converted", Duration::from_secs(30), || {
         for repo in &repos {
             if !s.bound_once(repo, "v1")? {
                 return Ok(false);
@@ -478,7 +449,7 @@ fn two_replicas_scanning_one_registry_make_one_artifact_per_image() -> Result<()
     })
     .map_err(|e| e.context(format!("{}\n{}", a.log(), b.log())))?;
     for svc in [&a, &b] {
-        wait_until("queue drained", Duration::from_secs(20), || {
+        util::wait_until("queue drained", Duration::from_secs(20), || {
             Ok(svc.status()?["queue_depth"] == 0)
         })?;
     }
@@ -505,7 +476,7 @@ fn registry_errors_are_retried_with_backoff() -> Result<()> {
     let svc = s.start_via(&flaky.addr())?;
     flaky.set_fault(Fault::times(3, Fault::Status(503)));
     push_small(&s.fx, "flaky", "flaky/app")?;
-    wait_until(
+    util::wait_until(
         "converted after the retries",
         Duration::from_secs(40),
         || s.bound_once("flaky/app", "v1"),

@@ -179,16 +179,6 @@ fn a_third_partys_unbound_artifact_is_used_only_once_the_repository_is_trusted()
     Ok(())
 }
 
-/// A blob or manifest of the registry's storage, by digest.
-fn stored(reg: &Registry, digest: &str) -> Result<Vec<u8>> {
-    let hex = digest.strip_prefix("sha256:").context("a sha256 digest")?;
-    let path = reg.dir().join(format!(
-        "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
-        &hex[..2]
-    ));
-    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
-}
-
 /// PUT a manifest or index to `reg` (plain HTTP, no auth); returns its digest.
 fn put_manifest(
     reg: &Registry,
@@ -244,8 +234,8 @@ fn a_referrer_made_from_another_images_layers_is_refused_even_where_trusted() ->
     let artifact = v[0]["artifact"].as_str().context("artifact")?.to_string();
     // ...and re-labels its artifact as the victim's: subject and source layers rewritten,
     // its index and chunks (another layer's files) and their diff IDs kept.
-    let mut m: serde_json::Value = serde_json::from_slice(&stored(&reg, &artifact)?)?;
-    let victim_manifest = stored(&reg, &victim.manifest_digest)?;
+    let mut m: serde_json::Value = serde_json::from_slice(&reg.stored_blob(&artifact)?)?;
+    let victim_manifest = reg.stored_blob(&victim.manifest_digest)?;
     m["subject"] = serde_json::json!({
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "digest": victim.manifest_digest,

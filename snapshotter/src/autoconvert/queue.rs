@@ -188,17 +188,26 @@ impl Queue {
         Ok(added)
     }
 
-    /// All queued jobs, oldest first.
-    pub fn pending(&self) -> Result<Vec<Job>, QueueError> {
+    /// Every record of `table` that parses as a `T`.
+    fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, QueueError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+        let t = txn.open_table(table).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
             let (_, v) = row.map_err(|e| self.err(e))?;
-            if let Ok(job) = serde_json::from_slice::<Job>(v.value()) {
-                out.push(job);
+            if let Ok(x) = serde_json::from_slice(v.value()) {
+                out.push(x);
             }
         }
+        Ok(out)
+    }
+
+    /// All queued jobs, oldest first.
+    pub fn pending(&self) -> Result<Vec<Job>, QueueError> {
+        let mut out: Vec<Job> = self.all(PENDING)?;
         out.sort_by_key(|j| j.seq);
         Ok(out)
     }
@@ -219,9 +228,10 @@ impl Queue {
             .find(|j| j.not_before_ms <= now && !busy.contains(&j.key())))
     }
 
-    /// Record `outcome` for `job` and take the job off the queue, unless a newer push of the
-    /// same tag replaced it meanwhile (then that one stays queued).
-    pub fn finish(&self, job: &Job, outcome: &Outcome) -> Result<(), QueueError> {
+    /// Take `job` off the queue, unless a newer push of the same tag replaced it meanwhile
+    /// (then that one stays queued), and record `outcome` as the tag's result. No outcome: an
+    /// event about our own output, whose tag's result is already recorded.
+    pub fn finish(&self, job: &Job, outcome: Option<&Outcome>) -> Result<(), QueueError> {
         let k = job.key();
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
@@ -230,25 +240,12 @@ impl Queue {
             if current.is_some_and(|c| c.seq == job.seq) {
                 pending.remove(k.as_str()).map_err(|e| self.err(e))?;
             }
-            let mut results = txn.open_table(RESULTS).map_err(|e| self.err(e))?;
-            let bytes = serde_json::to_vec(outcome).map_err(|e| self.err(e))?;
-            results
-                .insert(k.as_str(), bytes.as_slice())
-                .map_err(|e| self.err(e))?;
-        }
-        txn.commit().map_err(|e| self.err(e))
-    }
-
-    /// Take `job` off the queue without a result (unless a newer push replaced it): for an
-    /// event about our own output, whose tag's result is already recorded.
-    pub fn discard(&self, job: &Job) -> Result<(), QueueError> {
-        let k = job.key();
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
-            let current = self.queued(&pending, &k)?;
-            if current.is_some_and(|c| c.seq == job.seq) {
-                pending.remove(k.as_str()).map_err(|e| self.err(e))?;
+            if let Some(outcome) = outcome {
+                let mut results = txn.open_table(RESULTS).map_err(|e| self.err(e))?;
+                let bytes = serde_json::to_vec(outcome).map_err(|e| self.err(e))?;
+                results
+                    .insert(k.as_str(), bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
             }
         }
         txn.commit().map_err(|e| self.err(e))
@@ -276,15 +273,7 @@ impl Queue {
 
     /// The last result of every tag, newest first, at most `limit`.
     pub fn results(&self, limit: usize) -> Result<Vec<Outcome>, QueueError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = txn.open_table(RESULTS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.err(e))? {
-            let (_, v) = row.map_err(|e| self.err(e))?;
-            if let Ok(o) = serde_json::from_slice::<Outcome>(v.value()) {
-                out.push(o);
-            }
-        }
+        let mut out: Vec<Outcome> = self.all(RESULTS)?;
         out.sort_by_key(|o| std::cmp::Reverse(o.finished_ms));
         out.truncate(limit);
         Ok(out)
@@ -344,7 +333,7 @@ mod tests {
         assert_eq!(first.key(), "a:v1");
         let busy: HashSet<String> = [first.key()].into();
         assert_eq!(q.next_due(&busy).unwrap().unwrap().key(), "b:v1");
-        q.finish(&first, &outcome(&first, State::Converted))
+        q.finish(&first, Some(&outcome(&first, State::Converted)))
             .unwrap();
         assert_eq!(q.depth().unwrap(), 1);
         assert_eq!(
@@ -366,7 +355,7 @@ mod tests {
                 .unwrap(),
             0
         );
-        q.finish(&running, &outcome(&running, State::Converted))
+        q.finish(&running, Some(&outcome(&running, State::Converted)))
             .unwrap();
         let left = q.pending().unwrap();
         assert_eq!(left.len(), 1);

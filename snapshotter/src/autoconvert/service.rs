@@ -51,6 +51,75 @@ pub struct Counters {
     pub convert_bytes: AtomicU64,
 }
 
+impl Counters {
+    /// Every counter: its key in `GET /status`, its metric name, the metric's help, its value.
+    fn table(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            (
+                "events",
+                "events",
+                "Tagged pushes received and queued",
+                get(&self.events),
+            ),
+            (
+                "refused_requests",
+                "refused_requests",
+                "Event requests refused (token or body)",
+                get(&self.refused),
+            ),
+            (
+                "converted",
+                "conversions",
+                "Images converted and bound",
+                get(&self.converted),
+            ),
+            (
+                "already_converted",
+                "already_converted",
+                "Jobs whose tag already named a bound image",
+                get(&self.already),
+            ),
+            (
+                "skipped",
+                "skipped",
+                "Jobs not converted on purpose (artifacts, rules)",
+                get(&self.skipped),
+            ),
+            (
+                "failed",
+                "failures",
+                "Images that could not be converted",
+                get(&self.failed),
+            ),
+            (
+                "retries",
+                "retries",
+                "Attempts retried after a registry error",
+                get(&self.retries),
+            ),
+            (
+                "scans",
+                "scans",
+                "Catch-up scans of the registry",
+                get(&self.scans),
+            ),
+            (
+                "scan_queued",
+                "scan_queued",
+                "Tags the catch-up scans queued",
+                get(&self.scan_queued),
+            ),
+            (
+                "converted_bytes",
+                "converted_bytes",
+                "Uncompressed layer bytes converted",
+                get(&self.convert_bytes),
+            ),
+        ]
+    }
+}
+
 /// The shared state of one running service.
 pub struct Service {
     pub converter: Converter,
@@ -230,22 +299,12 @@ impl Service {
 
     /// The queue, what is being converted, and the last results.
     pub fn status(&self) -> Result<Status> {
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters = [
-            ("events", get(&c.events)),
-            ("refused_requests", get(&c.refused)),
-            ("converted", get(&c.converted)),
-            ("already_converted", get(&c.already)),
-            ("skipped", get(&c.skipped)),
-            ("failed", get(&c.failed)),
-            ("retries", get(&c.retries)),
-            ("scans", get(&c.scans)),
-            ("scan_queued", get(&c.scan_queued)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let counters = self
+            .counters
+            .table()
+            .into_iter()
+            .map(|(key, _, _, v)| (key.to_string(), v))
+            .collect();
         let mut converting: Vec<String> = self
             .busy
             .lock()
@@ -274,39 +333,9 @@ impl Service {
         let mut reg = prometheus_client::registry::Registry::with_prefix("beam_autoconvert");
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        for (name, help, v) in [
-            ("events", "Tagged pushes received and queued", &c.events),
-            (
-                "refused_requests",
-                "Event requests refused (token or body)",
-                &c.refused,
-            ),
-            ("conversions", "Images converted and bound", &c.converted),
-            (
-                "already_converted",
-                "Jobs whose tag already named a bound image",
-                &c.already,
-            ),
-            (
-                "skipped",
-                "Jobs not converted on purpose (artifacts, rules)",
-                &c.skipped,
-            ),
-            ("failures", "Images that could not be converted", &c.failed),
-            (
-                "retries",
-                "Attempts retried after a registry error",
-                &c.retries,
-            ),
-            ("scans", "Catch-up scans of the registry", &c.scans),
-            (
-                "converted_bytes",
-                "Uncompressed layer bytes converted",
-                &c.convert_bytes,
-            ),
-        ] {
+        for (_, name, help, v) in c.table() {
             let x: Counter = Counter::default();
-            x.inc_by(get(v));
+            x.inc_by(v);
             reg.register(name, help, x);
         }
         let ms = get(&c.convert_ms);
@@ -358,7 +387,7 @@ impl Service {
                 // The event of our own push of the bound manifest (it may arrive before the
                 // conversion that pushed it recorded its result, so it is checked here too).
                 tracing::debug!(job = %key, "autoconvert: our own bound manifest, ignored");
-                self.queue.discard(&job)
+                self.queue.finish(&job, None)
             } else {
                 tracing::info!(job = %key, attempt = job.attempts + 1, "autoconvert: converting");
                 self.record(&job, self.converter.run(&job).await)
@@ -394,7 +423,7 @@ impl Service {
                 Attempt::Again(outcome) => {
                     self.count(&outcome);
                     tracing::info!(job = %key, detail = %outcome.detail, "autoconvert: converting the tag again");
-                    self.queue.finish(job, &outcome).and_then(|()| {
+                    self.queue.finish(job, Some(&outcome)).and_then(|()| {
                         self.queue
                             .push(&[(job.repository.clone(), job.tag.clone(), None)])
                             .map(|_| ())
@@ -403,7 +432,7 @@ impl Service {
                 Attempt::Done(outcome) => {
                     self.count(&outcome);
                     tracing::info!(job = %key, state = ?outcome.state, detail = %outcome.detail, seconds = outcome.seconds, "autoconvert: done");
-                    self.queue.finish(job, &outcome)
+                    self.queue.finish(job, Some(&outcome))
                 }
                 Attempt::Retry(error) => {
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);

@@ -134,13 +134,14 @@ fn open_beneath(dirfd: RawFd, name: &[u8], flags: OFlag, mode: Mode) -> nix::Res
 }
 
 /// Open the directory `name` in `dirfd` (no symlink followed).
-fn open_dir(dirfd: RawFd, name: &[u8]) -> nix::Result<OwnedFd> {
+fn open_dir(dirfd: RawFd, name: &[u8]) -> nix::Result<File> {
     open_beneath(
         dirfd,
         name,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY,
         Mode::empty(),
     )
+    .map(File::from)
 }
 
 fn what(name: &[u8]) -> String {
@@ -164,7 +165,7 @@ fn remove_at(dirfd: RawFd, name: &[u8]) -> Result<()> {
 }
 
 /// Remove everything in the directory `dir`.
-fn clear_dir(dir: &OwnedFd) -> Result<()> {
+fn clear_dir(dir: &File) -> Result<()> {
     // The directory's own descriptor, through /proc (the magic link is the open directory,
     // whatever its path has become).
     let fd_path = format!("/proc/self/fd/{}", dir.as_raw_fd());
@@ -183,16 +184,16 @@ fn clear_dir(dir: &OwnedFd) -> Result<()> {
 struct Placed<'a> {
     dirfd: RawFd,
     name: &'a [u8],
-    fd: Option<&'a OwnedFd>,
+    fd: Option<&'a File>,
 }
 
 /// A directory whose metadata is set after its contents: its record, descriptor, name and
 /// parent directory.
 struct DirToFinish {
     rec: InodeRecord,
-    fd: Rc<OwnedFd>,
+    fd: Rc<File>,
     name: Vec<u8>,
-    parent: Rc<OwnedFd>,
+    parent: Rc<File>,
 }
 
 /// Apply one layer to `root`.
@@ -202,16 +203,14 @@ pub fn apply_layer<B: AsRef<[u8]>>(
     root: &Path,
     opts: UnpackOptions,
 ) -> Result<UnpackStats> {
-    let root_fd: OwnedFd = File::open(root)
-        .with_context(|| format!("opening {}", root.display()))?
-        .into();
+    let root_fd = File::open(root).with_context(|| format!("opening {}", root.display()))?;
     let mut stats = UnpackStats::default();
     // Directories whose metadata is set last (children first), with their parents.
     let mut dirs: Vec<DirToFinish> = Vec::new();
     // The first name of each hard-linked inode: its directory and name.
-    let mut linked: HashMap<u64, (Rc<OwnedFd>, Vec<u8>)> = HashMap::new();
+    let mut linked: HashMap<u64, (Rc<File>, Vec<u8>)> = HashMap::new();
     let root_fd = Rc::new(root_fd);
-    let mut stack: Vec<(u64, Rc<OwnedFd>)> = vec![(ROOT_INO, root_fd.clone())];
+    let mut stack: Vec<(u64, Rc<File>)> = vec![(ROOT_INO, root_fd.clone())];
     let mut decoder = ChunkDecoder::default();
     let mut warned = Warned::default();
     while let Some((ino, dirfd)) = stack.pop() {
@@ -350,7 +349,7 @@ fn create_leaf<B: AsRef<[u8]>>(
     opts: UnpackOptions,
     stats: &mut UnpackStats,
     warned: &mut Warned,
-) -> Result<Option<Option<OwnedFd>>> {
+) -> Result<Option<Option<File>>> {
     let ctx = || format!("creating {}", what(name));
     let name_os = OsStr::from_bytes(name);
     match rec.kind {
@@ -373,7 +372,7 @@ fn create_leaf<B: AsRef<[u8]>>(
             }
             f.set_len(rec.size).with_context(ctx)?;
             stats.bytes += rec.size;
-            Ok(Some(Some(f.into())))
+            Ok(Some(Some(f)))
         }
         InodeKind::Symlink => {
             symlinkat(
@@ -470,10 +469,7 @@ fn set_metadata<B: AsRef<[u8]>>(
     for (k, v) in idx.xattrs(rec) {
         let privileged = k.starts_with(b"trusted.") || k.starts_with(b"security.");
         let set = match p.fd {
-            Some(fd) => {
-                let f = File::from(fd.try_clone()?);
-                xattr::FileExt::set_xattr(&f, OsStr::from_bytes(k), v)
-            }
+            Some(fd) => xattr::FileExt::set_xattr(fd, OsStr::from_bytes(k), v),
             // lsetxattr through the directory's descriptor: never the symlink's target.
             None => xattr::set(
                 Path::new(&format!("/proc/self/fd/{}", p.dirfd)).join(name),

@@ -195,12 +195,14 @@ impl LazyLayers {
     /// Mount the layer `remote` lazily at `mountpoint`. `known` is its Beam layer when the
     /// caller has it (a takeover: then neither the artifact nor, when cached, the index is
     /// asked of the registry, so a registry that is down or slow does not stop a takeover).
+    /// `accept` may refuse the Beam layer before anything is fetched or mounted for it.
     async fn mount_at(
         &self,
         remote: &LazyLayer,
         mountpoint: &Path,
         held: Option<Held>,
         known: Option<crate::oci::BeamLayer>,
+        accept: impl FnOnce(&crate::oci::BeamLayer) -> Result<()>,
     ) -> Result<(MountedLayer, String)> {
         let loc = Location::parse(&remote.image)?;
         let Location::Registry(reference) = &loc else {
@@ -224,6 +226,7 @@ impl LazyLayers {
                 (layer, admitted)
             }
         };
+        accept(&layer)?;
         let index = self
             .index_load(&at_manifest, &client, &options, &layer)
             .await
@@ -460,15 +463,8 @@ impl LazyLayers {
         };
         let (id, fs) = snapshots.reserve()?;
         let mounted = self
-            .mount_at(&remote, &fs, self.held(id), None)
-            .await
-            .and_then(|(m, admitted)| {
-                // The Beam layer must be the layer containerd's chain names (issue 16).
-                match chain_mismatch(target, parent, &m.layer.diff_id) {
-                    Some(why) => Err(anyhow::anyhow!(why)),
-                    None => Ok((m, admitted)),
-                }
-            });
+            .mount_at(&remote, &fs, self.held(id), None, in_chain(target, parent))
+            .await;
         let (mounted, admitted) = match mounted {
             Ok((m, admitted)) => {
                 self.fetch_whole_if_small(&m).await;
@@ -540,7 +536,16 @@ impl LazyLayers {
                             existing: Some((entry.fd, st.init)),
                         };
                         let known = st.beam_layer.clone();
-                        match self.mount_at(&remote, &fs, Some(held), known).await {
+                        match self
+                            .mount_at(
+                                &remote,
+                                &fs,
+                                Some(held),
+                                known,
+                                in_chain(&r.name, &r.parent),
+                            )
+                            .await
+                        {
                             Ok((m, _)) => {
                                 tracing::info!(snapshot = %r.name, "lazy layer taken over");
                                 self.mounted.lock().expect("remote lock").insert(r.id, m);
@@ -568,7 +573,16 @@ impl LazyLayers {
                 // The previous daemon's mount: its connection died with it.
                 let _ = self.mount.mounter.umount(&fs, true);
             }
-            match self.mount_at(&remote, &fs, self.held(r.id), None).await {
+            match self
+                .mount_at(
+                    &remote,
+                    &fs,
+                    self.held(r.id),
+                    None,
+                    in_chain(&r.name, &r.parent),
+                )
+                .await
+            {
                 Ok((m, _)) => {
                     self.mounted.lock().expect("remote lock").insert(r.id, m);
                     n += 1;
@@ -665,6 +679,18 @@ impl LazyLayers {
             .drain()
             .map(|(_, m)| m)
             .collect()
+    }
+}
+
+/// The check every lazy mount of snapshot `target` on `parent` makes of its Beam layer: that
+/// it is the layer containerd's chain names (issue 16; [`chain_mismatch`]).
+fn in_chain<'a>(
+    target: &'a str,
+    parent: &'a str,
+) -> impl FnOnce(&crate::oci::BeamLayer) -> Result<()> + 'a {
+    move |l| match chain_mismatch(target, parent, &l.diff_id) {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
     }
 }
 

@@ -9,7 +9,6 @@
 use crate::registry::{Failure, Registry};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
 use oci_client::Reference;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,13 +22,27 @@ pub enum BlobError {
     /// Another try gets the same answer (404, 401 after a fresh token, 403, another 4xx).
     #[error("registry refused the request: {0}")]
     Refused(String),
+    /// The registry is busy (429, 503): worth another try, no sooner than it asked.
+    #[error("registry is busy: {message}")]
+    Busy {
+        message: String,
+        /// The registry's `Retry-After`.
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("registry sent {got} bytes for a {want}-byte range")]
     Truncated { got: u64, want: u64 },
 }
 
 impl BlobError {
-    fn from_failure(f: Failure, message: String) -> BlobError {
-        if f.is_retryable() {
+    fn from_error(e: &anyhow::Error) -> BlobError {
+        let f = Failure::of(e);
+        let message = format!("{e:#}");
+        if f == Failure::Busy {
+            BlobError::Busy {
+                message,
+                retry_after: crate::registry::retry_after(e),
+            }
+        } else if f.is_retryable() {
             BlobError::Remote(message)
         } else {
             BlobError::Refused(message)
@@ -125,38 +138,19 @@ impl Registry {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, BlobError> {
-        self.ensure_login(r).await;
-        let mut refreshed = false;
-        let resp = loop {
-            match self
-                .client(r)
-                .pull_blob_stream_partial(r, digest, offset, Some(len))
-                .await
-            {
-                Ok(resp) => break resp,
-                Err(e) => {
-                    let failure = Failure::of_oci(&e);
-                    // A token that expired: renew it once, then the answer stands.
-                    if failure == Failure::Denied && !refreshed {
-                        refreshed = true;
-                        if let Err(e) = self.refresh_auth(r).await {
-                            tracing::debug!("{e:#}");
-                        }
-                        continue;
-                    }
-                    return Err(BlobError::from_failure(failure, format!("{e}")));
-                }
-            }
-        };
-        let (mut stream, skip) = match resp {
-            oci_client::client::BlobResponse::Partial(s) => (s, 0u64),
-            // A registry that ignores Range sends the whole blob: skip to the range.
-            oci_client::client::BlobResponse::Full(s) => (s, offset),
-        };
+        let (mut resp, partial) = self
+            .range_response(r, digest, offset, len)
+            .await
+            .map_err(|e| BlobError::from_error(&e))?;
+        // A registry that ignores Range sends the whole blob: skip to the range.
+        let skip = if partial { 0 } else { offset };
         let mut out = bytes::BytesMut::with_capacity(len as usize);
         let mut to_skip = skip;
-        while let Some(piece) = stream.next().await {
-            let mut piece = piece.map_err(|e| BlobError::Remote(format!("reading body: {e}")))?;
+        while let Some(mut piece) = resp
+            .chunk()
+            .await
+            .map_err(|e| BlobError::Remote(format!("reading body: {e}")))?
+        {
             if to_skip > 0 {
                 let k = to_skip.min(piece.len() as u64) as usize;
                 let _ = piece.split_to(k);

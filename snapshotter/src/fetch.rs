@@ -537,8 +537,17 @@ impl Fetcher {
                 }
                 return Err(err);
             }
+            // Jitter: 50% to 100% of the backoff; never sooner than a busy registry asked.
+            let mut wait = backoff.mul_f64(fastrand::f64() * 0.5 + 0.5);
+            if let FetchError::Blob(BlobError::Busy {
+                retry_after: Some(asked),
+                ..
+            }) = &err
+            {
+                wait = wait.max(*asked);
+            }
             let elapsed = began.elapsed();
-            if elapsed + backoff >= self.opts.deadline {
+            if elapsed + wait >= self.opts.deadline {
                 tracing::warn!(
                     source = %source.describe(),
                     offset = start,
@@ -557,12 +566,10 @@ impl Fetcher {
                 offset = start,
                 len,
                 attempt,
-                "retrying in {backoff:?}: {err}"
+                "retrying in {wait:?}: {err}"
             );
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
-            // Jitter: 50% to 100% of the backoff.
-            let jitter = fastrand::f64() * 0.5 + 0.5;
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
@@ -613,6 +620,8 @@ mod tests {
         corrupt_first: AtomicU64,
         /// Answer every request as a registry that refuses it (a 404 or 403).
         refuse: std::sync::atomic::AtomicBool,
+        /// Answer the next request as a busy registry (429) asking for this `Retry-After`.
+        busy_once: Mutex<Option<Duration>>,
         delay: Duration,
     }
 
@@ -638,8 +647,15 @@ mod tests {
             }
             let delay = self.delay;
             let refuse = self.refuse.load(Ordering::SeqCst);
+            let busy = self.busy_once.lock().unwrap().take();
             Box::pin(async move {
                 tokio::time::sleep(delay).await;
+                if let Some(asked) = busy {
+                    return Err(BlobError::Busy {
+                        message: "HTTP 429".into(),
+                        retry_after: Some(asked),
+                    });
+                }
                 if refuse {
                     return Err(BlobError::Refused("HTTP 404".into()));
                 }
@@ -683,6 +699,7 @@ mod tests {
             fail_first: AtomicU64::new(0),
             corrupt_first: AtomicU64::new(0),
             refuse: Default::default(),
+            busy_once: Mutex::new(None),
             delay,
         });
         let src: Arc<dyn RangeSource> = blob.clone();
@@ -912,6 +929,25 @@ mod tests {
         assert!(matches!(e, FetchError::Blob(BlobError::Refused(_))), "{e}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         assert_eq!(blob.requests.lock().unwrap().len(), 1);
+    }
+
+    /// A busy registry (429, 503) is asked again no sooner than its `Retry-After`, within the
+    /// deadline.
+    #[tokio::test]
+    async fn a_busy_registry_is_asked_again_after_its_retry_after() {
+        let (dir, blob, refs, plain) = setup(1, Duration::ZERO);
+        *blob.busy_once.lock().unwrap() = Some(Duration::from_millis(700));
+        let f = fetcher(dir.path(), Duration::from_secs(10));
+        f.ensure(&refs, Priority::Demand).await.unwrap();
+        let sent = blob.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2, "one busy answer, one retry");
+        let gap = sent[1] - sent[0];
+        assert!(
+            gap >= Duration::from_millis(700),
+            "asked again after {gap:?}"
+        );
+        let got = f.cache.read_chunk(&refs[0].rec.digest, plain[0].len());
+        assert_eq!(got.unwrap().unwrap(), plain[0]);
     }
 
     /// A hostile layer that declares a victim's chunk digest at a wrong place fails alone: the

@@ -53,6 +53,11 @@ pub enum Fault {
     /// Forward without the request's `Range` header: the upstream answers 200 with the whole
     /// blob, as a registry that does not support Range requests does.
     IgnoreRange,
+    /// Answer with this status and a body that never ends (chunked, fast), without contacting
+    /// the upstream, until the client hangs up (or 2 GiB, so a test cannot spin for ever).
+    Endless(u16),
+    /// Answer with this status, a small JSON error body and `Retry-After: SECS`.
+    RetryAfter(u16, u32),
     /// Apply the inner fault to the next `n` matching requests, then forward normally. See
     /// [`Fault::times`].
     FailTimes(u32, Box<Fault>),
@@ -141,6 +146,9 @@ fn parse_range(value: &str) -> Option<(u64, u64)> {
 
 struct Rule {
     digest: Option<String>,
+    /// When set, the rule matches GETs whose path contains this (any kind of request, not
+    /// only blobs), and `digest` is ignored.
+    path: Option<String>,
     fault: Fault,
 }
 
@@ -233,7 +241,12 @@ impl Shared {
             Fault::Down
         } else if method == "GET" {
             match (blob_digest(path), st.rule.as_mut()) {
-                (Some(d), Some(rule)) if rule.digest.as_deref().is_none_or(|w| w == d) => {
+                (_, Some(rule)) if rule.path.as_deref().is_some_and(|p| path.contains(p)) => {
+                    rule.fault.take()
+                }
+                (Some(d), Some(rule))
+                    if rule.path.is_none() && rule.digest.as_deref().is_none_or(|w| w == d) =>
+                {
                     rule.fault.take()
                 }
                 _ => Fault::None,
@@ -390,7 +403,21 @@ impl Proxy {
     /// Applies `fault` to GETs of the blob `digest` only (all blobs with `None`), replacing any
     /// fault set before. A `FailTimes` counter counts matching requests only.
     pub fn set_fault_for(&self, digest: Option<String>, fault: Fault) {
-        lock(&self.shared.state).rule = Some(Rule { digest, fault });
+        lock(&self.shared.state).rule = Some(Rule {
+            digest,
+            path: None,
+            fault,
+        });
+    }
+
+    /// Applies `fault` to every GET whose path contains `part` (manifests, referrers, tag
+    /// lists, blobs), replacing any fault set before.
+    pub fn set_fault_on_path(&self, part: &str, fault: Fault) {
+        lock(&self.shared.state).rule = Some(Rule {
+            digest: None,
+            path: Some(part.to_string()),
+            fault,
+        });
     }
 
     /// `set_fault(Fault::None)`.
@@ -717,6 +744,37 @@ fn send_simple(
     Ok(keep)
 }
 
+/// Answers `status` with a chunked body that never ends, until the client hangs up or 2 GiB
+/// went out; always closes the connection.
+fn send_endless(
+    shared: &Shared,
+    seq: u64,
+    client: &mut TcpStream,
+    status: u16,
+) -> io::Result<bool> {
+    const LIMIT: u64 = 2 << 30;
+    shared.update(seq, |r| r.status = status);
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        reason(status)
+    );
+    client.write_all(head.as_bytes())?;
+    let piece = vec![b' '; 64 << 10];
+    let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+    chunk.extend_from_slice(&piece);
+    chunk.extend_from_slice(b"\r\n");
+    let mut sent = 0u64;
+    while sent < LIMIT {
+        if client.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += piece.len() as u64;
+        shared.update(seq, |r| r.body_bytes = sent);
+    }
+    let _ = client.shutdown(Shutdown::Both);
+    Ok(false)
+}
+
 /// Handles one request; `Ok(true)` to keep the connection open.
 fn handle(
     shared: &Shared,
@@ -753,6 +811,29 @@ fn handle(
         if !shared.sleep(d) {
             return Ok(false);
         }
+    }
+    if let Fault::Endless(code) = fault {
+        copy_request_body(reader, &mut io::sink(), framing)?;
+        return send_endless(shared, seq, client, code);
+    }
+    if let Fault::RetryAfter(code, secs) = fault {
+        copy_request_body(reader, &mut io::sink(), framing)?;
+        let body = format!(
+            "{{\"errors\":[{{\"code\":\"TOOMANYREQUESTS\",\"message\":\"beam-tests proxy: injected status {code}\"}}]}}\n"
+        );
+        let head = format!(
+            "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nRetry-After: {secs}\r\nContent-Length: {}\r\n\r\n",
+            reason(code),
+            body.len()
+        );
+        shared.update(seq, |r| {
+            r.status = code;
+            r.body_bytes = body.len() as u64;
+        });
+        client.write_all(head.as_bytes())?;
+        client.write_all(body.as_bytes())?;
+        client.flush()?;
+        return Ok(keep);
     }
     if let Fault::Status(code) = fault {
         copy_request_body(reader, &mut io::sink(), framing)?;

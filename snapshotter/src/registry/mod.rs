@@ -1,10 +1,15 @@
 //! Talking to OCI registries: auth, manifests, blobs (whole and by Range), pushes, referrers.
 //!
-//! Built on `oci-client`. Credentials come from the Docker config (`~/.docker/config.json` or
-//! `$DOCKER_CONFIG`, incl. credential helpers); basic auth and bearer tokens (the token
-//! exchange is done by `oci-client`); plain HTTP only for hosts the caller names or when asked
-//! for all; extra CA certificates for private HTTPS registries. Credentials never appear in
-//! errors or logs: errors name the registry and repository, never the auth.
+//! Reads go through Beam's own HTTP client ([`http`]: every body bounded, errors typed with
+//! their status, codes and `Retry-After`); pushes and existence checks through `oci-client`.
+//! Credentials come from the Docker config (`~/.docker/config.json` or `$DOCKER_CONFIG`, incl.
+//! credential helpers); basic auth and bearer tokens; plain HTTP only for hosts the caller
+//! names or when asked for all; extra CA certificates for private HTTPS registries, per host
+//! where given per host. Credentials never appear in errors or logs: errors name the registry
+//! and repository, never the auth.
+
+mod http;
+pub use http::{retry_after, BodyError, StatusError, MAX_RETRY_AFTER};
 
 use crate::oci::{self, Descriptor, ImageIndex};
 use anyhow::{anyhow, bail, Context, Result};
@@ -149,6 +154,8 @@ pub struct Registry {
     /// Credentials per registry, read once (credential helpers are processes: not one per
     /// chunk request) and read again only after the registry refused them.
     credentials: std::sync::Mutex<std::collections::HashMap<String, RegistryAuth>>,
+    /// The HTTP client of every read, with bounded bodies.
+    reads: http::HttpReads,
 }
 
 /// What a failed registry request means for whoever asked, from the error's type (never from
@@ -236,6 +243,27 @@ impl Failure {
         }
     }
 
+    /// The meaning of an answer to one of Beam's own reads: the registry's error codes
+    /// first, then the status.
+    pub fn of_read(e: &StatusError) -> Failure {
+        let has = |names: &[&str]| e.codes.iter().any(|c| names.contains(&c.as_str()));
+        if has(&[
+            "MANIFEST_UNKNOWN",
+            "BLOB_UNKNOWN",
+            "NAME_UNKNOWN",
+            "NOT_FOUND",
+            "MANIFEST_BLOB_UNKNOWN",
+        ]) {
+            Failure::NotFound
+        } else if has(&["UNAUTHORIZED", "DENIED"]) {
+            Failure::Denied
+        } else if has(&["TOOMANYREQUESTS"]) {
+            Failure::Busy
+        } else {
+            Failure::of_status(e.status)
+        }
+    }
+
     fn of_reqwest(e: &reqwest::Error) -> Failure {
         match e.status() {
             Some(s) => Failure::of_status(s.as_u16()),
@@ -248,6 +276,15 @@ impl Failure {
     /// no known type (a check of ours, such as a digest mismatch) is permanent.
     pub fn of(e: &anyhow::Error) -> Failure {
         for c in e.chain() {
+            if let Some(s) = c.downcast_ref::<StatusError>() {
+                return Failure::of_read(s);
+            }
+            if let Some(b) = c.downcast_ref::<BodyError>() {
+                return match b {
+                    BodyError::TooLong { .. } => Failure::Permanent,
+                    BodyError::Read { .. } => Failure::Transient,
+                };
+            }
             if let Some(o) = c.downcast_ref::<oci_client::errors::OciDistributionError>() {
                 return Failure::of_oci(o);
             }
@@ -299,15 +336,31 @@ impl Registry {
             ..Default::default()
         };
         let mut host_clients = std::collections::BTreeMap::new();
+        let mut host_roots = Vec::new();
         for (host, files) in &opts.host_ca_files {
             let certs = read(&mut opts.ca_files.iter().chain(files))?;
+            host_roots.push((
+                host.clone(),
+                read(&mut files.iter())?
+                    .into_iter()
+                    .map(|c| c.data)
+                    .collect(),
+            ));
             host_clients.insert(host.clone(), Client::new(config(certs)));
         }
+        let roots = read(&mut opts.ca_files.iter())?;
+        let reads = http::HttpReads::new(
+            opts.plain_http,
+            opts.plain_http_hosts.clone(),
+            &roots.iter().map(|c| c.data.clone()).collect::<Vec<_>>(),
+            &host_roots,
+        )?;
         Ok(Registry {
-            client: Client::new(config(read(&mut opts.ca_files.iter())?)),
+            client: Client::new(config(roots)),
             host_clients,
             docker_config: opts.docker_config.clone(),
             credentials: Default::default(),
+            reads,
         })
     }
 
@@ -328,20 +381,14 @@ impl Registry {
         }
     }
 
-    /// After a 401: read `r`'s registry's credentials again (they may have been rotated) and
-    /// get a fresh token with them.
-    pub(crate) async fn refresh_auth(&self, r: &Reference) -> Result<()> {
-        let registry = r.resolve_registry();
+    /// After a second 401: `registry`'s credentials read again (they may have been rotated).
+    fn reread_auth(&self, registry: &str) -> RegistryAuth {
         let auth = self.read_auth(registry);
         self.credentials
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(registry.to_string(), auth.clone());
-        self.client(r)
-            .auth(r, &auth, oci_client::RegistryOperation::Pull)
-            .await
-            .with_context(|| format!("renewing the token for {registry}"))?;
-        Ok(())
+        auth
     }
 
     /// The client for `r`'s host: its own when the host has CAs of its own.
@@ -350,14 +397,6 @@ impl Registry {
             .get(r.registry())
             .or_else(|| self.host_clients.get(r.resolve_registry()))
             .unwrap_or(&self.client)
-    }
-
-    /// Make sure credentials for `r`'s registry are known to the client.
-    pub(crate) async fn ensure_login(&self, r: &Reference) {
-        let registry = r.resolve_registry();
-        self.client(r)
-            .store_auth_if_needed(registry, &self.auth(registry))
-            .await;
     }
 
     /// Make sure credentials for `r`'s registry are known to the client.
@@ -370,22 +409,16 @@ impl Registry {
 
     /// Fetch a manifest or index by tag or digest: bytes, digest, media type.
     pub async fn manifest(&self, r: &Reference) -> Result<(Vec<u8>, String, String)> {
-        self.login(r).await?;
-        let (bytes, _registry_digest) = self
-            .client(r)
-            .pull_manifest_raw(
+        let bytes = self
+            .get_bounded(
                 r,
-                &self.auth(r.resolve_registry()),
+                &http::manifest_path(r),
+                &http::pull_scope(r),
                 oci::MANIFEST_MEDIA_TYPES,
+                MAX_MANIFEST_LEN,
             )
             .await
             .with_context(|| format!("fetching manifest {r}"))?;
-        if bytes.len() > MAX_MANIFEST_LEN {
-            bail!(
-                "manifest {r} is {} bytes, over the {MAX_MANIFEST_LEN}-byte limit",
-                bytes.len()
-            );
-        }
         let actual = oci::sha256_digest(&bytes);
         if let Some(d) = r.digest() {
             if d != actual {
@@ -411,10 +444,8 @@ impl Registry {
         if !oci::is_sha256_digest(&desc.digest) {
             bail!("unsupported blob digest {:?}", desc.digest);
         }
-        self.login(r).await?;
-        let mut stream = self
-            .client(r)
-            .pull_blob_stream(r, desc.digest.as_str())
+        let mut resp = self
+            .get_blob(r, &desc.digest)
             .await
             .with_context(|| format!("fetching blob {} of {r}", desc.digest))?;
         let mut file = tokio::fs::File::create(path)
@@ -422,8 +453,11 @@ impl Registry {
             .with_context(|| format!("creating {}", path.display()))?;
         let mut hasher = Sha256::new();
         let mut n: u64 = 0;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.with_context(|| format!("reading blob {} of {r}", desc.digest))?;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .with_context(|| format!("reading blob {} of {r}", desc.digest))?
+        {
             n += chunk.len() as u64;
             if n > desc.size {
                 bail!(
@@ -458,24 +492,71 @@ impl Registry {
                 desc.size
             );
         }
-        self.login(r).await?;
         // A registry that sends more than the descriptor says is cut off there, not buffered.
-        let mut out = BoundedBuffer {
-            data: Vec::with_capacity(desc.size as usize),
-            max: desc.size as usize,
-        };
-        self.client(r)
-            .pull_blob(r, desc.digest.as_str(), &mut out)
+        let out = self
+            .get_bounded(
+                r,
+                &http::blob_path(r, &desc.digest),
+                &http::pull_scope(r),
+                &[],
+                desc.size as usize,
+            )
             .await
             .with_context(|| format!("fetching blob {} of {r}", desc.digest))?;
-        let out = out.data;
         if out.len() as u64 != desc.size || oci::sha256_digest(&out) != desc.digest {
             bail!(
                 "blob {} of {r}: content does not match its descriptor",
                 desc.digest
             );
         }
-        Ok(out)
+        Ok(out.to_vec())
+    }
+
+    /// The answer (200) to a GET of blob `digest`, its body not yet read.
+    async fn get_blob(&self, r: &Reference, digest: &str) -> Result<reqwest::Response> {
+        let resp = self
+            .send_read(
+                r,
+                reqwest::Method::GET,
+                &http::blob_path(r, digest),
+                &http::pull_scope(r),
+                |b| b,
+            )
+            .await?;
+        Ok(http::expect_status(resp, &[reqwest::StatusCode::OK]).await?)
+    }
+
+    /// The answer to a GET of `len` bytes at `offset` of blob `digest`, its body not yet
+    /// read, and whether it is the range (206) rather than the whole blob (200, from a
+    /// registry that ignores Range). A 401 renews the token, then reads the credentials
+    /// again, before the answer stands.
+    pub async fn range_response(
+        &self,
+        r: &Reference,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(reqwest::Response, bool)> {
+        let range = format!("bytes={offset}-{}", (offset + len).saturating_sub(1));
+        let resp = self
+            .send_read(
+                r,
+                reqwest::Method::GET,
+                &http::blob_path(r, digest),
+                &http::pull_scope(r),
+                |b| b.header(reqwest::header::RANGE, range.as_str()),
+            )
+            .await?;
+        let resp = http::expect_status(
+            resp,
+            &[
+                reqwest::StatusCode::PARTIAL_CONTENT,
+                reqwest::StatusCode::OK,
+            ],
+        )
+        .await?;
+        let partial = resp.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+        Ok((resp, partial))
     }
 
     /// Whether blob `digest` is in `r`'s repository.
@@ -559,39 +640,59 @@ impl Registry {
     /// with token auth need a token with the `registry:catalog:*` scope for this; where that
     /// is not given, list the repositories in the configuration instead.
     pub async fn catalog(&self, host: &str) -> Result<Vec<String>> {
-        const PAGE: usize = 1000;
-        let r = parse_reference(&format!("{host}/catalog:latest"))?;
-        self.login(&r).await?;
-        let auth = self.auth(r.resolve_registry());
-        let mut out: Vec<String> = Vec::new();
-        loop {
-            let page = self
-                .client(&r)
-                .catalog(&r, &auth, Some(PAGE), out.last().map(String::as_str))
-                .await
-                .with_context(|| format!("listing the repositories of {host}"))?;
-            let n = page.repositories.len();
-            out.extend(page.repositories);
-            if n < PAGE {
-                return Ok(out);
-            }
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[serde(default)]
+            repositories: Option<Vec<String>>,
         }
+        let r = parse_reference(&format!("{host}/catalog:latest"))?;
+        self.list_pages(&r, "_catalog", "registry:catalog:*", |body| {
+            Ok(serde_json::from_slice::<Page>(body)?
+                .repositories
+                .unwrap_or_default())
+        })
+        .await
+        .with_context(|| format!("listing the repositories of {host}"))
     }
 
     /// Every tag of `r`'s repository, page by page.
     pub async fn tags(&self, r: &Reference) -> Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let path = format!("{}/tags/list", r.repository());
+        self.list_pages(r, &path, &http::pull_scope(r), |body| {
+            Ok(serde_json::from_slice::<Page>(body)?
+                .tags
+                .unwrap_or_default())
+        })
+        .await
+        .with_context(|| format!("listing the tags of {}", r.repository()))
+    }
+
+    /// The entries of a paginated list (`?n=&last=`), each page bounded.
+    async fn list_pages(
+        &self,
+        r: &Reference,
+        path: &str,
+        scope: &str,
+        entries: impl Fn(&[u8]) -> Result<Vec<String>>,
+    ) -> Result<Vec<String>> {
         const PAGE: usize = 1000;
-        self.login(r).await?;
-        let auth = self.auth(r.resolve_registry());
         let mut out: Vec<String> = Vec::new();
         loop {
-            let page = self
-                .client(r)
-                .list_tags(r, &auth, Some(PAGE), out.last().map(String::as_str))
-                .await
-                .with_context(|| format!("listing the tags of {}", r.repository()))?;
-            let n = page.tags.len();
-            out.extend(page.tags);
+            let mut page_path = format!("{path}?n={PAGE}");
+            if let Some(last) = out.last() {
+                page_path.push_str(&format!("&last={last}"));
+            }
+            let body = self
+                .get_bounded(r, &page_path, scope, &[], http::MAX_LIST_BODY)
+                .await?;
+            let page = entries(&body)?;
+            let n = page.len();
+            out.extend(page);
             if n < PAGE {
                 return Ok(out);
             }
@@ -601,22 +702,36 @@ impl Registry {
     /// Referrers of manifest `subject` in `r`'s repository: the referrers API when the
     /// registry has it, else the referrers tag fallback. Empty when there are none.
     pub async fn referrers(&self, r: &Reference, subject: &str) -> Result<Vec<Descriptor>> {
-        self.login(r).await?;
-        let at = with_digest(r, subject);
         // Both at once: the API and the tag fallback (registries without the API, such as
         // Distribution 2.8, answer the first with 404), one round trip instead of two.
         let (api, tag) = tokio::join!(
-            self.client(&at).pull_referrers(&at, None),
+            self.referrers_api(r, subject),
             self.referrers_tag_index(r, subject)
         );
-        if let Ok(index) = api {
-            let json = serde_json::to_vec(&index)?;
-            let idx: ImageIndex = serde_json::from_slice(&json)?;
-            if !idx.manifests.is_empty() {
-                return Ok(idx.manifests);
+        if let Ok(Some(index)) = api {
+            if !index.manifests.is_empty() {
+                return Ok(index.manifests);
             }
         }
         Ok(tag?.manifests)
+    }
+
+    /// The referrers API's index of `subject`; `None` from a registry without the API (404).
+    async fn referrers_api(&self, r: &Reference, subject: &str) -> Result<Option<ImageIndex>> {
+        let path = format!("{}/referrers/{subject}", r.repository());
+        let resp = self
+            .send_read(r, reqwest::Method::GET, &path, &http::pull_scope(r), |b| {
+                b.header(reqwest::header::ACCEPT, oci::MEDIA_TYPE_OCI_INDEX)
+            })
+            .await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = http::expect_status(resp, &[reqwest::StatusCode::OK]).await?;
+        let body = http::read_body(resp, MAX_MANIFEST_LEN).await?;
+        let index = serde_json::from_slice(&body)
+            .with_context(|| format!("the referrers of {subject} are not an image index"))?;
+        Ok(Some(index))
     }
 
     async fn referrers_tag_index(&self, r: &Reference, subject: &str) -> Result<ImageIndex> {
@@ -638,8 +753,7 @@ impl Registry {
         subject: &str,
         desc: &Descriptor,
     ) -> Result<()> {
-        let at = with_digest(r, subject);
-        if let Ok(index) = self.client(&at).pull_referrers(&at, None).await {
+        if let Ok(Some(index)) = self.referrers_api(r, subject).await {
             if index.manifests.iter().any(|m| m.digest == desc.digest) {
                 return Ok(());
             }
@@ -654,43 +768,6 @@ impl Registry {
         self.push_manifest(&tag, bytes, oci::MEDIA_TYPE_OCI_INDEX)
             .await?;
         Ok(())
-    }
-}
-
-/// A write target that refuses to grow past `max` bytes.
-struct BoundedBuffer {
-    data: Vec<u8>,
-    max: usize,
-}
-
-impl tokio::io::AsyncWrite for BoundedBuffer {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if self.data.len() + buf.len() > self.max {
-            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
-                "the registry sent more than the descriptor's {} bytes",
-                self.max
-            ))));
-        }
-        self.data.extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
     }
 }
 
@@ -820,7 +897,9 @@ pub async fn diagnose(e: &anyhow::Error, host: &str) -> Option<String> {
             "the TLS certificate of {host} is not trusted: pass --ca-file CA.pem to beam pull, or \
              add `ca = \"CA.pem\"` to its hosts.toml"
         ))
-    } else if has(&["401", "unauthorized", "403 forbidden", "denied"]) {
+    } else if Failure::of(e) == Failure::Denied
+        || has(&["401", "unauthorized", "403 forbidden", "denied"])
+    {
         Some(format!(
             "{host} refused the credentials: log in (`docker login {host}` writes \
              ~/.docker/config.json; beam pull passes $DOCKER_CONFIG on) or fix the pull secret"
@@ -936,6 +1015,97 @@ mod tests {
             docker_auth_from(&path, "elsewhere:5000"),
             RegistryAuth::Anonymous
         ));
+    }
+
+    /// A registry with token auth, in process: the distribution token protocol end to end
+    /// (a challenge, a token fetched with the node's credentials, the token reused until the
+    /// registry stops taking it, then a new one).
+    #[tokio::test]
+    async fn bearer_tokens_are_fetched_with_the_credentials_reused_and_renewed() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = l.local_addr().unwrap().to_string();
+        // Tokens issued so far; only the latest is taken.
+        let issued = Arc::new(AtomicU32::new(0));
+        let server = {
+            let issued = issued.clone();
+            let host = host.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (mut c, _) = l.accept().await.unwrap();
+                    let mut buf = vec![0u8; 8192];
+                    let mut n = 0;
+                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        let k = c.read(&mut buf[n..]).await.unwrap();
+                        if k == 0 {
+                            break;
+                        }
+                        n += k;
+                    }
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let auth = req
+                        .lines()
+                        .find_map(|l| l.strip_prefix("authorization: "))
+                        .unwrap_or("")
+                        .to_string();
+                    let (status, extra, body) = if path.starts_with("/token?") {
+                        // "u:p", as the Docker config below has it.
+                        let scope_ok = path.contains("scope=repository%3Arepo%3Apull")
+                            && path.contains("service=fake");
+                        if auth == "Basic dTpw" && scope_ok {
+                            let t = issued.fetch_add(1, Ordering::SeqCst) + 1;
+                            (200, String::new(), format!(r#"{{"token":"tok-{t}"}}"#))
+                        } else {
+                            (401, String::new(), "{}".to_string())
+                        }
+                    } else {
+                        let current = format!("Bearer tok-{}", issued.load(Ordering::SeqCst));
+                        if auth == current {
+                            (200, String::new(), r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"a","digest":"sha256:00","size":0},"layers":[]}"#.to_string())
+                        } else {
+                            (
+                                401,
+                                format!(
+                                    "WWW-Authenticate: Bearer realm=\"http://{host}/token\",service=\"fake\"\r\n"
+                                ),
+                                r#"{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}"#
+                                    .to_string(),
+                            )
+                        }
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = c.write_all(answer.as_bytes()).await;
+                }
+            })
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.json");
+        std::fs::write(&config, format!(r#"{{"auths":{{"{host}":{{"auth":"dTpw"}}}}}}"#)).unwrap();
+        let registry = Registry::new(&RegistryOptions {
+            plain_http: true,
+            docker_config: Some(config),
+            ..Default::default()
+        })
+        .unwrap();
+        let r = parse_reference(&format!("{host}/repo:1")).unwrap();
+
+        registry.manifest(&r).await.unwrap();
+        assert_eq!(issued.load(Ordering::SeqCst), 1, "one token fetched");
+        registry.manifest(&r).await.unwrap();
+        assert_eq!(issued.load(Ordering::SeqCst), 1, "the token is reused");
+        // The registry stops taking it (expired, revoked): one new token, and on.
+        issued.fetch_add(1, Ordering::SeqCst);
+        registry.manifest(&r).await.unwrap();
+        assert_eq!(issued.load(Ordering::SeqCst), 3, "one token renewed");
+        server.abort();
     }
 
     #[tokio::test]

@@ -20,6 +20,10 @@
 //!   error after [`FetchOptions::deadline`], never a hang.
 //! - Retries with exponential backoff and jitter on 5xx, truncated bodies, connection errors
 //!   and timeouts; every attempt has a timeout.
+//! - **One deadline per reader**: a chunk given up at its deadline is remembered for
+//!   [`GAVE_UP_MEMORY`], and asks for it meanwhile fail at once. The kernel follows a failed
+//!   readahead with a read of the page the process waits on; without the memory that second
+//!   request waited a whole deadline again (issue 15).
 
 use crate::blob::BlobError;
 pub use crate::blob::RangeSource;
@@ -203,11 +207,18 @@ impl ChunkRef {
     }
 }
 
+/// How long a chunk given up at its deadline fails new asks at once: long enough for the
+/// kernel's follow-up request of the same read, short enough that the next read tries the
+/// registry again.
+pub const GAVE_UP_MEMORY: Duration = Duration::from_secs(1);
+
 /// Fetches chunks into the cache. One per process.
 pub struct Fetcher {
     pub cache: Arc<ChunkCache>,
     opts: FetchOptions,
     inflight: Mutex<HashMap<FlightKey, Waiters>>,
+    /// Chunks given up at their deadline, when, and why (see [`GAVE_UP_MEMORY`]).
+    gave_up: Mutex<HashMap<FlightKey, (Instant, FetchError)>>,
     foreground: Semaphore,
     background: Semaphore,
     /// Foreground `ensure` calls with something to fetch or wait for.
@@ -238,6 +249,7 @@ impl Fetcher {
             }),
             opts,
             inflight: Mutex::new(HashMap::new()),
+            gave_up: Mutex::new(HashMap::new()),
             counters: FetchCounters::default(),
             latency: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
@@ -347,12 +359,18 @@ impl Fetcher {
         let mut mine: Vec<ChunkRef> = Vec::new();
         let mut waits = Vec::new();
         {
+            let gave_up = self.gave_up.lock().expect("gave_up lock");
             let mut inflight = self.inflight.lock().expect("inflight lock");
             for c in chunks {
                 if self.cache.contains(&c.rec.digest) {
                     continue;
                 }
                 let key = c.flight_key();
+                if let Some((when, e)) = gave_up.get(&key) {
+                    if when.elapsed() < GAVE_UP_MEMORY && !inflight.contains_key(&key) {
+                        return Err(e.clone());
+                    }
+                }
                 match inflight.get_mut(&key) {
                     Some(w) => {
                         let (tx, rx) = oneshot::channel();
@@ -438,6 +456,15 @@ impl Fetcher {
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
+            }
+        }
+        drop(inflight);
+        if let Err(e @ FetchError::Deadline { .. }) = &result {
+            let mut gave_up = self.gave_up.lock().expect("gave_up lock");
+            gave_up.retain(|_, (when, _)| when.elapsed() < GAVE_UP_MEMORY);
+            let now = Instant::now();
+            for c in &run {
+                gave_up.insert(c.flight_key(), (now, e.clone()));
             }
         }
         if result.is_err() {
@@ -913,8 +940,21 @@ mod tests {
         assert!(matches!(e, FetchError::Deadline { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(3));
         assert!(!f.cache.contains(&refs[0].rec.digest));
-        // And it works once the source is healthy again.
+        // Asked again at once (the kernel's follow-up to a failed readahead), it fails at once
+        // without a request: one deadline per reader, not two.
         blob.fail_first.store(0, Ordering::SeqCst);
+        let asked = blob.requests.lock().unwrap().len();
+        let t = Instant::now();
+        let e = f.ensure(&refs, Priority::Demand).await.unwrap_err();
+        assert!(matches!(e, FetchError::Deadline { .. }), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(blob.requests.lock().unwrap().len(), asked, "no new request");
+        // And it works once the memory has passed and the source is healthy again.
+        tokio::time::sleep(GAVE_UP_MEMORY).await;
         f.ensure(&refs, Priority::Demand).await.unwrap();
     }
 

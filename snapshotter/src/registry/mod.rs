@@ -1088,7 +1088,11 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.json");
-        std::fs::write(&config, format!(r#"{{"auths":{{"{host}":{{"auth":"dTpw"}}}}}}"#)).unwrap();
+        std::fs::write(
+            &config,
+            format!(r#"{{"auths":{{"{host}":{{"auth":"dTpw"}}}}}}"#),
+        )
+        .unwrap();
         let registry = Registry::new(&RegistryOptions {
             plain_http: true,
             docker_config: Some(config),

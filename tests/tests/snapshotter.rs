@@ -595,6 +595,91 @@ mod storm {
         daemon.stop(Duration::from_secs(10));
         Ok(())
     }
+
+    /// A damaged `metadata.redb` (its header overwritten, or the file cut short) stops the
+    /// daemon with an error that names the file and the recovery, and changes nothing; the
+    /// recovery as the error gives it (move the file aside, start again) starts an empty
+    /// store and keeps the old snapshot directories aside, never deleting them.
+    #[tokio::test]
+    async fn a_damaged_metadata_database_is_a_clear_error_and_loses_nothing() -> Result<()> {
+        util::require_root()?;
+        for damage in ["header", "truncated"] {
+            let dir = util::short_tempdir()?;
+            let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
+            let root = dir.path().join("root");
+            let _holder = beam_tests::daemon::HolderGuard::new(&root);
+            let socket = dir.path().join("beam.sock");
+            let log = dir.path().join("d.log");
+            let mut daemon = start(&root, &socket, &log)?;
+            let mut c = SnapshotsClient::connect(&socket).await?;
+            c.prepare("a", "", HashMap::new()).await?;
+            c.commit("committed", "a", HashMap::new()).await?;
+            c.prepare("active", "committed", HashMap::new()).await?;
+            drop(c);
+            daemon.stop(Duration::from_secs(10));
+
+            let db = root.join("snapshotter/metadata.redb");
+            let mut bytes = std::fs::read(&db)?;
+            match damage {
+                "header" => bytes[..512].fill(0xAB),
+                _ => bytes.truncate(bytes.len() / 3),
+            }
+            std::fs::write(&db, &bytes)?;
+            let dirs_before = std::fs::read_dir(root.join("snapshotter/snapshots"))?.count();
+
+            // The daemon refuses to start, says why and what to do, and touches nothing.
+            let out = Command::new(util::cargo_bin("beam-snapshotter")?)
+                .arg("--root")
+                .arg(&root)
+                .arg("--address")
+                .arg(&socket)
+                .arg("--no-remote")
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            ensure!(
+                !out.status.success(),
+                "{damage}: a daemon started on a damaged database"
+            );
+            ensure!(
+                err.contains(&db.display().to_string())
+                    && err.contains("is damaged")
+                    && err.contains("A damaged snapshot database"),
+                "{damage}: the error does not name the file and the recovery: {err}"
+            );
+            ensure!(
+                std::fs::read(&db)? == bytes,
+                "{damage}: the damaged file was changed ({} bytes, was {}): {err}",
+                std::fs::metadata(&db)?.len(),
+                bytes.len()
+            );
+            ensure!(
+                std::fs::read_dir(root.join("snapshotter/snapshots"))?.count() == dirs_before,
+                "{damage}: snapshot directories were removed"
+            );
+
+            // The recovery: move it aside and start again.
+            std::fs::rename(&db, db.with_extension("redb.damaged"))?;
+            let mut daemon = start(&root, &socket, &log)?;
+            let mut c = SnapshotsClient::connect(&socket).await?;
+            ensure!(c.list().await?.is_empty(), "{damage}: a new store is empty");
+            c.prepare("new", "", HashMap::new()).await?;
+            drop(c);
+            daemon.stop(Duration::from_secs(10));
+            let aside: Vec<_> = std::fs::read_dir(root.join("snapshotter"))?
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("snapshots.orphaned-")
+                })
+                .collect();
+            ensure!(
+                aside.len() == 1 && std::fs::read_dir(aside[0].path())?.count() == dirs_before,
+                "{damage}: the old snapshot directories were not kept aside: {aside:?}"
+            );
+        }
+        Ok(())
+    }
 }
 
 mod footprint {

@@ -53,16 +53,67 @@ fn internal(e: impl std::fmt::Display) -> SnapshotError {
     SnapshotError::Internal(format!("metadata store: {e}"))
 }
 
+/// Where RELIABILITY.md tells an operator how to recover from a damaged database.
+pub const RECOVERY_DOC: &str = "RELIABILITY.md, \"A damaged snapshot database\"";
+
 impl SnapshotDb {
+    /// Open the database at `path`, creating it when there is none. A file that is there but
+    /// cannot be read as one is an error that names it and the recovery, and is left exactly
+    /// as it is: never replaced, never "repaired" into an empty store.
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
-        let db = Database::create(path).map_err(internal)?;
-        let txn = db.begin_write().map_err(internal)?;
-        {
-            txn.open_table(SNAPSHOTS).map_err(internal)?;
-            txn.open_table(COUNTERS).map_err(internal)?;
+        let damaged = |e: &dyn std::fmt::Display| {
+            SnapshotError::Internal(format!(
+                "the snapshot database {} is damaged ({e}); it was left as it is. To recover, \
+                 see {RECOVERY_DOC}: move it aside (mv {0} {0}.damaged) and start again; the \
+                 snapshot directories are then kept aside, not deleted",
+                path.display()
+            ))
+        };
+        // redb repairs a file in place when it was not closed cleanly (a kill -9), and an
+        // open that fails may already have written to it: work on the file with a copy of it
+        // aside, put back if anything fails. The database is small (records, not data).
+        let copy = path.with_extension("redb.before-open");
+        let existed = path.exists();
+        if existed {
+            std::fs::copy(path, &copy)
+                .map_err(|e| internal(format!("copying {}: {e}", path.display())))?;
         }
-        txn.commit().map_err(internal)?;
-        Ok(SnapshotDb { db })
+        let opened = (|| -> Result<SnapshotDb, String> {
+            let db = Database::create(path).map_err(|e| e.to_string())?;
+            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            {
+                txn.open_table(SNAPSHOTS).map_err(|e| e.to_string())?;
+                txn.open_table(COUNTERS).map_err(|e| e.to_string())?;
+            }
+            txn.commit().map_err(|e| e.to_string())?;
+            let db = SnapshotDb { db };
+            // Every record must read: a damaged page found now is the same clear error, not
+            // a failure of some later request.
+            db.all().map_err(|e| e.to_string())?;
+            Ok(db)
+        })();
+        match opened {
+            Ok(db) => {
+                if existed {
+                    let _ = std::fs::remove_file(&copy);
+                }
+                Ok(db)
+            }
+            Err(e) => {
+                if existed {
+                    std::fs::rename(&copy, path).map_err(|re| {
+                        internal(format!(
+                            "{e}; and putting {} back from {} failed: {re}",
+                            path.display(),
+                            copy.display()
+                        ))
+                    })?;
+                } else {
+                    let _ = std::fs::remove_file(path);
+                }
+                Err(damaged(&e))
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, SnapshotError> {

@@ -153,11 +153,43 @@ pub struct Snapshots {
     overlay_options: Vec<String>,
 }
 
+/// Before a new database is created beside snapshot directories a lost one described (the
+/// file was deleted, or moved aside as the recovery from damage says): move `snapshots/` to
+/// `snapshots.orphaned-SECS/` instead of letting cleanup delete directories no record names.
+/// Containers running on them keep their mounts (a rename does not move a mount's dentries);
+/// the operator removes the directory once none runs.
+fn keep_orphans_aside(root: &Path) -> Result<(), SnapshotError> {
+    let dir = root.join("snapshots");
+    let has_any = std::fs::read_dir(&dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if !has_any {
+        return Ok(());
+    }
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = root.join(format!("snapshots.orphaned-{secs}"));
+    std::fs::rename(&dir, &aside).map_err(|e| io_err("moving aside", &dir, e))?;
+    tracing::warn!(
+        kept = %aside.display(),
+        "no snapshot database: the snapshot directories it described were moved aside, not \
+         deleted; remove them once no container uses them"
+    );
+    Ok(())
+}
+
 impl Snapshots {
     /// Open (or create) the snapshots under `root` and remove leftovers of interrupted work.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        let db_path = root.join("metadata.redb");
+        let fresh = !db_path.exists();
+        if fresh {
+            keep_orphans_aside(root)?;
+        }
         std::fs::create_dir_all(root.join("snapshots")).map_err(|e| io_err("creating", root, e))?;
-        let store = SnapshotDb::open(&root.join("metadata.redb"))?;
+        let store = SnapshotDb::open(&db_path)?;
         // As containerd's overlay snapshotter: no inode index when the kernel knows the option
         // (a layer is the lower dir of many overlays at once).
         let overlay_options = if Path::new("/sys/module/overlay/parameters/index").exists() {

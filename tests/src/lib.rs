@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod registry;
 pub mod snapshots_client;
 pub mod takeover;
+pub mod tls;
 pub mod tree;
 pub mod util;
 

@@ -180,6 +180,32 @@ impl Registry {
         Ok(registry)
     }
 
+    /// Stops the registry (by PID) and starts it again with the same configuration, address
+    /// and storage: it reads its TLS certificate and key files again, so a test can change
+    /// them in place (a renewed or a replaced certificate).
+    pub fn restart(&mut self) -> Result<()> {
+        self.child.stop(Duration::from_secs(10));
+        let dir = self
+            .dir
+            .as_ref()
+            .context("a registry without its directory")?;
+        let config_path = dir.path().join("config.yml");
+        let bin = util::tool_path(
+            "BEAM_REGISTRY_BIN",
+            "docker-registry",
+            "/usr/bin/docker-registry",
+        );
+        let (stdout, stderr) = util::log_stdio(&self.log_path)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("serve")
+            .arg(&config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        self.child = ChildGuard::spawn("docker-registry", &mut cmd)?;
+        self.wait_ready()
+    }
+
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {

@@ -478,64 +478,8 @@ fn https_registry_with_a_custom_ca() -> Result<()> {
     let work = tempfile::tempdir()?;
     let d = work.path();
     // A private CA and a server certificate for 127.0.0.1 signed by it.
-    let openssl = |args: &[&str]| -> Result<()> {
-        let mut cmd = Command::new("openssl");
-        cmd.args(args).current_dir(d);
-        util::run_checked(&mut cmd, Duration::from_secs(60))?;
-        Ok(())
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=beam-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ])?;
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ])?;
-    std::fs::write(
-        d.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-    )?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ])?;
+    let ca = beam_tests::tls::Ca::new(d, "beam-test-ca")?;
+    ca.issue_for_localhost(&d.join("server.pem"), &d.join("server.key"))?;
     let reg = Registry::start_with_tls(&d.join("server.pem"), &d.join("server.key"))?;
 
     let tar = d.join("busybox.tar");
@@ -551,8 +495,7 @@ fn https_registry_with_a_custom_ca() -> Result<()> {
         !out.status.success(),
         "an untrusted certificate was accepted"
     );
-    let ca = d.join("ca.pem");
-    let ca = ca.to_str().context("utf-8")?;
+    let ca = ca.pem.to_str().context("utf-8")?;
     beam_ok(&["convert", "--ca-file", ca, &src, &image])?;
     let inspect = beam_ok(&["inspect", "--ca-file", ca, &image])?;
     ensure!(

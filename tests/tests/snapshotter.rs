@@ -11,6 +11,17 @@ use std::time::Duration;
 /// Start beam-snapshotter on `socket` with state in `root` and `args`, logging to `log`;
 /// wait until it listens. Stopped by PID when the guard drops.
 fn start_daemon(root: &Path, socket: &Path, log: &Path, args: &[&str]) -> Result<ChildGuard> {
+    start_daemon_with_env(root, socket, log, args, &[])
+}
+
+/// [`start_daemon`] with extra environment variables.
+fn start_daemon_with_env(
+    root: &Path,
+    socket: &Path,
+    log: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<ChildGuard> {
     let (out, err) = util::log_stdio(log)?;
     let mut cmd = Command::new(util::cargo_bin("beam-snapshotter")?);
     cmd.arg("--root")
@@ -19,6 +30,7 @@ fn start_daemon(root: &Path, socket: &Path, log: &Path, args: &[&str]) -> Result
         .arg(socket)
         .args(args)
         .env("BEAM_LOG", "info,fuser=warn")
+        .envs(env.iter().copied())
         .stdout(out)
         .stderr(err);
     let _ = std::fs::remove_file(socket);
@@ -230,10 +242,10 @@ mod remote {
     use beam_tests::snapshots_client::SnapshotsClient;
     use std::collections::HashMap;
 
-    const TARGET: &str = "containerd.io/snapshot.ref";
-    const IMAGE: &str = "containerd.io/snapshot/cri.image-ref";
-    const MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-    const LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+    pub(super) const TARGET: &str = "containerd.io/snapshot.ref";
+    pub(super) const IMAGE: &str = "containerd.io/snapshot/cri.image-ref";
+    pub(super) const MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+    pub(super) const LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
 
     fn start_daemon(root: &Path, socket: &Path, log: &Path, metrics: &str) -> Result<ChildGuard> {
         super::start_daemon(
@@ -441,7 +453,7 @@ mod remote {
         Ok(())
     }
 
-    fn tonic_code_already_exists() -> containerd_snapshots::tonic::Code {
+    pub(super) fn tonic_code_already_exists() -> containerd_snapshots::tonic::Code {
         containerd_snapshots::tonic::Code::AlreadyExists
     }
 }
@@ -677,6 +689,192 @@ mod storm {
                 aside.len() == 1 && std::fs::read_dir(aside[0].path())?.count() == dirs_before,
                 "{damage}: the old snapshot directories were not kept aside: {aside:?}"
             );
+        }
+        Ok(())
+    }
+}
+
+/// Crash points (`BEAM_CRASH_AT`, debug builds): the daemon SIGKILLs itself at each step of
+/// Prepare, Commit, Remove and a lazy mount; restarted, its store is consistent (one directory
+/// per record, nothing mounted that no record names), the interrupted request either took
+/// effect wholly or not at all, and asking again completes it.
+mod crash_points {
+    use super::remote::{tonic_code_already_exists, IMAGE, LAYER, MANIFEST, TARGET};
+    use super::*;
+    use beam_tests::snapshots_client::SnapshotsClient;
+    use std::collections::HashMap;
+    use std::os::unix::process::ExitStatusExt;
+
+    const POINTS: &[&str] = &[
+        "prepare.dirs-made",
+        "prepare.recorded",
+        "commit.measured",
+        "commit.recorded",
+        "remove.forgotten",
+        "remove.dir-deleted",
+        "lazy.mounted",
+        "lazy.recorded",
+        "remove.unmounted",
+    ];
+
+    fn start(root: &Path, socket: &Path, log: &Path, crash_at: Option<&str>) -> Result<ChildGuard> {
+        let env: Vec<(&str, &str)> = crash_at.map(|p| ("BEAM_CRASH_AT", p)).into_iter().collect();
+        start_daemon_with_env(
+            root,
+            socket,
+            log,
+            &["--plain-http", "--no-background-fetch"],
+            &env,
+        )
+    }
+
+    fn dirs(root: &Path) -> Result<usize> {
+        Ok(std::fs::read_dir(root.join("snapshotter/snapshots"))?.count())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kill_at_any_step_leaves_a_consistent_store_and_the_request_can_be_repeated(
+    ) -> Result<()> {
+        util::require_root()?;
+        let fx = Fixture::with_registry()?;
+        let _unmount_work = util::UnmountOnDrop(fx.dir().to_path_buf());
+        let bb = fx.image("bb").busybox()?.build()?;
+        let converted = bb.convert("crash/bb:v1", &[])?;
+        let lazy_labels: HashMap<String, String> = [
+            (TARGET, "layer-0".to_string()),
+            (IMAGE, converted.reference.clone()),
+            (MANIFEST, converted.manifest_digest()?),
+            (LAYER, bb.built.layers[0].0.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let none = HashMap::<String, String>::new;
+
+        for &point in POINTS {
+            let dir = util::short_tempdir()?;
+            let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
+            let root = dir.path().join("root");
+            let _holder = beam_tests::daemon::HolderGuard::new(&root);
+            let socket = dir.path().join("beam.sock");
+            let log = dir.path().join("daemon.log");
+            let mut daemon = start(&root, &socket, &log, Some(point))?;
+            let mut c = SnapshotsClient::connect(&socket).await?;
+            let op = point.split('.').next().unwrap_or_default();
+            // What comes before the request that meets the crash point.
+            match point {
+                "commit.measured" | "commit.recorded" => {
+                    c.prepare("a", "", none()).await?;
+                }
+                "remove.forgotten" | "remove.dir-deleted" => {
+                    c.prepare("a", "", none()).await?;
+                    c.commit("c", "a", none()).await?;
+                }
+                "remove.unmounted" => {
+                    let e = c.prepare("extract", "", lazy_labels.clone()).await;
+                    ensure!(
+                        e.is_err_and(|e| e.code() == tonic_code_already_exists()),
+                        "{point}: the lazy layer was not committed"
+                    );
+                }
+                _ => {}
+            }
+            let answer = match (op, point) {
+                ("prepare", _) => c.prepare("a", "", none()).await.map(|_| ()),
+                ("commit", _) => c.commit("c", "a", none()).await,
+                (_, "remove.unmounted") => c.remove("layer-0").await,
+                ("remove", _) => c.remove("c").await,
+                _ => c
+                    .prepare("extract", "", lazy_labels.clone())
+                    .await
+                    .map(|_| ()),
+            };
+            ensure!(answer.is_err(), "{point}: the request was answered");
+            drop(c);
+            let died = util::wait_for(
+                || daemon.try_wait().ok().flatten().is_some(),
+                Duration::from_secs(20),
+            );
+            ensure!(died, "{point}: the daemon did not die at its crash point");
+            let status = daemon.try_wait()?.context("exit status")?;
+            ensure!(
+                status.signal() == Some(9),
+                "{point}: the daemon ended with {status}, not SIGKILL: {}",
+                util::tail_file(&log, 20)
+            );
+
+            // Restarted: consistent, and the request completes when asked again.
+            let mut daemon = start(&root, &socket, &log, None)?;
+            let mut c = SnapshotsClient::connect(&socket).await?;
+            let records = c.list().await?.len();
+            ensure!(
+                dirs(&root)? == records,
+                "{point}: {} snapshot directories for {records} records",
+                dirs(&root)?
+            );
+            let lazy_records = usize::from(c.stat("layer-0").await.is_ok());
+            let mounted = util::mounts_under(&root.join("snapshotter/snapshots"))?;
+            ensure!(
+                mounted.len() == lazy_records,
+                "{point}: mounted {mounted:?} for {lazy_records} lazy records"
+            );
+            match (op, point) {
+                ("prepare", _) => {
+                    if c.stat("a").await.is_err() {
+                        c.prepare("a", "", none()).await?;
+                    }
+                    ensure!(c.stat("a").await?.kind == 2, "{point}: a is not active");
+                    c.mounts("a").await?;
+                }
+                ("commit", _) => {
+                    let (a, committed) = (c.stat("a").await.ok(), c.stat("c").await.ok());
+                    match (a, committed) {
+                        (None, Some(i)) if i.kind == 3 => {}
+                        (Some(i), None) if i.kind == 2 => c.commit("c", "a", none()).await?,
+                        other => anyhow::bail!("{point}: half a commit: {other:?}"),
+                    }
+                    ensure!(c.stat("c").await?.kind == 3, "{point}: c not committed");
+                }
+                (_, "remove.unmounted") => {
+                    if c.stat("layer-0").await.is_ok() {
+                        c.remove("layer-0").await?;
+                    }
+                    ensure!(
+                        c.stat("layer-0").await.is_err(),
+                        "{point}: layer-0 is there"
+                    );
+                }
+                ("remove", _) => {
+                    if c.stat("c").await.is_ok() {
+                        c.remove("c").await?;
+                    }
+                    ensure!(c.stat("c").await.is_err(), "{point}: c is still there");
+                }
+                _ => {
+                    if c.stat("layer-0").await.is_err() {
+                        let e = c.prepare("extract", "", lazy_labels.clone()).await;
+                        ensure!(
+                            e.is_err_and(|e| e.code() == tonic_code_already_exists()),
+                            "{point}: asked again, the lazy layer was not committed"
+                        );
+                    }
+                    ensure!(
+                        c.stat("layer-0").await?.kind == 3,
+                        "{point}: layer-0 is not committed"
+                    );
+                    // It serves: a snapshot on top of it mounts.
+                    c.prepare("top", "layer-0", none()).await?;
+                }
+            }
+            let records = c.list().await?.len();
+            ensure!(
+                dirs(&root)? == records,
+                "{point}: after asking again, {} directories for {records} records",
+                dirs(&root)?
+            );
+            drop(c);
+            daemon.stop(Duration::from_secs(10));
+            eprintln!("{point}: consistent after the kill; {records} snapshots");
         }
         Ok(())
     }

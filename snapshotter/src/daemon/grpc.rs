@@ -228,6 +228,7 @@ impl cs::Snapshotter for SnapshotService {
                 tokio::task::spawn_blocking(move || remote.unmount(id))
                     .await
                     .map_err(|e| Status::internal(format!("unmounting: {e}")))?;
+                crate::crash::point("remove.unmounted");
             }
         }
         let s = self.snapshots.clone();

@@ -476,6 +476,7 @@ impl LazyLayers {
                 return Err(e);
             }
         };
+        crate::crash::point("lazy.mounted");
         // The target keeps the request's labels (containerd's unpacker looks for them).
         let mut target_labels = req_labels.clone();
         target_labels.insert(labels::ADMITTED.to_string(), admitted);
@@ -486,6 +487,7 @@ impl LazyLayers {
                     .expect("remote lock")
                     .insert(id, mounted);
                 tracing::info!(target, layer = %layer, "layer mounted lazily");
+                crate::crash::point("lazy.recorded");
                 Ok(true)
             }
             Err(e) => {

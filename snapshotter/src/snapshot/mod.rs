@@ -343,9 +343,11 @@ impl Snapshots {
                 let _ = std::fs::remove_dir_all(self.dir(id));
                 return Err(e);
             }
+            crate::crash::point("prepare.dirs-made");
             tx.put(&rec)?;
             Ok((rec, lowers))
         })?;
+        crate::crash::point("prepare.recorded");
         self.mounts_with(&rec, &lowers)
     }
 
@@ -569,6 +571,7 @@ impl Snapshots {
             // Measured inside the transaction, as containerd does: nothing can change the
             // snapshot between the measurement and the record.
             let usage = disk_usage(&self.fs_dir(current.id));
+            crate::crash::point("commit.measured");
             tx.delete(key)?;
             tx.put(&SnapshotRecord {
                 kind: Kind::Committed,
@@ -579,7 +582,9 @@ impl Snapshots {
                 usage: (usage.size, usage.inodes),
                 ..current
             })
-        })
+        })?;
+        crate::crash::point("commit.recorded");
+        Ok(())
     }
 
     /// Remove a snapshot that has no children.
@@ -592,18 +597,20 @@ impl Snapshots {
     /// Forget a snapshot that has no children, leaving its directory (for the caller to
     /// unmount a lazy layer first, then [`Snapshots::remove_dir`]).
     pub fn remove_record(&self, key: &str) -> Result<SnapshotRecord, SnapshotError> {
-        self.store.update(|tx| {
-            let Some(rec) = tx.get(key)? else {
-                return Err(SnapshotError::NotFound(key.to_string()));
-            };
-            if tx.has_children(key)? {
-                return Err(SnapshotError::FailedPrecondition(format!(
-                    "cannot remove snapshot {key}: it has children"
-                )));
-            }
-            tx.delete(key)?;
-            Ok(rec)
-        })
+        self.store
+            .update(|tx| {
+                let Some(rec) = tx.get(key)? else {
+                    return Err(SnapshotError::NotFound(key.to_string()));
+                };
+                if tx.has_children(key)? {
+                    return Err(SnapshotError::FailedPrecondition(format!(
+                        "cannot remove snapshot {key}: it has children"
+                    )));
+                }
+                tx.delete(key)?;
+                Ok(rec)
+            })
+            .inspect(|_| crate::crash::point("remove.forgotten"))
     }
 
     /// Delete the directory of a forgotten snapshot.
@@ -613,6 +620,7 @@ impl Snapshots {
             // The record is gone; cleanup removes the directory later.
             tracing::warn!(dir = %dir.display(), "removing snapshot directory: {e}");
         }
+        crate::crash::point("remove.dir-deleted");
     }
 
     /// Update labels: with no field paths (or `labels`) all labels are replaced; `labels.KEY`

@@ -608,6 +608,88 @@ mod storm {
         Ok(())
     }
 
+    /// The state disk fills up while snapshots are committed: a Commit that cannot be written
+    /// is a gRPC error, the daemon goes on, every Commit acknowledged before is there, and once
+    /// there is room again (and after a restart) Commits succeed.
+    #[tokio::test]
+    async fn a_full_state_disk_fails_commits_cleanly_and_loses_nothing() -> Result<()> {
+        util::require_root()?;
+        let dir = util::short_tempdir()?;
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root)?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            &root,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=6m"),
+        )?;
+        let _unmount = util::UnmountOnDrop(root.clone());
+        let _holder = beam_tests::daemon::HolderGuard::new(&root);
+        let socket = dir.path().join("beam.sock");
+        let log = dir.path().join("d.log");
+        let mut daemon = start(&root, &socket, &log)?;
+        let mut c = SnapshotsClient::connect(&socket).await?;
+        // Labels of 32 KiB each, until the disk is full.
+        let big = |n: usize| -> HashMap<String, String> {
+            [("blob".to_string(), format!("{n}{}", "x".repeat(32 << 10)))].into()
+        };
+        let mut acknowledged = Vec::new();
+        let mut refused = None;
+        for n in 0..1000 {
+            let key = format!("k{n}");
+            if let Err(e) = c.prepare(&key, "", HashMap::new()).await {
+                refused = Some(format!("prepare: {e}"));
+                break;
+            }
+            match c.commit(&format!("c{n}"), &key, big(n)).await {
+                Ok(()) => acknowledged.push(n),
+                Err(e) => {
+                    refused = Some(format!("commit: {e}"));
+                    break;
+                }
+            }
+        }
+        let refused = refused.context("6 MiB never filled up")?;
+        eprintln!(
+            "full state disk: {} commits acknowledged, then {refused}",
+            acknowledged.len()
+        );
+        ensure!(
+            acknowledged.len() > 10,
+            "only {} commits",
+            acknowledged.len()
+        );
+        ensure!(
+            refused.to_ascii_lowercase().contains("space"),
+            "the error does not say the disk is full: {refused}"
+        );
+        // Still serving, and nothing acknowledged is lost.
+        for n in &acknowledged {
+            let info = c.stat(&format!("c{n}")).await?;
+            ensure!(info.kind == 3 && info.labels == big(*n), "c{n} changed");
+        }
+        // Room again (what was not committed is removed): commits succeed, also after a
+        // restart.
+        for n in acknowledged.iter().rev().take(20) {
+            c.remove(&format!("c{n}")).await?;
+        }
+        let _ = c.remove(&format!("k{}", acknowledged.len())).await;
+        c.prepare("after", "", HashMap::new()).await?;
+        c.commit("after-c", "after", HashMap::new()).await?;
+        drop(c);
+        daemon.stop(Duration::from_secs(10));
+        let mut daemon = start(&root, &socket, &log)?;
+        let mut c = SnapshotsClient::connect(&socket).await?;
+        for n in acknowledged.iter().rev().skip(20) {
+            ensure!(c.stat(&format!("c{n}")).await?.kind == 3, "c{n} lost");
+        }
+        ensure!(c.stat("after-c").await?.kind == 3, "after-c lost");
+        drop(c);
+        daemon.stop(Duration::from_secs(10));
+        Ok(())
+    }
+
     /// A damaged `metadata.redb` (its header overwritten, or the file cut short) stops the
     /// daemon with an error that names the file and the recovery, and changes nothing; the
     /// recovery as the error gives it (move the file aside, start again) starts an empty

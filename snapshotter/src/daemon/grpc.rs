@@ -78,7 +78,7 @@ fn status(e: SnapshotError) -> Status {
         SnapshotError::AlreadyExists(_) => Status::already_exists(e.to_string()),
         SnapshotError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
         SnapshotError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-        SnapshotError::Internal(_) => Status::internal(e.to_string()),
+        SnapshotError::Internal(_) | SnapshotError::Io(_) => Status::internal(e.to_string()),
     }
 }
 

@@ -1,6 +1,10 @@
 //! Durable snapshot metadata in redb: one table of snapshot records by name, and a counter for
 //! snapshot ids (the names of their directories). Every change is one redb write transaction,
 //! so a `kill -9` at any moment leaves either the old or the new state.
+//!
+//! After a failed write (a full disk) redb refuses every later transaction of that handle
+//! ("previous I/O error"); the database is then opened again, so that one refused Commit does
+//! not take every later request down with it (issue 15).
 
 use super::{Kind, SnapshotError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -46,11 +50,25 @@ pub struct SnapshotRecord {
 
 /// The metadata database.
 pub struct SnapshotDb {
-    db: Database,
+    path: std::path::PathBuf,
+    /// Replaced by a fresh handle after an I/O error (see [`SnapshotDb::recover_from_io_error`]).
+    db: std::sync::RwLock<Database>,
 }
 
 fn internal(e: impl std::fmt::Display) -> SnapshotError {
     SnapshotError::Internal(format!("metadata store: {e}"))
+}
+
+/// A redb error: an I/O failure (after which redb refuses the handle) is told apart, so that
+/// the database is opened again (see [`SnapshotDb::recovering`]).
+fn db_err(e: impl Into<redb::Error>) -> SnapshotError {
+    let e: redb::Error = e.into();
+    match e {
+        redb::Error::Io(_) | redb::Error::PreviousIo => {
+            SnapshotError::Io(format!("metadata store: {e}"))
+        }
+        e => internal(e),
+    }
 }
 
 /// Where RELIABILITY.md tells an operator how to recover from a damaged database.
@@ -61,23 +79,30 @@ impl SnapshotDb {
     /// cannot be read as one is an error that names it and the recovery, and is left exactly
     /// as it is: never replaced, never "repaired" into an empty store.
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
-        let damaged = |e: &dyn std::fmt::Display| {
+        let damaged = |e: &dyn std::fmt::Display, kept: bool| {
             SnapshotError::Internal(format!(
-                "the snapshot database {} is damaged ({e}); it was left as it is. To recover, \
-                 see {RECOVERY_DOC}: move it aside (mv {0} {0}.damaged) and start again; the \
-                 snapshot directories are then kept aside, not deleted",
-                path.display()
+                "the snapshot database {} is damaged ({e}){}. To recover, see {RECOVERY_DOC}: \
+                 move it aside (mv {0} {0}.damaged) and start again; the snapshot directories \
+                 are then kept aside, not deleted",
+                path.display(),
+                if kept { "; it was left as it is" } else { "" }
             ))
         };
         // redb repairs a file in place when it was not closed cleanly (a kill -9), and an
         // open that fails may already have written to it: work on the file with a copy of it
         // aside, put back if anything fails. The database is small (records, not data).
         let copy = path.with_extension("redb.before-open");
+        // Without room for the copy (a full state disk) the daemon still starts, without it.
         let existed = path.exists();
-        if existed {
-            std::fs::copy(path, &copy)
-                .map_err(|e| internal(format!("copying {}: {e}", path.display())))?;
-        }
+        let backed_up = existed
+            && match std::fs::copy(path, &copy) {
+                Ok(_) => true,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&copy);
+                    tracing::warn!(db = %path.display(), "opening without a copy aside: {e}");
+                    false
+                }
+            };
         let opened = (|| -> Result<SnapshotDb, String> {
             let db = Database::create(path).map_err(|e| e.to_string())?;
             let txn = db.begin_write().map_err(|e| e.to_string())?;
@@ -86,7 +111,10 @@ impl SnapshotDb {
                 txn.open_table(COUNTERS).map_err(|e| e.to_string())?;
             }
             txn.commit().map_err(|e| e.to_string())?;
-            let db = SnapshotDb { db };
+            let db = SnapshotDb {
+                path: path.to_path_buf(),
+                db: std::sync::RwLock::new(db),
+            };
             // Every record must read: a damaged page found now is the same clear error, not
             // a failure of some later request.
             db.all().map_err(|e| e.to_string())?;
@@ -94,13 +122,17 @@ impl SnapshotDb {
         })();
         match opened {
             Ok(db) => {
-                if existed {
+                if backed_up {
                     let _ = std::fs::remove_file(&copy);
                 }
                 Ok(db)
             }
+            Err(e) if !existed => Err(internal(format!(
+                "creating the snapshot database {}: {e}",
+                path.display()
+            ))),
             Err(e) => {
-                if existed {
+                if backed_up {
                     std::fs::rename(&copy, path).map_err(|re| {
                         internal(format!(
                             "{e}; and putting {} back from {} failed: {re}",
@@ -108,29 +140,81 @@ impl SnapshotDb {
                             copy.display()
                         ))
                     })?;
-                } else {
-                    let _ = std::fs::remove_file(path);
                 }
-                Err(damaged(&e))
+                Err(damaged(&e, backed_up))
             }
         }
     }
 
+    /// The database handle, for one transaction.
+    fn handle(&self) -> std::sync::RwLockReadGuard<'_, Database> {
+        self.db.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Open the database again after an I/O error, as redb asks: its handle refuses every
+    /// transaction after one. What was committed is on disk; the failed transaction never was.
+    fn reopen(&self) {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // redb holds a lock on the file: the old handle must go before the new one opens.
+        // An empty in-memory database stands in meanwhile.
+        let placeholder =
+            match Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!("reopening the snapshot database: {e}");
+                    return;
+                }
+            };
+        let old = std::mem::replace(&mut *db, placeholder);
+        drop(old);
+        match Database::create(&self.path) {
+            Ok(fresh) => {
+                *db = fresh;
+                tracing::warn!(db = %self.path.display(), "reopened after an I/O error");
+            }
+            Err(e) => {
+                tracing::error!(db = %self.path.display(), "reopening after an I/O error: {e}")
+            }
+        }
+    }
+
+    /// `op`; after an I/O error, the database opened again for the next request.
+    fn recovering<T>(
+        &self,
+        op: impl FnOnce() -> Result<T, SnapshotError>,
+    ) -> Result<T, SnapshotError> {
+        let r = op();
+        if matches!(r, Err(SnapshotError::Io(_))) {
+            self.reopen();
+        }
+        r
+    }
+
     pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(internal)?;
-        let t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-        match t.get(name).map_err(internal)? {
+        self.recovering(|| self.get_once(name))
+    }
+
+    fn get_once(&self, name: &str) -> Result<Option<SnapshotRecord>, SnapshotError> {
+        let db = self.handle();
+        let txn = db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+        match t.get(name).map_err(db_err)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(internal)?)),
             None => Ok(None),
         }
     }
 
     pub fn all(&self) -> Result<Vec<SnapshotRecord>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(internal)?;
-        let t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+        self.recovering(|| self.all_once())
+    }
+
+    fn all_once(&self) -> Result<Vec<SnapshotRecord>, SnapshotError> {
+        let db = self.handle();
+        let txn = db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(SNAPSHOTS).map_err(db_err)?;
         let mut out = Vec::new();
-        for item in t.iter().map_err(internal)? {
-            let (_, v) = item.map_err(internal)?;
+        for item in t.iter().map_err(db_err)? {
+            let (_, v) = item.map_err(db_err)?;
             out.push(serde_json::from_slice(v.value()).map_err(internal)?);
         }
         Ok(out)
@@ -141,17 +225,25 @@ impl SnapshotDb {
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, SnapshotError>,
     ) -> Result<T, SnapshotError> {
-        let txn = self.db.begin_write().map_err(internal)?;
+        self.recovering(|| self.update_once(f))
+    }
+
+    fn update_once<T>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, SnapshotError>,
+    ) -> Result<T, SnapshotError> {
+        let db = self.handle();
+        let txn = db.begin_write().map_err(db_err)?;
         let out = {
-            let snapshots = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            let counters = txn.open_table(COUNTERS).map_err(internal)?;
+            let snapshots = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            let counters = txn.open_table(COUNTERS).map_err(db_err)?;
             let mut tx = Tx {
                 snapshots,
                 counters,
             };
             f(&mut tx)?
         };
-        txn.commit().map_err(internal)?;
+        txn.commit().map_err(db_err)?;
         Ok(out)
     }
 }
@@ -164,7 +256,7 @@ pub struct Tx<'t> {
 
 impl Tx<'_> {
     pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, SnapshotError> {
-        match self.snapshots.get(name).map_err(internal)? {
+        match self.snapshots.get(name).map_err(db_err)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(internal)?)),
             None => Ok(None),
         }
@@ -174,19 +266,19 @@ impl Tx<'_> {
         let bytes = serde_json::to_vec(r).map_err(internal)?;
         self.snapshots
             .insert(r.name.as_str(), bytes.as_slice())
-            .map_err(internal)?;
+            .map_err(db_err)?;
         Ok(())
     }
 
     pub fn delete(&mut self, name: &str) -> Result<(), SnapshotError> {
-        self.snapshots.remove(name).map_err(internal)?;
+        self.snapshots.remove(name).map_err(db_err)?;
         Ok(())
     }
 
     /// Whether any snapshot names `name` as its parent.
     pub fn has_children(&self, name: &str) -> Result<bool, SnapshotError> {
-        for item in self.snapshots.iter().map_err(internal)? {
-            let (_, v) = item.map_err(internal)?;
+        for item in self.snapshots.iter().map_err(db_err)? {
+            let (_, v) = item.map_err(db_err)?;
             let r: SnapshotRecord = serde_json::from_slice(v.value()).map_err(internal)?;
             if r.parent == name {
                 return Ok(true);
@@ -198,8 +290,8 @@ impl Tx<'_> {
     /// The ids of every recorded snapshot.
     pub fn ids(&self) -> Result<std::collections::HashSet<u64>, SnapshotError> {
         let mut out = std::collections::HashSet::new();
-        for item in self.snapshots.iter().map_err(internal)? {
-            let (_, v) = item.map_err(internal)?;
+        for item in self.snapshots.iter().map_err(db_err)? {
+            let (_, v) = item.map_err(db_err)?;
             let r: SnapshotRecord = serde_json::from_slice(v.value()).map_err(internal)?;
             out.insert(r.id);
         }
@@ -211,11 +303,11 @@ impl Tx<'_> {
         let n = self
             .counters
             .get("snapshot-id")
-            .map_err(internal)?
+            .map_err(db_err)?
             .map(|v| v.value())
             .unwrap_or(0)
             + 1;
-        self.counters.insert("snapshot-id", n).map_err(internal)?;
+        self.counters.insert("snapshot-id", n).map_err(db_err)?;
         Ok(n)
     }
 }

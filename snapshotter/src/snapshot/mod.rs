@@ -72,6 +72,9 @@ pub enum SnapshotError {
     InvalidArgument(String),
     #[error("{0}")]
     Internal(String),
+    /// The metadata store could not read or write its file (a full or failing disk).
+    #[error("{0}")]
+    Io(String),
 }
 
 /// What Stat, Update and List return.

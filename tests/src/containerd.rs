@@ -715,37 +715,15 @@ impl Containerd {
             .with_context(|| format!("writing {}", config_path.display()))?;
         let log_path = base.join("containerd.log");
 
-        let (stdout, stderr) = util::log_stdio(&log_path)?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--config")
-            .arg(&config_path)
-            .arg("--address")
-            .arg(&paths.address)
-            .arg("--root")
-            .arg(&paths.root)
-            .arg("--state")
-            .arg(&paths.state)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        if let Some(bin_dir) = version.bin_dir() {
-            // containerd finds `containerd-shim-runc-v2` on its PATH: make it this version's.
-            let mut path = vec![bin_dir];
-            if let Some(old) = std::env::var_os("PATH") {
-                path.extend(std::env::split_paths(&old));
-            }
-            cmd.env(
-                "PATH",
-                std::env::join_paths(path).context("building PATH for containerd")?,
-            );
-        }
-        let child = ChildGuard::spawn("containerd", &mut cmd).with_context(|| {
-            format!(
-                "is {} installed (containerd {})?",
-                bin.display(),
-                version.name()
-            )
-        })?;
+        let child = spawn_containerd(
+            version,
+            &bin,
+            &config_path,
+            &paths.address,
+            &paths.root,
+            &paths.state,
+            &log_path,
+        )?;
         let mut c = Containerd {
             child,
             dir: Some(dir),
@@ -761,6 +739,23 @@ impl Containerd {
         };
         c.wait_ready()?;
         Ok(c)
+    }
+
+    /// Stops containerd (by PID, SIGTERM then SIGKILL) and starts it again with the same
+    /// config, address, root and state, as a node's containerd restarts (an upgrade, a
+    /// crash): running containers keep running under their shims.
+    pub fn restart(&mut self) -> Result<()> {
+        self.child.stop(Duration::from_secs(10));
+        self.child = spawn_containerd(
+            self.version,
+            &self.version.containerd_bin(),
+            &self.config_path,
+            &self.address,
+            &self.root,
+            &self.state,
+            &self.log_path,
+        )?;
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -1344,4 +1339,48 @@ mod tests {
         assert!(v3.contains("unpack_config"), "{v3}");
         assert!(v3.contains("/tmp/x/root"), "{v3}");
     }
+}
+
+/// Starts `bin` (containerd of `version`) with its config, address, root and state, logging
+/// to `log_path`.
+fn spawn_containerd(
+    version: ContainerdVersion,
+    bin: &Path,
+    config_path: &Path,
+    address: &Path,
+    root: &Path,
+    state: &Path,
+    log_path: &Path,
+) -> Result<ChildGuard> {
+    let (stdout, stderr) = util::log_stdio(log_path)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config")
+        .arg(config_path)
+        .arg("--address")
+        .arg(address)
+        .arg("--root")
+        .arg(root)
+        .arg("--state")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    if let Some(bin_dir) = version.bin_dir() {
+        // containerd finds `containerd-shim-runc-v2` on its PATH: make it this version's.
+        let mut path = vec![bin_dir];
+        if let Some(old) = std::env::var_os("PATH") {
+            path.extend(std::env::split_paths(&old));
+        }
+        cmd.env(
+            "PATH",
+            std::env::join_paths(path).context("building PATH for containerd")?,
+        );
+    }
+    ChildGuard::spawn("containerd", &mut cmd).with_context(|| {
+        format!(
+            "is {} installed (containerd {})?",
+            bin.display(),
+            version.name()
+        )
+    })
 }

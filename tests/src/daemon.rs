@@ -96,6 +96,16 @@ impl BeamDaemon {
         serde_json::from_str(&out).with_context(|| format!("beam status printed {out}"))
     }
 
+    /// The daemon's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|s| s.is_none())
+    }
+
     /// Lazy layers mounted now (from `beam status`).
     pub fn lazy_layers(&self) -> Result<usize> {
         Ok(self.status()?["layers"]

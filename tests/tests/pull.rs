@@ -334,3 +334,144 @@ fn cache_prune_beside_a_running_daemon_keeps_what_its_layers_use() -> Result<()>
     ensure!(stats("chunks")? == 0, "{said}");
     Ok(())
 }
+
+/// containerd restarts (an upgrade, a crash) while a container runs on lazily mounted layers:
+/// the container keeps running and reading them, beam-snapshotter keeps its mounts (the same
+/// process), and the restarted containerd starts new containers of the image and removes it.
+#[test]
+fn containerd_restarted_while_layers_are_mounted() -> Result<()> {
+    let (images, mut d, mut c) = start(&["--no-background-fetch"])?;
+    let r = beam_pull(&c, &images.converted)?;
+    ensure!(r["lazy"] == 2, "beam pull: {r}");
+    c.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "beam",
+        &images.converted,
+        "sleeper",
+        "/bin/sleep",
+        "600",
+    ])?;
+    ensure!(
+        util::wait_for(|| !c.shims().is_empty(), Duration::from_secs(10)),
+        "no shim for the detached container"
+    );
+    let layers_before = d.lazy_layers()?;
+
+    c.restart()?;
+
+    let tasks = String::from_utf8_lossy(&c.ctr(&["task", "ls"])?.stdout).into_owned();
+    ensure!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("sleeper") && l.contains("RUNNING")),
+        "the container did not survive the restart: {tasks}"
+    );
+    // It still reads its lazy layer (a file it had not read before).
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "reader",
+        "sleeper",
+        "/bin/cat",
+        "/data/hello.txt",
+    ])?;
+    ensure!(
+        out.stdout == b"hello from a lazy layer\n",
+        "exec after the restart printed {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        d.is_running() && d.lazy_layers()? == layers_before,
+        "beam-snapshotter changed across containerd's restart"
+    );
+    // New containers of the image, on the same snapshots.
+    let out = c.run_with(
+        &["--snapshotter", "beam"],
+        &images.converted,
+        "after",
+        &["/bin/cat", "/data/hello.txt"],
+    )?;
+    ensure!(
+        out == "hello from a lazy layer\n",
+        "new container printed {out:?}"
+    );
+
+    c.ctr(&["task", "kill", "-s", "SIGKILL", "sleeper"])?;
+    ensure!(
+        util::wait_for(
+            || c.ctr(&["task", "ls"])
+                .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("RUNNING")),
+            Duration::from_secs(20)
+        ),
+        "the killed task is still running"
+    );
+    c.ctr(&["task", "delete", "sleeper"])?;
+    c.ctr(&["containers", "delete", "sleeper"])?;
+    remove_images(&c, &[&images.converted])?;
+    drop(c);
+    d.stop()?;
+    Ok(())
+}
+
+/// containerd's garbage collector runs again and again while `beam pull` works (a slow
+/// registry stretches the pull): the pull's lease keeps every snapshot it made, the image
+/// runs afterwards, and nothing is left once it is removed.
+#[test]
+fn gc_running_during_a_pull_removes_nothing_the_pull_needs() -> Result<()> {
+    let (images, d, c) = start(&["--no-background-fetch"])?;
+    // Every index and chunk fetch of the pull waits 300 ms.
+    images
+        .fx
+        .proxy()
+        .set_fault(beam_tests::Fault::Stall(Duration::from_millis(300)));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let collections = std::sync::atomic::AtomicU32::new(0);
+    let pulled = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Each synchronous lease delete runs a full GC.
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = format!(
+                    "gc-{}",
+                    collections.load(std::sync::atomic::Ordering::SeqCst)
+                );
+                if c.ctr(&["leases", "create", "--id", &id]).is_ok()
+                    && c.ctr(&["leases", "delete", "--sync", &id]).is_ok()
+                {
+                    collections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        let r = beam_pull(&c, &images.converted);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    })?;
+    images.fx.proxy().clear_fault();
+    let collections = collections.into_inner();
+    ensure!(
+        collections >= 3,
+        "only {collections} GC runs during the pull"
+    );
+    ensure!(pulled["lazy"] == 2, "beam pull: {pulled}");
+    let out = c.run_with(
+        &["--snapshotter", "beam"],
+        &images.converted,
+        "after-gc",
+        &["/bin/cat", "/data/hello.txt"],
+    )?;
+    ensure!(
+        out == "hello from a lazy layer\n",
+        "the container printed {out:?}"
+    );
+    eprintln!("{collections} GC runs during the pull");
+    remove_images(&c, &[&images.converted])?;
+    ensure!(
+        d.lazy_layers()? == 0,
+        "lazy layers left after the image was removed"
+    );
+    drop(c);
+    d.stop()?;
+    Ok(())
+}

@@ -1113,6 +1113,50 @@ impl Drop for Containerd {
     }
 }
 
+/// Starts `bin` (containerd of `version`) with its config, address, root and state, logging
+/// to `log_path`.
+fn spawn_containerd(
+    version: ContainerdVersion,
+    bin: &Path,
+    config_path: &Path,
+    address: &Path,
+    root: &Path,
+    state: &Path,
+    log_path: &Path,
+) -> Result<ChildGuard> {
+    let (stdout, stderr) = util::log_stdio(log_path)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config")
+        .arg(config_path)
+        .arg("--address")
+        .arg(address)
+        .arg("--root")
+        .arg(root)
+        .arg("--state")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    if let Some(bin_dir) = version.bin_dir() {
+        // containerd finds `containerd-shim-runc-v2` on its PATH: make it this version's.
+        let mut path = vec![bin_dir];
+        if let Some(old) = std::env::var_os("PATH") {
+            path.extend(std::env::split_paths(&old));
+        }
+        cmd.env(
+            "PATH",
+            std::env::join_paths(path).context("building PATH for containerd")?,
+        );
+    }
+    ChildGuard::spawn("containerd", &mut cmd).with_context(|| {
+        format!(
+            "is {} installed (containerd {})?",
+            bin.display(),
+            version.name()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1339,48 +1383,4 @@ mod tests {
         assert!(v3.contains("unpack_config"), "{v3}");
         assert!(v3.contains("/tmp/x/root"), "{v3}");
     }
-}
-
-/// Starts `bin` (containerd of `version`) with its config, address, root and state, logging
-/// to `log_path`.
-fn spawn_containerd(
-    version: ContainerdVersion,
-    bin: &Path,
-    config_path: &Path,
-    address: &Path,
-    root: &Path,
-    state: &Path,
-    log_path: &Path,
-) -> Result<ChildGuard> {
-    let (stdout, stderr) = util::log_stdio(log_path)?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("--config")
-        .arg(config_path)
-        .arg("--address")
-        .arg(address)
-        .arg("--root")
-        .arg(root)
-        .arg("--state")
-        .arg(state)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr);
-    if let Some(bin_dir) = version.bin_dir() {
-        // containerd finds `containerd-shim-runc-v2` on its PATH: make it this version's.
-        let mut path = vec![bin_dir];
-        if let Some(old) = std::env::var_os("PATH") {
-            path.extend(std::env::split_paths(&old));
-        }
-        cmd.env(
-            "PATH",
-            std::env::join_paths(path).context("building PATH for containerd")?,
-        );
-    }
-    ChildGuard::spawn("containerd", &mut cmd).with_context(|| {
-        format!(
-            "is {} installed (containerd {})?",
-            bin.display(),
-            version.name()
-        )
-    })
 }

@@ -16,7 +16,9 @@
 //! (unless its operator trusts referrers of the repository; docs/security.md). The unbound form
 //! ([`Binding::Referrer`]) only attaches the artifact as a referrer of `M`.
 
+use super::entrypoint;
 use super::layer::{convert_layer, ConvertOptions, ConvertStats};
+use crate::format::index::{with_prefetch, IndexReader};
 use crate::oci::{self, BeamLayer, Descriptor, LayerCompression};
 use crate::store::{ResolvedManifest, Store};
 use anyhow::{bail, Context, Result};
@@ -199,8 +201,9 @@ async fn convert_manifest(
     tmp: &Path,
     bars: &MultiProgress,
 ) -> Result<ConvertedImage> {
-    let mut layers = Vec::new();
-    let mut stats = Vec::new();
+    // Every layer converted first (the entrypoint's files can be in any of them), then the
+    // prefetch lists set, then everything pushed.
+    let mut converted_layers = Vec::new();
     for (i, desc) in m.manifest.layers.iter().enumerate() {
         let compression =
             LayerCompression::from_media_type(&desc.media_type).with_context(|| {
@@ -249,7 +252,32 @@ async fn convert_manifest(
             converted.stats.files, converted.stats.chunks_unique
         ));
         std::fs::remove_file(&layer_file).ok();
-
+        converted_layers.push((desc, converted, blob_file));
+    }
+    let config = src.blob_bytes(&m.manifest.config, 16 << 20).await?;
+    let lists = {
+        let views = converted_layers
+            .iter()
+            .map(|(_, c, blob)| {
+                Ok(entrypoint::Layer {
+                    index: IndexReader::new(c.index.as_slice())?,
+                    blob: blob.as_path(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        entrypoint::prefetch_lists(&views, &entrypoint::Process::of_config(&config))
+    };
+    let files: usize = lists.iter().map(Vec::len).sum();
+    if files > 0 {
+        tracing::info!(files, "prefetch lists: the entrypoint and what it loads");
+    }
+    let mut layers = Vec::new();
+    let mut stats = Vec::new();
+    for ((desc, mut converted, blob_file), list) in converted_layers.into_iter().zip(lists) {
+        if !list.is_empty() {
+            converted.index = with_prefetch(&converted.index, &list)
+                .with_context(|| format!("prefetch list of layer {}", desc.digest))?;
+        }
         let index_digest = dst.put_blob_bytes(converted.index.clone()).await?;
         dst.put_blob_file(&blob_file, &converted.blob_digest, converted.blob_size)
             .await?;

@@ -10,7 +10,7 @@
 //! `beam autoconvert`. It is a hint: a wrong guess costs bytes, never correctness.
 
 use crate::format::chunk;
-use crate::format::index::{InodeKind, IndexReader, InodeRecord};
+use crate::format::index::{IndexReader, InodeKind, InodeRecord};
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -276,9 +276,8 @@ impl Walk<'_, '_> {
                 if links > MAX_SYMLINKS {
                     return None;
                 }
-                let target =
-                    String::from_utf8_lossy(self.layers[layer].index.symlink_target(&rec))
-                        .into_owned();
+                let target = String::from_utf8_lossy(self.layers[layer].index.symlink_target(&rec))
+                    .into_owned();
                 real.pop();
                 if target.starts_with('/') {
                     real.clear();
@@ -324,4 +323,149 @@ fn components(p: &str) -> Vec<String> {
         .filter(|c| !c.is_empty())
         .map(String::from)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::layer::{convert_layer, ConvertOptions};
+
+    /// A layer of `entries`: (path, content) files (mode 0755), or (path, "->target")
+    /// symlinks, or (path, "whiteout") for `.wh.` deletions; converted to (index, blob file).
+    fn layer(dir: &Path, n: usize, entries: &[(&str, Vec<u8>)]) -> (Vec<u8>, std::path::PathBuf) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, content) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mtime(0);
+            if let Some(target) = content.strip_prefix(b"->") {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                h.set_mode(0o777);
+                b.append_link(&mut h, path, std::str::from_utf8(target).unwrap())
+                    .unwrap();
+            } else if content == b"whiteout" {
+                let (d, name) = path.rsplit_once('/').unwrap();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(0);
+                h.set_mode(0o644);
+                b.append_data(&mut h, format!("{d}/.wh.{name}"), &[][..])
+                    .unwrap();
+            } else {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(content.len() as u64);
+                h.set_mode(0o755);
+                b.append_data(&mut h, path, content.as_slice()).unwrap();
+            }
+        }
+        let tar = b.into_inner().unwrap();
+        let blob = dir.join(format!("blob-{n}"));
+        let out = std::fs::File::create(&blob).unwrap();
+        let c = convert_layer(&tar[..], out, &ConvertOptions::default(), None).unwrap();
+        (c.index, blob)
+    }
+
+    fn host(path: &str) -> Option<Vec<u8>> {
+        std::fs::read(path).ok()
+    }
+
+    #[test]
+    fn a_scripts_interpreter_its_elf_interpreter_and_libraries_are_found_across_layers() {
+        // The host's dynamically linked programs and libraries stand in for an image's.
+        let (Some(env), Some(prog), Some(libc), Some(ld)) = (
+            host("/usr/bin/env"),
+            host("/usr/bin/true"),
+            host("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            host("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+        ) else {
+            eprintln!("skipped: not an x86_64 Debian host");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        // Layer 0: the merged-/usr base (`/lib` is a symlink), libc, the ELF interpreter.
+        let base = layer(
+            dir.path(),
+            0,
+            &[
+                ("lib", b"->usr/lib".to_vec()),
+                (
+                    "lib64/ld-linux-x86-64.so.2",
+                    b"->/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".to_vec(),
+                ),
+                ("usr/lib/x86_64-linux-gnu/libc.so.6", libc),
+                ("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", ld),
+                ("usr/bin/env", env),
+                ("usr/bin/old", b"#!/bin/sh\n".to_vec()),
+            ],
+        );
+        // Layer 1: the program and a script that runs it through env; `old` deleted.
+        let app = layer(
+            dir.path(),
+            1,
+            &[
+                ("usr/local/bin/prog", prog),
+                (
+                    "usr/local/bin/run",
+                    b"#!/usr/bin/env -S prog --flag\n".to_vec(),
+                ),
+                ("usr/bin/old", b"whiteout".to_vec()),
+            ],
+        );
+        let views: Vec<Layer<'_>> = [&base, &app]
+            .iter()
+            .map(|(index, blob)| Layer {
+                index: IndexReader::new(index.as_slice()).unwrap(),
+                blob: blob.as_path(),
+            })
+            .collect();
+        let path_of = |l: usize, ino: u64| -> String {
+            let idx = &views[l].index;
+            let mut names = Vec::new();
+            let mut cur = ino;
+            while cur != crate::format::index::ROOT_INO {
+                let rec = idx.inode(cur).unwrap();
+                let parent = idx.inode(rec.parent).unwrap();
+                let name = idx
+                    .dirents(&parent)
+                    .find(|(_, i)| *i == cur)
+                    .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+                    .unwrap();
+                names.push(name);
+                cur = rec.parent;
+            }
+            names.reverse();
+            format!("{l}:/{}", names.join("/"))
+        };
+        let process = Process::of_config(
+            br#"{"config":{"Entrypoint":["run"],"Env":["PATH=/usr/local/bin:/usr/bin"]}}"#,
+        );
+        let lists = prefetch_lists(&views, &process);
+        let got: Vec<String> = lists
+            .iter()
+            .enumerate()
+            .flat_map(|(l, inos)| inos.iter().map(move |i| (l, *i)))
+            .map(|(l, i)| path_of(l, i))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "0:/usr/bin/env",
+                "0:/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                "0:/usr/lib/x86_64-linux-gnu/libc.so.6",
+                "1:/usr/local/bin/run",
+                "1:/usr/local/bin/prog",
+            ],
+            "per layer, in load order"
+        );
+        // A program a whiteout deleted is not found; nor is a missing one.
+        for gone in ["old", "/usr/bin/old", "missing"] {
+            let p = Process {
+                entrypoint: Some(vec![gone.into()]),
+                ..Default::default()
+            };
+            assert!(
+                prefetch_lists(&views, &p).iter().all(Vec::is_empty),
+                "{gone}"
+            );
+        }
+    }
 }

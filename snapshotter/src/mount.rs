@@ -408,8 +408,8 @@ pub fn mount_layer(
     })
 }
 
-/// Fetch the chunks of the files in the layer's recorded prefetch list (merged into large
-/// requests, at prefetch priority), then, with `fill`, every other chunk in blob order at
+/// Fetch the chunks of the files in the layer's prefetch list (merged into requests of about
+/// 50 ms of the link, at prefetch priority), then, with `fill`, every other chunk in blob order at
 /// background priority (requests sized to the link, behind every read).
 pub async fn background_fetch(
     index: SharedIndex,
@@ -495,10 +495,9 @@ pub async fn background_fetch(
                     source: source.clone(),
                 });
             }
-            let max = match p {
-                crate::fetch::Priority::Background => fetcher.background_request_bytes(),
-                _ => fetcher.options().max_request_bytes,
-            };
+            // Both sized to about 50 ms of the link: a read that needs a chunk of a batch on the
+            // wire waits for that batch (single flight), so a batch must not be large.
+            let max = fetcher.background_request_bytes();
             if !batch.is_empty() && (batch_bytes >= max || i + 1 == n) {
                 if let Err(e) = fetcher.ensure(&batch, p).await {
                     tracing::info!("background fetch: {e}; will retry on demand");

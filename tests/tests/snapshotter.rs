@@ -1049,6 +1049,127 @@ mod footprint {
         ensure!(util::mounts_under(&root)?.is_empty(), "mounts left");
         Ok(())
     }
+
+    /// 200 clients at once, over 20 converted images: each asks for its image's layer lazily
+    /// (ten clients per layer race to mount it), prepares a container snapshot on it and
+    /// removes that; then the 20 layers are removed at once. Every client succeeds, the store
+    /// ends empty with nothing mounted, and the daemon's peak memory stays bounded (printed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_hundred_clients_over_twenty_lazy_images() -> Result<()> {
+        util::require_root()?;
+        let fx = Fixture::with_registry()?;
+        let mut images = Vec::new();
+        for n in 0..20u64 {
+            let image = fx
+                .image(&format!("load{n}"))
+                .files(&[(format!("f{n}.bin"), util::noise(n, 200_000))])?
+                .build()?;
+            let layer = image.built.layers[0].0.clone();
+            let converted = image.convert(&format!("load/i{n}:v1"), &[])?;
+            images.push((
+                converted.reference.clone(),
+                converted.manifest_digest()?,
+                layer,
+            ));
+        }
+        let dir = util::short_tempdir()?;
+        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
+        let root = dir.path().join("root");
+        let _holder = beam_tests::daemon::HolderGuard::new(&root);
+        let socket = dir.path().join("beam.sock");
+        let log = dir.path().join("d.log");
+        let mut daemon = start_daemon(
+            &root,
+            &socket,
+            &log,
+            &["--plain-http", "--no-background-fetch"],
+        )?;
+        let peak = |pid: u32| -> Result<u64> {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .context("VmHWM")
+        };
+        let images = std::sync::Arc::new(images);
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for k in 0..200usize {
+            let (socket, images) = (socket.clone(), images.clone());
+            tasks.push(tokio::spawn(async move {
+                let n = k % 20;
+                let (reference, manifest, layer) = &images[n];
+                let mut c = SnapshotsClient::connect(&socket).await?;
+                let labels: HashMap<String, String> = [
+                    ("containerd.io/snapshot.ref", format!("img-{n}")),
+                    ("containerd.io/snapshot/cri.image-ref", reference.clone()),
+                    (
+                        "containerd.io/snapshot/cri.manifest-digest",
+                        manifest.clone(),
+                    ),
+                    ("containerd.io/snapshot/cri.layer-digest", layer.clone()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                let e = c
+                    .prepare(&format!("extract-{k}"), "", labels)
+                    .await
+                    .expect_err("a lazy layer is committed by the snapshotter");
+                ensure!(
+                    e.code() == containerd_snapshots::tonic::Code::AlreadyExists,
+                    "client {k}: {e:?}"
+                );
+                c.prepare(&format!("ctr-{k}"), &format!("img-{n}"), HashMap::new())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("client {k}: prepare on img-{n}: {e}"))?;
+                c.remove(&format!("ctr-{k}"))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("client {k}: remove: {e}"))?;
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let mut removals = Vec::new();
+        for n in 0..20 {
+            let socket = socket.clone();
+            removals.push(tokio::spawn(async move {
+                let mut c = SnapshotsClient::connect(&socket).await?;
+                c.remove(&format!("img-{n}")).await?;
+                anyhow::Ok(())
+            }));
+        }
+        for t in removals {
+            t.await??;
+        }
+        let took = started.elapsed();
+        let peak_kib = peak(daemon.pid())?;
+        let mut c = SnapshotsClient::connect(&socket).await?;
+        ensure!(c.list().await?.is_empty(), "snapshots left");
+        ensure!(
+            std::fs::read_dir(root.join("snapshotter/snapshots"))?.count() == 0,
+            "snapshot directories left"
+        );
+        ensure!(
+            util::mounts_under(&root.join("snapshotter"))?.is_empty(),
+            "mounts left"
+        );
+        println!(
+            "200 clients over 20 lazy images: {took:?}, beam-snapshotter peak RSS {} MiB",
+            peak_kib / 1024
+        );
+        ensure!(
+            peak_kib < 256 * 1024,
+            "peak RSS {peak_kib} KiB under 200 clients"
+        );
+        drop(c);
+        daemon.stop(Duration::from_secs(10));
+        Ok(())
+    }
 }
 
 #[test]

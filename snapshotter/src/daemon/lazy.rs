@@ -61,6 +61,10 @@ pub struct LazyLayers {
     >,
     pub mount: MountOptions,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
+    /// One lazy mount per target snapshot at a time: concurrent Prepares of one layer (two
+    /// pulls of one image) wait for the first and then find the target committed, instead of
+    /// each mounting it and all but one falling back to a download.
+    preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Whether the registry settings `beam pull` sends are used.
     accept_pull_settings: bool,
     /// Which referrer-found (unbound) Beam artifacts are used; bound ones always are.
@@ -129,6 +133,7 @@ impl LazyLayers {
             registry,
             mount,
             mounted: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(HashMap::new()),
             accept_pull_settings: true,
             trust: crate::store::Trust::default(),
             holder: None,
@@ -435,6 +440,45 @@ impl LazyLayers {
         if snapshots.record(target)?.is_some() {
             return Ok(true);
         }
+        let turn = self
+            .preparing
+            .lock()
+            .expect("preparing lock")
+            .entry(target.clone())
+            .or_default()
+            .clone();
+        let r = {
+            let _turn = turn.lock().await;
+            if snapshots.record(target)?.is_some() {
+                Ok(true)
+            } else {
+                self.prepare_target(
+                    snapshots, key, parent, req_labels, target, image, manifest, layer,
+                )
+                .await
+            }
+        };
+        let mut preparing = self.preparing.lock().expect("preparing lock");
+        // The last one out removes the entry (the map holds one reference, `turn` another).
+        if Arc::strong_count(&turn) == 2 {
+            preparing.remove(target);
+        }
+        r
+    }
+
+    /// [`LazyLayers::prepare`] for one target, its turn taken.
+    #[allow(clippy::too_many_arguments)]
+    async fn prepare_target(
+        &self,
+        snapshots: &Snapshots,
+        key: &str,
+        parent: &str,
+        req_labels: &BTreeMap<String, String>,
+        target: &str,
+        image: &str,
+        manifest: &str,
+        layer: &str,
+    ) -> Result<bool> {
         // Only from `beam pull`: on other pulls an image's layer annotation could set it.
         let transport = match req_labels.get(labels::PULL_TRANSPORT) {
             Some(_) if !labels::is_pull_key(key) => {
@@ -456,9 +500,9 @@ impl LazyLayers {
             ),
         };
         let remote = LazyLayer {
-            image: image.clone(),
-            manifest: manifest.clone(),
-            layer: layer.clone(),
+            image: image.to_string(),
+            manifest: manifest.to_string(),
+            layer: layer.to_string(),
             transport,
         };
         let (id, fs) = snapshots.reserve()?;
@@ -493,6 +537,12 @@ impl LazyLayers {
             Err(e) => {
                 drop(mounted);
                 let _ = snapshots.cleanup();
+                if matches!(e, crate::snapshot::SnapshotError::AlreadyExists(_))
+                    && snapshots.record(target)?.is_some()
+                {
+                    // Committed meanwhile by a request that did not wait its turn here.
+                    return Ok(true);
+                }
                 Err(e.into())
             }
         }

@@ -210,7 +210,7 @@ impl ChunkRef {
 /// How long a chunk given up at its deadline fails new asks at once: long enough for the
 /// kernel's follow-up request of the same read, short enough that the next read tries the
 /// registry again.
-pub const GAVE_UP_MEMORY: Duration = Duration::from_secs(1);
+pub const GAVE_UP_MEMORY: Duration = Duration::from_millis(500);
 
 /// Fetches chunks into the cache. One per process.
 pub struct Fetcher {

@@ -3,7 +3,7 @@
 //! Modules, bottom up: each uses only modules above it in this list (ARCHITECTURE.md draws
 //! the exact arrows, and `tests/layering.rs` holds the code to them).
 //! - [`format`]: the Beam layer format (the `beam-format` crate: chunks, index), pure, no I/O;
-//! - [`crash`]: crash points for tests (debug builds only);
+//! - [`crash`]: crash points for tests (`BEAM_CRASH_AT`);
 //! - [`labels`]: every snapshot label both `beam pull` and the daemon use;
 //! - [`takeover`]: FUSE connections that outlive the daemon (fd holder, session takeover);
 //! - [`containerd`]: client of containerd's own API, containerd versions;

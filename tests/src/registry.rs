@@ -98,11 +98,6 @@ impl Registry {
         tls: Option<(PathBuf, PathBuf)>,
         notify: Option<(String, Option<String>)>,
     ) -> Result<Registry> {
-        let bin = util::tool_path(
-            "BEAM_REGISTRY_BIN",
-            "docker-registry",
-            "/usr/bin/docker-registry",
-        );
         let dir = util::short_tempdir()?;
         let data = dir.path().join("data");
         fs::create_dir(&data).with_context(|| format!("creating {}", data.display()))?;
@@ -155,19 +150,7 @@ impl Registry {
         fs::write(&config_path, &config)
             .with_context(|| format!("writing {}", config_path.display()))?;
 
-        let (stdout, stderr) = util::log_stdio(&log_path)?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("serve")
-            .arg(&config_path)
-            .stdin(std::process::Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        let child = ChildGuard::spawn("docker-registry", &mut cmd).with_context(|| {
-            format!(
-                "is {} installed (Debian package docker-registry)?",
-                bin.display()
-            )
-        })?;
+        let child = spawn_registry(&config_path, &log_path)?;
         let mut registry = Registry {
             child,
             dir: Some(dir),
@@ -189,20 +172,7 @@ impl Registry {
             .dir
             .as_ref()
             .context("a registry without its directory")?;
-        let config_path = dir.path().join("config.yml");
-        let bin = util::tool_path(
-            "BEAM_REGISTRY_BIN",
-            "docker-registry",
-            "/usr/bin/docker-registry",
-        );
-        let (stdout, stderr) = util::log_stdio(&self.log_path)?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("serve")
-            .arg(&config_path)
-            .stdin(std::process::Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        self.child = ChildGuard::spawn("docker-registry", &mut cmd)?;
+        self.child = spawn_registry(&dir.path().join("config.yml"), &self.log_path)?;
         self.wait_ready()
     }
 
@@ -412,6 +382,28 @@ fn parse_access_line(line: &str) -> Option<AccessEntry> {
         path,
         status,
         bytes,
+    })
+}
+
+/// Starts `docker-registry serve CONFIG`, logging to `log_path`.
+fn spawn_registry(config_path: &Path, log_path: &Path) -> Result<ChildGuard> {
+    let bin = util::tool_path(
+        "BEAM_REGISTRY_BIN",
+        "docker-registry",
+        "/usr/bin/docker-registry",
+    );
+    let (stdout, stderr) = util::log_stdio(log_path)?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("serve")
+        .arg(config_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    ChildGuard::spawn("docker-registry", &mut cmd).with_context(|| {
+        format!(
+            "is {} installed (Debian package docker-registry)?",
+            bin.display()
+        )
     })
 }
 

@@ -55,10 +55,15 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Result<Daemon> {
+        Self::start_with(&[])
+    }
+
+    /// [`Daemon::start`] with `args`.
+    fn start_with(args: &[&str]) -> Result<Daemon> {
         let dir = util::short_tempdir()?;
         let socket = dir.path().join("beam.sock");
         let root = dir.path().join("root");
-        let child = start_daemon(&root, &socket, &dir.path().join("daemon.log"), &[])?;
+        let child = start_daemon(&root, &socket, &dir.path().join("daemon.log"), args)?;
         Ok(Daemon {
             child,
             _holder: beam_tests::daemon::HolderGuard::new(&root),
@@ -67,6 +72,17 @@ impl Daemon {
             root,
             _dir: dir,
         })
+    }
+
+    /// A `Status:` field of the daemon process in KiB (`VmRSS`, `VmHWM`).
+    fn memory_kib(&self, field: &str) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{field} of the daemon"))
     }
 
     fn containerd_config(&self) -> String {
@@ -776,7 +792,7 @@ mod storm {
     }
 }
 
-/// Crash points (`BEAM_CRASH_AT`, debug builds): the daemon SIGKILLs itself at each step of
+/// Crash points (`BEAM_CRASH_AT`): the daemon SIGKILLs itself at each step of
 /// Prepare, Commit, Remove and a lazy mount; restarted, its store is consistent (one directory
 /// per record, nothing mounted that no record names), the interrupted request either took
 /// effect wholly or not at all, and asking again completes it.
@@ -871,7 +887,11 @@ mod crash_points {
                     .await
                     .map(|_| ()),
             };
-            ensure!(answer.is_err(), "{point}: the request was answered");
+            ensure!(
+                answer.is_err(),
+                "{point}: the request was answered; daemon log:\n{}",
+                util::tail_file(&log, 30)
+            );
             drop(c);
             let died = util::wait_for(
                 || daemon.try_wait().ok().flatten().is_some(),
@@ -982,36 +1002,14 @@ mod footprint {
         let built = &twenty.built;
         let converted = twenty.convert("twenty:v1", &[])?;
         let (image, manifest) = (converted.reference.clone(), converted.manifest_digest()?);
-        let dir = util::short_tempdir()?;
-        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
-        let root = dir.path().join("root");
-        let _holder = beam_tests::daemon::HolderGuard::new(&root);
-        let socket = dir.path().join("beam.sock");
-        let log = dir.path().join("d.log");
-        let mut daemon = start_daemon(
-            &root,
-            &socket,
-            &log,
-            &["--plain-http", "--no-background-fetch"],
-        )?;
-        let mut c = SnapshotsClient::connect(&socket).await?;
-        let rss = |pid: u32| -> Result<u64> {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .context("VmRSS")
-        };
-        println!("beam-snapshotter RSS at start: {} KiB", rss(daemon.pid())?);
+        let daemon = Daemon::start_with(&["--plain-http", "--no-background-fetch"])?;
+        let mut c = SnapshotsClient::connect(&daemon.socket).await?;
+        let rss = |_| daemon.memory_kib("VmRSS");
+        println!("beam-snapshotter RSS at start: {} KiB", rss(())?);
         let mut parent = String::new();
         for i in 0..20 {
             if i == 1 {
-                println!(
-                    "beam-snapshotter RSS with 1 lazy layer: {} KiB",
-                    rss(daemon.pid())?
-                );
+                println!("beam-snapshotter RSS with 1 lazy layer: {} KiB", rss(())?);
             }
             let labels: HashMap<String, String> = [
                 ("containerd.io/snapshot.ref", format!("layer-{i}")),
@@ -1039,15 +1037,14 @@ mod footprint {
             parent = format!("layer-{i}");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss_kib = rss(daemon.pid())?;
+        let rss_kib = rss(())?;
         println!("beam-snapshotter RSS with 20 lazy layers: {} KiB", rss_kib);
         ensure!(rss_kib < 64 * 1024, "RSS {rss_kib} KiB with 20 lazy layers");
         for i in (0..20).rev() {
             c.remove(&format!("layer-{i}")).await?;
         }
-        daemon.stop(Duration::from_secs(10));
-        ensure!(util::mounts_under(&root)?.is_empty(), "mounts left");
-        Ok(())
+        drop(c);
+        daemon.stop()
     }
 
     /// 200 clients at once, over 20 converted images: each asks for its image's layer lazily
@@ -1072,27 +1069,8 @@ mod footprint {
                 layer,
             ));
         }
-        let dir = util::short_tempdir()?;
-        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
-        let root = dir.path().join("root");
-        let _holder = beam_tests::daemon::HolderGuard::new(&root);
-        let socket = dir.path().join("beam.sock");
-        let log = dir.path().join("d.log");
-        let mut daemon = start_daemon(
-            &root,
-            &socket,
-            &log,
-            &["--plain-http", "--no-background-fetch"],
-        )?;
-        let peak = |pid: u32| -> Result<u64> {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-            status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .context("VmHWM")
-        };
+        let daemon = Daemon::start_with(&["--plain-http", "--no-background-fetch"])?;
+        let (socket, root) = (daemon.socket.clone(), daemon.root.clone());
         let images = std::sync::Arc::new(images);
         let started = std::time::Instant::now();
         let mut tasks = Vec::new();
@@ -1147,7 +1125,7 @@ mod footprint {
             t.await??;
         }
         let took = started.elapsed();
-        let peak_kib = peak(daemon.pid())?;
+        let peak_kib = daemon.memory_kib("VmHWM")?;
         let mut c = SnapshotsClient::connect(&socket).await?;
         ensure!(c.list().await?.is_empty(), "snapshots left");
         ensure!(
@@ -1167,8 +1145,7 @@ mod footprint {
             "peak RSS {peak_kib} KiB under 200 clients"
         );
         drop(c);
-        daemon.stop(Duration::from_secs(10));
-        Ok(())
+        daemon.stop()
     }
 }
 

@@ -22,8 +22,8 @@ use std::time::Instant;
 
 /// containerd's limit on the length of one label (key and value).
 const MAX_LABEL_LEN: usize = 4096;
-/// How long the pull's lease keeps things alive if the pull dies.
-const LEASE_SECS: u64 = 3600;
+/// How long the pull's lease keeps things alive if the pull dies (`--lease-secs`).
+pub const DEFAULT_LEASE_SECS: u64 = 3600;
 
 /// What to pull, and where to.
 #[derive(Debug, Clone)]
@@ -37,6 +37,9 @@ pub struct PullOptions {
     pub registry: RegistryOptions,
     /// Print a line per layer as it is done.
     pub progress: bool,
+    /// Seconds the pull's lease protects what it fetched: long enough for the pull, short
+    /// enough that containerd's GC removes what a killed pull left.
+    pub lease_secs: u64,
 }
 
 /// How one layer got into containerd.
@@ -216,7 +219,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     let connect = async {
         let t0 = Instant::now();
         let mut ctd = Containerd::connect(&opts.address, &opts.namespace).await?;
-        ctd.begin_lease(LEASE_SECS).await?;
+        ctd.begin_lease(opts.lease_secs).await?;
         anyhow::Ok((ctd, t0.elapsed().as_secs_f64()))
     };
     let (resolved, connected) = tokio::join!(resolve, connect);
@@ -278,7 +281,21 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     if let Err(e) = ctd.end_lease().await {
         tracing::warn!("{e:#}");
     }
-    let (layers, admitted) = result?;
+    let (layers, admitted) = result.map_err(|e| {
+        let secs = started.elapsed().as_secs();
+        if secs >= opts.lease_secs {
+            // What containerd's GC removed once the lease expired (a parent snapshot, a
+            // blob) is what the pull then failed on.
+            e.context(format!(
+                "the pull took {secs} s, past its lease of {} s (--lease-secs): containerd's \
+                 garbage collector may have removed what it had pulled; pull again, with a \
+                 longer --lease-secs for a slow download",
+                opts.lease_secs
+            ))
+        } else {
+            e
+        }
+    })?;
     let report = PullReport {
         name,
         target: top.digest.clone(),

@@ -475,3 +475,75 @@ fn gc_running_during_a_pull_removes_nothing_the_pull_needs() -> Result<()> {
     d.stop()?;
     Ok(())
 }
+
+/// The pull's lease expires while the pull still works (a 1 s `--lease-secs`, a registry that
+/// takes 1.5 s per blob, containerd's GC running all along): containerd's GC removes what the
+/// pull had made, the pull fails saying its lease expired and what to do, nothing is left
+/// mounted for it, and the same pull asked again with the default lease succeeds and runs.
+#[test]
+fn a_lease_expiring_mid_pull_fails_clearly_and_a_new_pull_succeeds() -> Result<()> {
+    let (images, d, c) = start(&["--no-background-fetch"])?;
+    images
+        .fx
+        .proxy()
+        .set_fault(beam_tests::Fault::Stall(Duration::from_millis(1500)));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let id = format!("gc-{n}");
+                let _ = c.ctr(&["leases", "create", "--id", &id]);
+                let _ = c.ctr(&["leases", "delete", "--sync", &id]);
+            }
+        });
+        let out = beam::run(&[
+            "pull",
+            "--address",
+            c.address().to_str().context("utf-8")?,
+            "--namespace",
+            c.namespace(),
+            "--plain-http",
+            "--lease-secs",
+            "1",
+            &images.converted,
+        ]);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        out
+    })?;
+    images.fx.proxy().clear_fault();
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "the pull outlived its lease and succeeded"
+    );
+    ensure!(
+        err.contains("past its lease of 1 s") && err.contains("--lease-secs"),
+        "the error does not say the lease expired: {err}"
+    );
+    ensure!(
+        util::wait_for(
+            || d.lazy_layers().is_ok_and(|n| n == 0),
+            Duration::from_secs(20)
+        ),
+        "lazy layers of the failed pull left mounted"
+    );
+
+    let r = beam_pull(&c, &images.converted)?;
+    ensure!(r["lazy"] == 2, "the pull asked again: {r}");
+    let out = c.run_with(
+        &["--snapshotter", "beam"],
+        &images.converted,
+        "after-lease",
+        &["/bin/cat", "/data/hello.txt"],
+    )?;
+    ensure!(
+        out == "hello from a lazy layer\n",
+        "the container printed {out:?}"
+    );
+    remove_images(&c, &[&images.converted])?;
+    drop(c);
+    d.stop()?;
+    Ok(())
+}

@@ -31,6 +31,10 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Seconds containerd keeps what this pull fetched if the pull dies (the pull's lease).
+    /// A pull that takes longer fails once containerd's GC removes what it had pulled.
+    #[arg(long, default_value_t = beam::pull::DEFAULT_LEASE_SECS)]
+    lease_secs: u64,
     /// Image: `host[:port]/repo:tag` or `...@sha256:...`.
     image: String,
 }
@@ -42,6 +46,7 @@ pub async fn run(args: Args) -> Result<()> {
         snapshotter,
         registry,
         json,
+        lease_secs,
         image,
     } = args;
 
@@ -51,6 +56,7 @@ pub async fn run(args: Args) -> Result<()> {
         snapshotter,
         registry: registry.options()?,
         progress: !json,
+        lease_secs,
     };
     let r = beam::pull::pull(&image, &opts).await?;
     let lazy = r.count(|o| *o == beam::pull::LayerOutcome::Lazy);

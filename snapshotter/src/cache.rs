@@ -78,6 +78,13 @@ pub struct ChunkCache {
     misses: AtomicU64,
     /// Recently opened chunk files, so that reads served by the daemon need no open(2) each.
     open_files: Mutex<HashMap<ChunkDigest, Arc<File>>>,
+    /// Bytes in use after the last eviction that could not get under the budget because pins
+    /// hold the rest (0: none such). Until a tenth of the budget more is written or the pins
+    /// change, eviction is not tried again: it would walk the whole cache directory on every
+    /// store and free nothing (issue 15).
+    prune_floor: AtomicU64,
+    /// Evictions run (each walks the cache directory).
+    pub prunes: AtomicU64,
 }
 
 /// Most chunk files kept open.
@@ -136,6 +143,8 @@ impl ChunkCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             open_files: Mutex::new(HashMap::new()),
+            prune_floor: AtomicU64::new(0),
+            prunes: AtomicU64::new(0),
         };
         let s = cache.stats()?;
         cache
@@ -365,6 +374,7 @@ impl ChunkCache {
     /// next fetch (an image removed from a node gives its disk space back at once).
     pub fn unpin(&self, holder: &str) {
         self.pins.lock().expect("pins lock").remove(holder);
+        self.prune_floor.store(0, Ordering::Relaxed);
         if let Err(e) = self.enforce_budget() {
             tracing::warn!("evicting chunks over the cache budget: {e}");
         }
@@ -386,17 +396,29 @@ impl ChunkCache {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Evict if over budget. Cheap when under it.
+    /// Evict if over budget. Cheap when under it, and when pins hold more than the budget
+    /// and little was written since the last try.
     pub fn enforce_budget(&self) -> io::Result<PruneStats> {
-        if self.budget == 0 || self.used() <= self.budget {
+        let used = self.used();
+        if self.budget == 0 || used <= self.budget {
             return Ok(PruneStats::default());
         }
-        self.prune(self.budget * 9 / 10)
+        let floor = self.prune_floor.load(Ordering::Relaxed);
+        if floor > 0 && used < floor + self.budget / 10 {
+            return Ok(PruneStats::default());
+        }
+        let target = self.budget * 9 / 10;
+        let stats = self.prune(target)?;
+        let after = self.used();
+        self.prune_floor
+            .store(if after > target { after } else { 0 }, Ordering::Relaxed);
+        Ok(stats)
     }
 
     /// Remove unpinned chunks and assembled files, oldest first, until at most `target` bytes
     /// are used (`0` removes every unpinned entry).
     pub fn prune(&self, target: u64) -> io::Result<PruneStats> {
+        self.prunes.fetch_add(1, Ordering::Relaxed);
         let pinned = self.pinned();
         let mut entries: Vec<(std::time::SystemTime, u64, PathBuf, bool)> = Vec::new();
         for (sub, is_chunk) in [("chunks", true), ("files", false)] {
@@ -566,6 +588,28 @@ mod tests {
         c.prune(0).unwrap();
         assert!(!c.chunk_path(&da).exists());
         assert_eq!(c.stats().unwrap().chunks, 0);
+    }
+
+    /// Pins that hold more than the budget: stores do not walk the cache directory each time
+    /// (they did, freeing nothing), only after a tenth of the budget more was written; once
+    /// the pins go, eviction gets under the budget at once.
+    #[test]
+    fn pins_over_the_budget_do_not_make_every_store_walk_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 10_000).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..200u8).map(|i| vec![i; 100]).collect();
+        c.pin("layer", chunks.iter().map(|d| ChunkDigest::of(d)).collect());
+        for data in &chunks {
+            c.put(&ChunkDigest::of(data), data).unwrap();
+            c.enforce_budget().unwrap();
+        }
+        assert_eq!(c.used(), 20_000, "pinned chunks are kept");
+        // 100 stores past the budget: one walk, then one per 1,000 bytes (a tenth of the
+        // budget) written, ten stores each.
+        let walks = c.prunes.load(Ordering::Relaxed);
+        assert!(walks <= 11, "{walks} walks of the cache for 100 stores");
+        c.unpin("layer");
+        assert!(c.used() <= 9_000, "used {} after the pins went", c.used());
     }
 
     #[test]

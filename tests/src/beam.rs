@@ -30,6 +30,11 @@ pub fn ok(args: &[&str]) -> Result<String> {
 
 /// `beam pull --address CONTAINERD --namespace NS --plain-http [--json] IMAGE`, to completion.
 pub fn pull(c: &crate::Containerd, image: &str, json: bool) -> Result<Output> {
+    pull_with(c, image, if json { &["--json"] } else { &[] })
+}
+
+/// `beam pull --address CONTAINERD --namespace NS --plain-http FLAGS IMAGE`, to completion.
+pub fn pull_with(c: &crate::Containerd, image: &str, flags: &[&str]) -> Result<Output> {
     let mut args = vec![
         "pull",
         "--address",
@@ -40,9 +45,7 @@ pub fn pull(c: &crate::Containerd, image: &str, json: bool) -> Result<Output> {
         c.namespace(),
         "--plain-http",
     ];
-    if json {
-        args.push("--json");
-    }
+    args.extend_from_slice(flags);
     args.push(image);
     run(&args)
 }

@@ -498,17 +498,7 @@ fn a_lease_expiring_mid_pull_fails_clearly_and_a_new_pull_succeeds() -> Result<(
                 let _ = c.ctr(&["leases", "delete", "--sync", &id]);
             }
         });
-        let out = beam::run(&[
-            "pull",
-            "--address",
-            c.address().to_str().context("utf-8")?,
-            "--namespace",
-            c.namespace(),
-            "--plain-http",
-            "--lease-secs",
-            "1",
-            &images.converted,
-        ]);
+        let out = beam::pull_with(&c, &images.converted, &["--lease-secs", "1"]);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         out
     })?;

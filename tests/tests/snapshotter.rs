@@ -43,6 +43,38 @@ fn start_daemon_with_env(
     Ok(child)
 }
 
+/// Where a test's beam-snapshotter lives: a short temp dir with its state root, socket and
+/// log. On drop (after the daemon, which the test drops first) its fd holder is stopped and
+/// every mount under it unmounted.
+struct Place {
+    root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    _holder: beam_tests::daemon::HolderGuard,
+    _unmount: util::UnmountOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+impl Place {
+    fn new() -> Result<Place> {
+        let dir = util::short_tempdir()?;
+        let root = dir.path().join("root");
+        Ok(Place {
+            _holder: beam_tests::daemon::HolderGuard::new(&root),
+            _unmount: util::UnmountOnDrop(dir.path().to_path_buf()),
+            socket: dir.path().join("beam.sock"),
+            log: dir.path().join("daemon.log"),
+            root,
+            _dir: dir,
+        })
+    }
+
+    /// Start a daemon here with `args` and `env`.
+    fn start(&self, args: &[&str], env: &[(&str, &str)]) -> Result<ChildGuard> {
+        start_daemon_with_env(&self.root, &self.socket, &self.log, args, env)
+    }
+}
+
 /// A running beam-snapshotter, stopped by PID on drop.
 struct Daemon {
     child: ChildGuard,
@@ -315,15 +347,11 @@ mod remote {
         // An unconverted image for the fallback.
         let plain = bb.push("plain/bb:v1")?;
 
-        let dir = util::short_tempdir()?;
-        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
-        let root = dir.path().join("root");
-        let _holder = beam_tests::daemon::HolderGuard::new(&root);
-        let socket = dir.path().join("beam.sock");
-        let log = dir.path().join("daemon.log");
+        let place = Place::new()?;
+        let (root, socket, log) = (&place.root, &place.socket, &place.log);
         let metrics = format!("127.0.0.1:{}", util::free_port()?);
-        let mut daemon = start_daemon(&root, &socket, &log, &metrics)?;
-        let mut c = SnapshotsClient::connect(&socket).await?;
+        let mut daemon = start_daemon(root, socket, log, &metrics)?;
+        let mut c = SnapshotsClient::connect(socket).await?;
         let labels_for = |i: usize, img: &str| -> HashMap<String, String> {
             [
                 (TARGET, format!("layer-{i}")),
@@ -391,9 +419,9 @@ mod remote {
             "fallback should be an ordinary snapshot: {m:?}"
         );
         ensure!(
-            util::tail_file(&log, 50).contains("no lazy mount"),
+            util::tail_file(log, 50).contains("no lazy mount"),
             "the fallback was not logged: {}",
-            util::tail_file(&log, 20)
+            util::tail_file(log, 20)
         );
 
         // Prometheus metrics say what happened.
@@ -443,8 +471,8 @@ mod remote {
         // kill -9, restart: the lazy layers are remounted and new containers start.
         daemon.kill();
         drop(daemon);
-        let daemon = start_daemon(&root, &socket, &log, &metrics)?;
-        let mut c = SnapshotsClient::connect(&socket).await?;
+        let daemon = start_daemon(root, socket, log, &metrics)?;
+        let mut c = SnapshotsClient::connect(socket).await?;
         let mounts = c
             .prepare("ctr-2", "layer-1", HashMap::new())
             .await
@@ -464,7 +492,7 @@ mod remote {
         }
         let mut daemon = daemon;
         daemon.stop(Duration::from_secs(10));
-        let left = util::mounts_under(&root)?;
+        let left = util::mounts_under(root)?;
         ensure!(left.is_empty(), "mounts left: {left:?}");
         Ok(())
     }
@@ -479,8 +507,8 @@ mod storm {
     use beam_tests::snapshots_client::SnapshotsClient;
     use std::collections::HashMap;
 
-    fn start(root: &Path, socket: &Path, log: &Path) -> Result<ChildGuard> {
-        start_daemon(root, socket, log, &["--no-remote"])
+    fn start(place: &Place) -> Result<ChildGuard> {
+        place.start(&["--no-remote"], &[])
     }
 
     /// 200 clients prepare, commit and remove on overlapping chains at once; then the store
@@ -489,12 +517,10 @@ mod storm {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_storm_leaves_a_consistent_store() -> Result<()> {
         util::require_root()?;
-        let dir = util::short_tempdir()?;
-        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
-        let root = dir.path().join("root");
-        let socket = dir.path().join("beam.sock");
-        let mut daemon = start(&root, &socket, &dir.path().join("d.log"))?;
-        let mut c = SnapshotsClient::connect(&socket).await?;
+        let place = Place::new()?;
+        let (root, socket) = (&place.root, &place.socket);
+        let mut daemon = start(&place)?;
+        let mut c = SnapshotsClient::connect(socket).await?;
         c.prepare("base-a", "", HashMap::new()).await?;
         c.commit("base", "base-a", HashMap::new()).await?;
         let mut tasks = Vec::new();
@@ -555,7 +581,7 @@ mod storm {
             all.len()
         );
         daemon.stop(Duration::from_secs(10));
-        ensure!(util::mounts_under(&root)?.is_empty());
+        ensure!(util::mounts_under(root)?.is_empty());
         Ok(())
     }
 
@@ -564,13 +590,9 @@ mod storm {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn kill_during_commits_loses_nothing_committed() -> Result<()> {
         util::require_root()?;
-        let dir = util::short_tempdir()?;
-        let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
-        let root = dir.path().join("root");
-        let _holder = beam_tests::daemon::HolderGuard::new(&root);
-        let socket = dir.path().join("beam.sock");
-        let log = dir.path().join("d.log");
-        let mut daemon = start(&root, &socket, &log)?;
+        let place = Place::new()?;
+        let socket = &place.socket;
+        let mut daemon = start(&place)?;
         let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let mut tasks = Vec::new();
         for w in 0..8 {
@@ -607,8 +629,8 @@ mod storm {
             "only {} commits before the kill",
             committed.len()
         );
-        let mut daemon = start(&root, &socket, &log)?;
-        let mut c = SnapshotsClient::connect(&socket).await?;
+        let mut daemon = start(&place)?;
+        let mut c = SnapshotsClient::connect(socket).await?;
         for name in &committed {
             let info = c
                 .stat(name)
@@ -630,22 +652,18 @@ mod storm {
     #[tokio::test]
     async fn a_full_state_disk_fails_commits_cleanly_and_loses_nothing() -> Result<()> {
         util::require_root()?;
-        let dir = util::short_tempdir()?;
-        let root = dir.path().join("root");
-        std::fs::create_dir_all(&root)?;
+        let place = Place::new()?;
+        std::fs::create_dir_all(&place.root)?;
         nix::mount::mount(
             Some("tmpfs"),
-            &root,
+            &place.root,
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
             Some("size=6m"),
         )?;
-        let _unmount = util::UnmountOnDrop(root.clone());
-        let _holder = beam_tests::daemon::HolderGuard::new(&root);
-        let socket = dir.path().join("beam.sock");
-        let log = dir.path().join("d.log");
-        let mut daemon = start(&root, &socket, &log)?;
-        let mut c = SnapshotsClient::connect(&socket).await?;
+        let socket = &place.socket;
+        let mut daemon = start(&place)?;
+        let mut c = SnapshotsClient::connect(socket).await?;
         // Labels of 32 KiB each, until the disk is full.
         let big = |n: usize| -> HashMap<String, String> {
             [("blob".to_string(), format!("{n}{}", "x".repeat(32 << 10)))].into()
@@ -695,8 +713,8 @@ mod storm {
         c.commit("after-c", "after", HashMap::new()).await?;
         drop(c);
         daemon.stop(Duration::from_secs(10));
-        let mut daemon = start(&root, &socket, &log)?;
-        let mut c = SnapshotsClient::connect(&socket).await?;
+        let mut daemon = start(&place)?;
+        let mut c = SnapshotsClient::connect(socket).await?;
         for n in acknowledged.iter().rev().skip(20) {
             ensure!(c.stat(&format!("c{n}")).await?.kind == 3, "c{n} lost");
         }
@@ -714,14 +732,10 @@ mod storm {
     async fn a_damaged_metadata_database_is_a_clear_error_and_loses_nothing() -> Result<()> {
         util::require_root()?;
         for damage in ["header", "truncated"] {
-            let dir = util::short_tempdir()?;
-            let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
-            let root = dir.path().join("root");
-            let _holder = beam_tests::daemon::HolderGuard::new(&root);
-            let socket = dir.path().join("beam.sock");
-            let log = dir.path().join("d.log");
-            let mut daemon = start(&root, &socket, &log)?;
-            let mut c = SnapshotsClient::connect(&socket).await?;
+            let place = Place::new()?;
+            let (root, socket) = (&place.root, &place.socket);
+            let mut daemon = start(&place)?;
+            let mut c = SnapshotsClient::connect(socket).await?;
             c.prepare("a", "", HashMap::new()).await?;
             c.commit("committed", "a", HashMap::new()).await?;
             c.prepare("active", "committed", HashMap::new()).await?;
@@ -740,9 +754,9 @@ mod storm {
             // The daemon refuses to start, says why and what to do, and touches nothing.
             let out = Command::new(util::cargo_bin("beam-snapshotter")?)
                 .arg("--root")
-                .arg(&root)
+                .arg(root)
                 .arg("--address")
-                .arg(&socket)
+                .arg(socket)
                 .arg("--no-remote")
                 .output()?;
             let err = String::from_utf8_lossy(&out.stderr);
@@ -769,8 +783,8 @@ mod storm {
 
             // The recovery: move it aside and start again.
             std::fs::rename(&db, db.with_extension("redb.damaged"))?;
-            let mut daemon = start(&root, &socket, &log)?;
-            let mut c = SnapshotsClient::connect(&socket).await?;
+            let mut daemon = start(&place)?;
+            let mut c = SnapshotsClient::connect(socket).await?;
             ensure!(c.list().await?.is_empty(), "{damage}: a new store is empty");
             c.prepare("new", "", HashMap::new()).await?;
             drop(c);
@@ -815,15 +829,9 @@ mod crash_points {
         "remove.unmounted",
     ];
 
-    fn start(root: &Path, socket: &Path, log: &Path, crash_at: Option<&str>) -> Result<ChildGuard> {
+    fn start(place: &Place, crash_at: Option<&str>) -> Result<ChildGuard> {
         let env: Vec<(&str, &str)> = crash_at.map(|p| ("BEAM_CRASH_AT", p)).into_iter().collect();
-        start_daemon_with_env(
-            root,
-            socket,
-            log,
-            &["--plain-http", "--no-background-fetch"],
-            &env,
-        )
+        place.start(&["--plain-http", "--no-background-fetch"], &env)
     }
 
     fn dirs(root: &Path) -> Result<usize> {
@@ -850,14 +858,10 @@ mod crash_points {
         let none = HashMap::<String, String>::new;
 
         for &point in POINTS {
-            let dir = util::short_tempdir()?;
-            let _unmount = util::UnmountOnDrop(dir.path().to_path_buf());
-            let root = dir.path().join("root");
-            let _holder = beam_tests::daemon::HolderGuard::new(&root);
-            let socket = dir.path().join("beam.sock");
-            let log = dir.path().join("daemon.log");
-            let mut daemon = start(&root, &socket, &log, Some(point))?;
-            let mut c = SnapshotsClient::connect(&socket).await?;
+            let place = Place::new()?;
+            let (root, socket, log) = (&place.root, &place.socket, &place.log);
+            let mut daemon = start(&place, Some(point))?;
+            let mut c = SnapshotsClient::connect(socket).await?;
             let op = point.split('.').next().unwrap_or_default();
             // What comes before the request that meets the crash point.
             match point {
@@ -890,7 +894,7 @@ mod crash_points {
             ensure!(
                 answer.is_err(),
                 "{point}: the request was answered; daemon log:\n{}",
-                util::tail_file(&log, 30)
+                util::tail_file(log, 30)
             );
             drop(c);
             let died = util::wait_for(
@@ -902,17 +906,17 @@ mod crash_points {
             ensure!(
                 status.signal() == Some(9),
                 "{point}: the daemon ended with {status}, not SIGKILL: {}",
-                util::tail_file(&log, 20)
+                util::tail_file(log, 20)
             );
 
             // Restarted: consistent, and the request completes when asked again.
-            let mut daemon = start(&root, &socket, &log, None)?;
-            let mut c = SnapshotsClient::connect(&socket).await?;
+            let mut daemon = start(&place, None)?;
+            let mut c = SnapshotsClient::connect(socket).await?;
             let records = c.list().await?.len();
             ensure!(
-                dirs(&root)? == records,
+                dirs(root)? == records,
                 "{point}: {} snapshot directories for {records} records",
-                dirs(&root)?
+                dirs(root)?
             );
             let lazy_records = usize::from(c.stat("layer-0").await.is_ok());
             let mounted = util::mounts_under(&root.join("snapshotter/snapshots"))?;
@@ -970,9 +974,9 @@ mod crash_points {
             }
             let records = c.list().await?.len();
             ensure!(
-                dirs(&root)? == records,
+                dirs(root)? == records,
                 "{point}: after asking again, {} directories for {records} records",
-                dirs(&root)?
+                dirs(root)?
             );
             drop(c);
             daemon.stop(Duration::from_secs(10));

@@ -359,16 +359,20 @@ impl Fetcher {
         let mut mine: Vec<ChunkRef> = Vec::new();
         let mut waits = Vec::new();
         {
-            let gave_up = self.gave_up.lock().expect("gave_up lock");
             let mut inflight = self.inflight.lock().expect("inflight lock");
             for c in chunks {
                 if self.cache.contains(&c.rec.digest) {
                     continue;
                 }
                 let key = c.flight_key();
-                if let Some((when, e)) = gave_up.get(&key) {
-                    if when.elapsed() < GAVE_UP_MEMORY && !inflight.contains_key(&key) {
-                        return Err(e.clone());
+                // Only a chunk to fetch looks at what was given up (a read of cached chunks
+                // takes no second lock).
+                if !inflight.contains_key(&key) {
+                    let gave_up = self.gave_up.lock().expect("gave_up lock");
+                    if let Some((when, e)) = gave_up.get(&key) {
+                        if when.elapsed() < GAVE_UP_MEMORY {
+                            return Err(e.clone());
+                        }
                     }
                 }
                 match inflight.get_mut(&key) {

@@ -89,7 +89,7 @@ pub fn prefetch_lists(layers: &[Layer<'_>], process: &Process) -> Vec<Vec<u64>> 
     if let Some(argv0) = process.argv0() {
         let dirs = process.path_dirs();
         if let Some(program) = walk.find_program(argv0, &dirs) {
-            walk.add("/etc/ld.so.cache", 0);
+            walk.add("/etc/ld.so.cache");
             walk.add_program(&program, &dirs, 0);
         }
     }
@@ -123,7 +123,7 @@ impl Walk<'_, '_> {
     }
 
     /// Add the file at `path` (resolved) to the list; return its layer and record.
-    fn add(&mut self, path: &str, _depth: usize) -> Option<(usize, InodeRecord, String)> {
+    fn add(&mut self, path: &str) -> Option<(usize, InodeRecord, String)> {
         let (layer, real, rec) = self.resolve(path)?;
         if rec.kind != InodeKind::File || self.order.len() >= MAX_FILES {
             return None;
@@ -140,7 +140,7 @@ impl Walk<'_, '_> {
         if depth > 4 {
             return;
         }
-        let Some((layer, rec, real)) = self.add(path, depth) else {
+        let Some((layer, rec, real)) = self.add(path) else {
             return;
         };
         let Some(bytes) = self.read(layer, &rec) else {
@@ -153,7 +153,7 @@ impl Walk<'_, '_> {
             let mut words = line.split_whitespace();
             let Some(interp) = words.next() else { return };
             let interp = if interp.ends_with("/env") {
-                self.add(interp, depth);
+                self.add(interp);
                 match words.find(|w| !w.starts_with('-')) {
                     Some(name) => match self.find_program(name, path_dirs) {
                         Some(p) => p,
@@ -179,7 +179,7 @@ impl Walk<'_, '_> {
             return;
         };
         if let Some(interp) = elf.interpreter {
-            self.add(interp, depth);
+            self.add(interp);
         }
         let origin = real.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
         let mut dirs: Vec<String> = elf
@@ -221,7 +221,7 @@ impl Walk<'_, '_> {
             };
             let Some(path) = found else { continue };
             let before = self.order.len();
-            let Some((layer, rec, real)) = self.add(&path, depth) else {
+            let Some((layer, rec, real)) = self.add(&path) else {
                 continue;
             };
             if self.order.len() == before {

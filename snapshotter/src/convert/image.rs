@@ -255,6 +255,14 @@ async fn convert_manifest(
         converted_layers.push((desc, converted, blob_file));
     }
     let config = src.blob_bytes(&m.manifest.config, 16 << 20).await?;
+    // Before anything is pushed: a layer that is not what the config says stops here.
+    check_diff_ids(
+        &config,
+        &converted_layers
+            .iter()
+            .map(|(desc, c, _)| (desc.digest.as_str(), c.diff_id.as_str()))
+            .collect::<Vec<_>>(),
+    )?;
     let lists = {
         let views = converted_layers
             .iter()
@@ -298,7 +306,6 @@ async fn convert_manifest(
         });
         stats.push(converted.stats);
     }
-    check_diff_ids(src, m, &layers).await?;
     dst.put_blob_bytes(oci::EMPTY_CONFIG.to_vec()).await?;
     let mut subject = m.desc.clone();
     subject.annotations.clear();
@@ -334,9 +341,9 @@ async fn convert_manifest(
 
 /// The image config's diff IDs must be the sha256 of the tars we read: otherwise the layer
 /// is not what the image says it is.
-async fn check_diff_ids(src: &Store, m: &ResolvedManifest, layers: &[BeamLayer]) -> Result<()> {
-    let cfg = src.blob_bytes(&m.manifest.config, 16 << 20).await?;
-    let cfg: oci::ImageConfig = match serde_json::from_slice(&cfg) {
+/// `layers` are (layer digest, diff ID of what was converted), in order.
+fn check_diff_ids(config: &[u8], layers: &[(&str, &str)]) -> Result<()> {
+    let cfg: oci::ImageConfig = match serde_json::from_slice(config) {
         Ok(c) => c,
         Err(_) => return Ok(()), // not an image config (an artifact): nothing to check
     };
@@ -347,12 +354,11 @@ async fn check_diff_ids(src: &Store, m: &ResolvedManifest, layers: &[BeamLayer])
             layers.len()
         );
     }
-    for (want, l) in cfg.rootfs.diff_ids.iter().zip(layers) {
-        if *want != l.diff_id {
+    for (want, (source, diff_id)) in cfg.rootfs.diff_ids.iter().zip(layers) {
+        if want != diff_id {
             bail!(
-                "layer {}: uncompressed digest {} does not match the config's diff ID {want}",
-                l.source,
-                l.diff_id
+                "layer {source}: uncompressed digest {diff_id} does not match the config's \
+                 diff ID {want}"
             );
         }
     }

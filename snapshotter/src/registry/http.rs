@@ -243,10 +243,24 @@ impl Registry {
         accept: &[&str],
         max: usize,
     ) -> Result<Bytes> {
+        let accept = accept.join(", ");
+        let once = || async {
+            let resp = self
+                .send_read(r, Method::GET, path, scope, |b| {
+                    if accept.is_empty() {
+                        b
+                    } else {
+                        b.header(reqwest::header::ACCEPT, accept.as_str())
+                    }
+                })
+                .await?;
+            let resp = expect_status(resp, &[StatusCode::OK]).await?;
+            anyhow::Ok(read_body(resp, max).await?)
+        };
         let mut tried = 0;
         loop {
             tried += 1;
-            match self.get_bounded_once(r, path, scope, accept, max).await {
+            match once().await {
                 Ok(body) => return Ok(body),
                 Err(e) => match retry_wait(&e, tried) {
                     Some(wait) => {
@@ -257,28 +271,6 @@ impl Registry {
                 },
             }
         }
-    }
-
-    async fn get_bounded_once(
-        &self,
-        r: &Reference,
-        path: &str,
-        scope: &str,
-        accept: &[&str],
-        max: usize,
-    ) -> Result<Bytes> {
-        let accept = accept.join(", ");
-        let resp = self
-            .send_read(r, Method::GET, path, scope, |b| {
-                if accept.is_empty() {
-                    b
-                } else {
-                    b.header(reqwest::header::ACCEPT, accept.as_str())
-                }
-            })
-            .await?;
-        let resp = expect_status(resp, &[StatusCode::OK]).await?;
-        Ok(read_body(resp, max).await?)
     }
 }
 

@@ -335,20 +335,17 @@ impl Registry {
             platform_resolver: None,
             ..Default::default()
         };
+        // Each CA file is read once: the global ones, then each host's own (its client trusts
+        // both).
+        let roots = read(&mut opts.ca_files.iter())?;
         let mut host_clients = std::collections::BTreeMap::new();
         let mut host_roots = Vec::new();
         for (host, files) in &opts.host_ca_files {
-            let certs = read(&mut opts.ca_files.iter().chain(files))?;
-            host_roots.push((
-                host.clone(),
-                read(&mut files.iter())?
-                    .into_iter()
-                    .map(|c| c.data)
-                    .collect(),
-            ));
+            let own = read(&mut files.iter())?;
+            host_roots.push((host.clone(), own.iter().map(|c| c.data.clone()).collect()));
+            let certs = roots.iter().cloned().chain(own).collect();
             host_clients.insert(host.clone(), Client::new(config(certs)));
         }
-        let roots = read(&mut opts.ca_files.iter())?;
         let reads = http::HttpReads::new(
             opts.plain_http,
             opts.plain_http_hosts.clone(),

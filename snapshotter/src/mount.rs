@@ -380,6 +380,8 @@ pub fn mount_layer(
         .cache
         .pin(&mountpoint.display().to_string(), digests);
     let stop = Arc::new(AtomicBool::new(false));
+    // A container is about to start on this layer: background fill leaves its start alone.
+    fetcher.note_start();
     // The recorded prefetch list is fetched as soon as the layer mounts; the rest of the layer
     // too unless background fetch is off.
     if opts.background_fetch || index.prefetch().next().is_some() {

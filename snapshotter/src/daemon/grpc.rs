@@ -191,6 +191,11 @@ impl cs::Snapshotter for SnapshotService {
                 }
             }
         }
+        if let Some(remote) = &self.remote {
+            // A container's root (or an unpacked layer) is being prepared: background fill
+            // leaves the container's start alone.
+            remote.fetcher.note_start();
+        }
         let s = self.snapshots.clone();
         let r = blocking(move || s.create(Kind::Active, &key, &parent, l)).await;
         self.counted(r).map(to_pb_mounts)

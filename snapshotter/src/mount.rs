@@ -22,6 +22,7 @@ use crate::mounter::{FuseSession, Mounter};
 use crate::oci::BeamLayer;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -410,6 +411,9 @@ pub fn mount_layer(
     })
 }
 
+/// Batches of one layer's prefetch or fill handed to the fetcher at once.
+const BATCHES_IN_FLIGHT: usize = 3;
+
 /// Fetch the chunks of the files in the layer's prefetch list (merged into requests of about
 /// 50 ms of the link, at prefetch priority), then, with `fill`, every other chunk in blob order at
 /// background priority (requests sized to the link, behind every read).
@@ -461,6 +465,17 @@ pub async fn background_fetch(
         (order, crate::fetch::Priority::Prefetch),
         (rest, crate::fetch::Priority::Background),
     ] {
+        // Up to BATCHES_IN_FLIGHT batches at once, so that one is on the wire while the one
+        // before is decoded and stored (the fetcher's request budgets still bound the wire).
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
+        let send = |batch: Vec<ChunkRef>| {
+            let fetcher = fetcher.clone();
+            async move {
+                if let Err(e) = fetcher.ensure(&batch, p).await {
+                    tracing::info!("background fetch: {e}; will retry on demand");
+                }
+            }
+        };
         let mut batch: Vec<ChunkRef> = Vec::new();
         let mut batch_bytes = 0u64;
         // What the batch takes in the cache (chunks are stored decompressed).
@@ -468,6 +483,9 @@ pub async fn background_fetch(
         let n = chunks.len();
         for (i, c) in chunks.into_iter().enumerate() {
             if stop.load(Ordering::Relaxed) {
+                // Batches handed over finish (a dropped fetch would leave its chunks marked
+                // in flight).
+                while in_flight.next().await.is_some() {}
                 return;
             }
             let Ok(rec) = index.chunk(c) else { continue };
@@ -479,10 +497,9 @@ pub async fn background_fetch(
                     .near_budget(batch_cached + rec.uncompressed_len as u64)
             {
                 if !batch.is_empty() {
-                    if let Err(e) = fetcher.ensure(&batch, p).await {
-                        tracing::info!("background fetch: {e}; will retry on demand");
-                    }
+                    in_flight.push(send(std::mem::take(&mut batch)));
                 }
+                while in_flight.next().await.is_some() {}
                 tracing::info!(
                     source = %source.describe(),
                     "background fill stops: the cache is at 90% of its budget"
@@ -501,14 +518,16 @@ pub async fn background_fetch(
             // wire waits for that batch (single flight), so a batch must not be large.
             let max = fetcher.background_request_bytes();
             if !batch.is_empty() && (batch_bytes >= max || i + 1 == n) {
-                if let Err(e) = fetcher.ensure(&batch, p).await {
-                    tracing::info!("background fetch: {e}; will retry on demand");
-                }
-                batch.clear();
+                in_flight.push(send(std::mem::take(&mut batch)));
                 batch_bytes = 0;
                 batch_cached = 0;
+                while in_flight.len() >= BATCHES_IN_FLIGHT {
+                    in_flight.next().await;
+                }
             }
         }
+        // The prefetch list is all in before fill starts.
+        while in_flight.next().await.is_some() {}
     }
     tracing::debug!(source = %source.describe(), "background fetch done");
 }

@@ -234,6 +234,53 @@ fn reads_fetch_only_the_chunks_they_need_once() -> Result<()> {
     Ok(())
 }
 
+/// A small read takes the next chunks of the blob along (up to 32 KiB, in the same request):
+/// the next files of a package, which a starting program opens next, cost no round trip of
+/// their own; a file past that bound is a request of its own.
+#[test]
+fn a_small_read_takes_its_neighbours_in_the_same_request() -> Result<()> {
+    let env = Env::new()?;
+    // Five 6 kB modules of a package (incompressible: 30 kB stored), then one past the bound.
+    let mut files: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("pkg/mod{i}.py"), noise(i, 6_000)))
+        .collect();
+    files.push(("pkg/zz-later.py".into(), noise(77, 20_000)));
+    let img = env.fx.image("pkg").files(&files)?.build()?;
+    let converted = img.convert("pkg:v1", &["--json"])?;
+    let (chunks_blob, _) = converted.layer_blobs(0)?;
+    let m = env.mount(
+        &converted.reference,
+        "mnt",
+        "cache",
+        &["--no-background-fetch"],
+    )?;
+    env.proxy().clear();
+    for (name, want) in &files[..5] {
+        ensure!(
+            std::fs::read(m.target.join(name))? == *want,
+            "{name} differs"
+        );
+    }
+    let ranges = env.proxy().range_requests_for(&chunks_blob);
+    ensure!(
+        ranges.len() == 1,
+        "five neighbouring 6 kB files took {} requests: {ranges:?}",
+        ranges.len()
+    );
+    let fetched: u64 = ranges.iter().map(|(a, b)| b - a + 1).sum();
+    ensure!(
+        fetched <= 6_000 + (32 << 10),
+        "{fetched} bytes for the first file and its neighbours"
+    );
+    ensure!(std::fs::read(m.target.join("pkg/zz-later.py"))? == files[5].1);
+    ensure!(
+        env.proxy().range_requests_for(&chunks_blob).len() == 2,
+        "the file past the bound was not a request of its own"
+    );
+    m.stop()?;
+    Ok(())
+}
+
 #[test]
 fn registry_faults_never_serve_wrong_bytes_and_reads_recover() -> Result<()> {
     let env = Env::new()?;

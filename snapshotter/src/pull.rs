@@ -171,7 +171,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     };
     let name = reference.whole();
     let store = Store::open(loc.clone(), &opts.registry, false)?;
-    let mut steps: Vec<(&'static str, f64)> = Vec::new();
+    let mut steps: Vec<(&'static str, f64)> = vec![("open", started.elapsed().as_secs_f64())];
     // The registry's answers and containerd's connection at the same time.
     let resolve = async {
         let t0 = Instant::now();

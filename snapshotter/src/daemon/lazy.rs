@@ -369,31 +369,36 @@ impl LazyLayers {
         load
     }
 
-    /// Fetch every chunk of a small layer now, in one request (issue 13: lazy loading cannot
-    /// win on a layer that small; the container starts with it cached, as after a full pull).
-    async fn fetch_whole_if_small(&self, m: &MountedLayer) {
+    /// The fetch of every chunk of a small layer, in one request (issue 13: lazy loading
+    /// cannot win on a layer that small), at read priority; `None` for a larger layer.
+    fn fetch_whole_if_small(
+        &self,
+        m: &MountedLayer,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let size = m.layer.chunks.size;
         if size == 0 || size > self.whole_layer_max_bytes {
-            return;
+            return None;
         }
         let chunks = crate::fetch::ChunkRef::all_of(&m.index, &m.source);
-        let t0 = Instant::now();
-        match self
-            .fetcher
-            .ensure(&chunks, crate::fetch::Priority::Demand)
-            .await
-        {
-            Ok(()) => tracing::debug!(
-                layer = %m.layer.source,
-                bytes = size,
-                secs = t0.elapsed().as_secs_f64(),
-                "small layer fetched whole"
-            ),
-            Err(e) => tracing::info!(
-                layer = %m.layer.source,
-                "fetching a small layer whole: {e}; its chunks are fetched on demand"
-            ),
-        }
+        let (fetcher, layer) = (self.fetcher.clone(), m.layer.source.clone());
+        Some(async move {
+            let t0 = Instant::now();
+            match fetcher
+                .ensure(&chunks, crate::fetch::Priority::Demand)
+                .await
+            {
+                Ok(()) => tracing::debug!(
+                    %layer,
+                    bytes = size,
+                    secs = t0.elapsed().as_secs_f64(),
+                    "small layer fetched whole"
+                ),
+                Err(e) => tracing::info!(
+                    %layer,
+                    "fetching a small layer whole: {e}; its chunks are fetched on demand"
+                ),
+            }
+        })
     }
 
     /// The registry options and client for a layer: the daemon's own, or those with a pull's
@@ -511,7 +516,11 @@ impl LazyLayers {
             .await;
         let (mounted, admitted) = match mounted {
             Ok((m, admitted)) => {
-                self.fetch_whole_if_small(&m).await;
+                // Not waited for: containerd creates the container meanwhile, and a read that
+                // comes first waits for just its chunks of this fetch.
+                if let Some(fetch) = self.fetch_whole_if_small(&m) {
+                    tokio::spawn(fetch);
+                }
                 (m, admitted)
             }
             Err(e) => {

@@ -143,10 +143,28 @@ impl RegistryOptions {
 /// Largest manifest or index Beam reads (4 MiB, as containerd).
 pub const MAX_MANIFEST_LEN: usize = 4 << 20;
 
+/// oci-client's settings: `protocol`, trusting the system's CAs and `extra_root_certificates`.
+fn oci_config(
+    protocol: &ClientProtocol,
+    extra_root_certificates: Vec<Certificate>,
+) -> ClientConfig {
+    ClientConfig {
+        protocol: protocol.clone(),
+        extra_root_certificates,
+        connect_timeout: Some(std::time::Duration::from_secs(10)),
+        read_timeout: Some(std::time::Duration::from_secs(60)),
+        platform_resolver: None,
+        ..Default::default()
+    }
+}
+
 /// A registry client shared by everything in one process.
 pub struct Registry {
-    /// The client of every host without CAs of its own.
-    client: Client,
+    /// The client of every host without CAs of its own, made on first use (only pushes and
+    /// HEADs use it; making one loads the system's CA roots, ~4 ms, on a pull's path).
+    client: std::sync::OnceLock<Client>,
+    /// Its settings: the protocol and the global CAs.
+    client_config: (ClientProtocol, Vec<Certificate>),
     /// The clients of hosts with CAs of their own: each trusts the global CAs and its own.
     host_clients: std::collections::BTreeMap<String, Client>,
     /// Where credentials come from (None: the Docker config of this process).
@@ -453,14 +471,7 @@ impl Registry {
                 })
                 .collect()
         };
-        let config = |extra_root_certificates| ClientConfig {
-            protocol: protocol.clone(),
-            extra_root_certificates,
-            connect_timeout: Some(std::time::Duration::from_secs(10)),
-            read_timeout: Some(std::time::Duration::from_secs(60)),
-            platform_resolver: None,
-            ..Default::default()
-        };
+        let config = |certs| oci_config(&protocol, certs);
         // Each CA file is read once: the global ones, then each host's own (its client trusts
         // both).
         let roots = read(&mut opts.ca_files.iter())?;
@@ -479,7 +490,8 @@ impl Registry {
             &host_roots,
         )?;
         Ok(Registry {
-            client: Client::new(config(roots)),
+            client: std::sync::OnceLock::new(),
+            client_config: (protocol.clone(), roots),
             host_clients,
             docker_config: opts.docker_config.clone(),
             credentials: Default::default(),
@@ -519,7 +531,12 @@ impl Registry {
         self.host_clients
             .get(r.registry())
             .or_else(|| self.host_clients.get(r.resolve_registry()))
-            .unwrap_or(&self.client)
+            .unwrap_or_else(|| {
+                self.client.get_or_init(|| {
+                    let (protocol, roots) = &self.client_config;
+                    Client::new(oci_config(protocol, roots.clone()))
+                })
+            })
     }
 
     /// Make sure credentials for `r`'s registry are known to the client.

@@ -87,28 +87,10 @@ mkdir -p "$peers"
 
 if ! have_soci || ! have_nydus; then
   command -v dpkg-deb >/dev/null || die "dpkg-deb not found"
-  [ -r /usr/share/keyrings/debian-archive-keyring.gpg ] ||
-    die "/usr/share/keyrings/debian-archive-keyring.gpg missing (package debian-archive-keyring)"
-  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$deb_cache"
-  sources="$apt_dir/sources.list"
-  cat >"$sources" <<'EOF'
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main
-EOF
-  apt_opts=(
-    -o "Dir::Etc::sourcelist=$sources"
-    -o "Dir::Etc::sourceparts=-"
-    -o "Dir::State::Lists=$apt_dir/lists"
-    -o "Dir::Cache=$apt_dir/cache"
-    -o "Dir::State::status=/var/lib/dpkg/status"
-    -o "APT::Sandbox::User=root"
-    -o "Acquire::Languages=none"
-  )
-  stamp="$apt_dir/lists/.updated"
-  if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440)" ]; then
-    echo "install-peers.sh: apt-get update (sid) into $apt_dir" >&2
-    apt-get "${apt_opts[@]}" update -qq >&2 || die "apt-get update with the private sid source failed"
-    touch "$stamp"
-  fi
+  # shellcheck source=tests/fixtures/lib-debs.sh
+  . "$repo/tests/fixtures/lib-debs.sh"
+  private_apt "$apt_dir" sid || die "setting up the private apt source (sid) failed"
+  mkdir -p "$deb_cache"
   have_soci || unpack_sid soci-snapshotter "$peers/soci" usr/bin/soci usr/bin/soci-snapshotter-grpc
   have_nydus || unpack_sid nydus-snapshotter "$peers/nydus" usr/bin/containerd-nydus-grpc
 fi

@@ -1177,7 +1177,12 @@ fn start_on(dir: &Path, umask: Option<&str>) -> Result<ChildGuard> {
     let _ = fs::remove_file(&socket);
     let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
     ensure!(
-        util::wait_for(|| socket.exists(), Duration::from_secs(30)),
+        // Answering, not only there: the socket file exists from bind() on, and a connect
+        // before listen() is refused (seen under load).
+        util::wait_for(
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+            Duration::from_secs(30)
+        ),
         "beam-snapshotter did not start: {}",
         util::tail_file(&log, 30)
     );

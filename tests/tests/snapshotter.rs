@@ -36,7 +36,12 @@ fn start_daemon_with_env(
     let _ = std::fs::remove_file(socket);
     let child = ChildGuard::spawn("beam-snapshotter", &mut cmd)?;
     ensure!(
-        util::wait_for(|| socket.exists(), Duration::from_secs(30)),
+        // Answering, not only there: the socket file exists from bind() on, and a connect
+        // before listen() is refused (seen under load).
+        util::wait_for(
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+            Duration::from_secs(30)
+        ),
         "beam-snapshotter did not start: {}",
         util::tail_file(log, 30)
     );
@@ -861,7 +866,13 @@ mod crash_points {
             let place = Place::new()?;
             let (root, socket, log) = (&place.root, &place.socket, &place.log);
             let mut daemon = start(&place, Some(point))?;
-            let mut c = SnapshotsClient::connect(socket).await?;
+            let mut c = SnapshotsClient::connect(socket).await.with_context(|| {
+                format!(
+                    "{point}: connecting; daemon {:?}, log:\n{}",
+                    daemon.try_wait(),
+                    util::tail_file(log, 30)
+                )
+            })?;
             let op = point.split('.').next().unwrap_or_default();
             // What comes before the request that meets the crash point.
             match point {

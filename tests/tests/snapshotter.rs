@@ -39,7 +39,7 @@ fn start_daemon_with_env(
         // Answering, not only there: the socket file exists from bind() on, and a connect
         // before listen() is refused (seen under load).
         util::wait_for(
-            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+            || std::os::unix::net::UnixStream::connect(socket).is_ok(),
             Duration::from_secs(30)
         ),
         "beam-snapshotter did not start: {}",

@@ -294,6 +294,19 @@ impl Fetcher {
     /// Make every chunk of `chunks` present in the cache (fetching those that are missing) at
     /// priority `p`, or fail with the first error.
     pub async fn ensure(&self, chunks: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
+        self.ensure_along(chunks, &[], p).await
+    }
+
+    /// [`Fetcher::ensure`] of `chunks`, taking `along` (in order, up to the first that is
+    /// cached, in flight or given up) into the same requests when a request is sent anyway.
+    /// Nothing waits on `along`: a chunk of it that fails verification is dropped, and only
+    /// the failures of `chunks` are errors. For a read's blob neighbours (`crate::fs`).
+    pub async fn ensure_along(
+        &self,
+        chunks: &[ChunkRef],
+        along: &[ChunkRef],
+        p: Priority,
+    ) -> Result<(), FetchError> {
         if p == Priority::Background {
             // Held back before claiming anything: a read that needs one of these chunks
             // meanwhile fetches it itself instead of waiting on a held-back run.
@@ -301,15 +314,15 @@ impl Fetcher {
         }
         if p == Priority::Prefetch {
             self.prefetch_busy.fetch_add(1, Ordering::SeqCst);
-            let r = self.ensure_inner(chunks, p).await;
+            let r = self.ensure_inner(chunks, along, p).await;
             self.prefetch_busy.fetch_sub(1, Ordering::SeqCst);
             return r;
         }
         if !p.is_foreground() {
-            return self.ensure_inner(chunks, p).await;
+            return self.ensure_inner(chunks, along, p).await;
         }
         self.fg_busy.fetch_add(1, Ordering::SeqCst);
-        let r = self.ensure_inner(chunks, p).await;
+        let r = self.ensure_inner(chunks, along, p).await;
         if self.fg_busy.fetch_sub(1, Ordering::SeqCst) == 1 {
             *self.fg_idle_since.lock().expect("idle lock") = Instant::now();
         }
@@ -407,8 +420,14 @@ impl Fetcher {
         }
     }
 
-    async fn ensure_inner(&self, chunks: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
+    async fn ensure_inner(
+        &self,
+        chunks: &[ChunkRef],
+        along: &[ChunkRef],
+        p: Priority,
+    ) -> Result<(), FetchError> {
         let mut mine: Vec<ChunkRef> = Vec::new();
+        let mut optional = std::collections::HashSet::new();
         let mut waits = Vec::new();
         {
             let mut inflight = self.inflight.lock().expect("inflight lock");
@@ -445,6 +464,22 @@ impl Fetcher {
                     }
                 }
             }
+            if !mine.is_empty() {
+                let gave_up = self.gave_up.lock().expect("gave_up lock");
+                for c in along {
+                    let key = c.flight_key();
+                    if self.cache.contains(&c.rec.digest)
+                        || inflight.contains_key(&key)
+                        || gave_up.contains_key(&key)
+                        || optional.contains(&key)
+                    {
+                        break;
+                    }
+                    inflight.insert(key.clone(), Vec::new());
+                    optional.insert(key);
+                    mine.push(c.clone());
+                }
+            }
         }
         let mut result = Ok(());
         if !mine.is_empty() {
@@ -462,7 +497,9 @@ impl Fetcher {
                 0
             };
             let runs = self.runs(mine, max, max_gap);
-            let futs = runs.into_iter().map(|run| self.fetch_run(run, p));
+            let futs = runs
+                .into_iter()
+                .map(|run| self.fetch_run(run, &optional, p));
             for r in futures_util::future::join_all(futs).await {
                 if let Err(e) = r {
                     result = Err(e);
@@ -504,8 +541,18 @@ impl Fetcher {
     }
 
     /// Fetch one run with retries until the deadline, store its chunks, wake their waiters.
-    async fn fetch_run(&self, run: Vec<ChunkRef>, p: Priority) -> Result<(), FetchError> {
-        let result = self.fetch_run_inner(&run, p).await;
+    /// Chunks whose keys are in `optional` were taken along (see [`Fetcher::ensure_along`]).
+    async fn fetch_run(
+        &self,
+        run: Vec<ChunkRef>,
+        optional: &std::collections::HashSet<FlightKey>,
+        p: Priority,
+    ) -> Result<(), FetchError> {
+        let optional: Vec<bool> = run
+            .iter()
+            .map(|c| optional.contains(&c.flight_key()))
+            .collect();
+        let result = self.fetch_run_inner(&run, &optional, p).await;
         let mut inflight = self.inflight.lock().expect("inflight lock");
         for c in &run {
             if let Some(waiters) = inflight.remove(&c.flight_key()) {
@@ -529,7 +576,12 @@ impl Fetcher {
         result
     }
 
-    async fn fetch_run_inner(&self, run: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
+    async fn fetch_run_inner(
+        &self,
+        run: &[ChunkRef],
+        optional: &[bool],
+        p: Priority,
+    ) -> Result<(), FetchError> {
         let background = !p.is_foreground();
         let start = run[0].rec.offset;
         let last = &run[run.len() - 1].rec;
@@ -611,11 +663,12 @@ impl Fetcher {
                     // Fill that no reader waits on is decoded on the idle thread.
                     let stored = if p == Priority::Background && !self.has_waiters(run) {
                         let (cache, recs) = (self.cache.clone(), run_records(run));
+                        let optional = optional.to_vec();
                         self.idle_worker
-                            .run(move || store_chunks(&cache, &recs, start, &bytes))
+                            .run(move || store_chunks(&cache, &recs, &optional, start, &bytes))
                             .await
                     } else {
-                        store_chunks(&self.cache, &run_records(run), start, &bytes)
+                        store_chunks(&self.cache, &run_records(run), optional, start, &bytes)
                     };
                     match self.stored(stored) {
                         Ok(()) => return Ok(()),
@@ -671,10 +724,11 @@ impl Fetcher {
     }
 
     /// Count what [`store_chunks`] did, and keep the cache within its budget.
-    fn stored(&self, r: Result<u64, StoreError>) -> Result<(), FetchError> {
+    fn stored(&self, r: Result<Stored, StoreError>) -> Result<(), FetchError> {
         match r {
-            Ok(n) => {
-                self.counters.chunks.fetch_add(n, Ordering::Relaxed);
+            Ok(Stored { stored, dropped }) => {
+                self.counters.chunks.fetch_add(stored, Ordering::Relaxed);
+                self.counters.corrupt.fetch_add(dropped, Ordering::Relaxed);
                 if let Err(e) = self.cache.enforce_budget() {
                     tracing::warn!("cache eviction failed: {e}");
                 }
@@ -696,26 +750,39 @@ fn run_records(run: &[ChunkRef]) -> Vec<ChunkRecord> {
     run.iter().map(|c| c.rec).collect()
 }
 
+/// What [`store_chunks`] did: chunks stored, and chunks taken along that failed verification
+/// and were dropped.
+struct Stored {
+    stored: u64,
+    dropped: u64,
+}
+
 /// A store that failed part way: how many chunks it stored first, and why it stopped.
 struct StoreError {
     stored: u64,
     error: FetchError,
 }
 
-/// Verify and store each chunk of a fetched run (`bytes` from blob offset `start`); the number
-/// stored. Nothing of a chunk that fails verification is stored.
+/// Verify and store each chunk of a fetched run (`bytes` from blob offset `start`). Nothing of
+/// a chunk that fails verification is stored; one marked `optional` (taken along) is dropped,
+/// any other fails the run.
 fn store_chunks(
     cache: &ChunkCache,
     recs: &[ChunkRecord],
+    optional: &[bool],
     start: u64,
     bytes: &[u8],
-) -> Result<u64, StoreError> {
-    let mut stored = 0;
-    for rec in recs {
+) -> Result<Stored, StoreError> {
+    let (mut stored, mut dropped) = (0, 0);
+    for (i, rec) in recs.iter().enumerate() {
         let from = (rec.offset - start) as usize;
         let to = from + rec.stored_len as usize;
+        let taken_along = optional.get(i).copied().unwrap_or(false);
         let fail = |error| Err(StoreError { stored, error });
         let Some(raw) = bytes.get(from..to) else {
+            if taken_along {
+                continue;
+            }
             return fail(FetchError::Blob(BlobError::Truncated {
                 got: bytes.len() as u64,
                 want: to as u64,
@@ -725,6 +792,10 @@ fn store_chunks(
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!("discarding fetched chunk: {e}");
+                if taken_along {
+                    dropped += 1;
+                    continue;
+                }
                 return fail(FetchError::Corrupt(rec.digest.to_string()));
             }
         };
@@ -733,7 +804,7 @@ fn store_chunks(
         }
         stored += 1;
     }
-    Ok(stored)
+    Ok(Stored { stored, dropped })
 }
 
 /// Threads under `SCHED_IDLE` (they run only when no other thread wants the CPU) for the CPU
@@ -1030,6 +1101,52 @@ mod tests {
             std::io::Read::read_to_end(&mut &*file, &mut got).unwrap();
             assert_eq!(&got, want);
         }
+    }
+
+    /// Chunks taken along ride in the read's request; one that fails verification is dropped
+    /// (the read still succeeds and the chunk is not cached), and one already in flight
+    /// elsewhere ends what is taken along instead of being waited for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_taken_along_share_the_request_and_never_fail_the_read() {
+        let (dir, blob, mut refs, _) = setup(4, Duration::from_millis(1));
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        // A hostile neighbour: its record claims a digest its bytes do not have.
+        refs[1].rec.digest = refs[3].rec.digest;
+        f.ensure_along(&refs[..1], &refs[1..3], Priority::Demand)
+            .await
+            .unwrap();
+        let reqs = blob.requests.lock().unwrap().clone();
+        assert_eq!(reqs.len(), 1, "{reqs:?}");
+        let end = refs[2].rec.offset + refs[2].rec.stored_len as u64;
+        assert_eq!(reqs[0], (refs[0].rec.offset, end - refs[0].rec.offset));
+        assert!(f.cache.contains(&refs[0].rec.digest) && f.cache.contains(&refs[2].rec.digest));
+        assert!(
+            !f.cache.contains(&refs[1].rec.digest),
+            "the bad neighbour was stored"
+        );
+        assert_eq!(f.counters.corrupt.load(Ordering::SeqCst), 1);
+
+        // In flight elsewhere: not taken along, not waited for.
+        let (dir, blob, refs, _) = setup(4, Duration::from_millis(400));
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        // The other fetch fails once and is retried: it ends well after this read's request.
+        blob.fail_first.store(1, Ordering::SeqCst);
+        let other = spawn_ensure(&f, &refs[1..2], Priority::Prefetch);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = Instant::now();
+        f.ensure_along(&refs[..1], &refs[1..], Priority::Demand)
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        other.await.unwrap().unwrap();
+        let reqs = blob.requests.lock().unwrap().clone();
+        assert_eq!(reqs.len(), 3, "{reqs:?}");
+        assert_eq!(
+            reqs[1],
+            (refs[0].rec.offset, refs[0].rec.stored_len as u64),
+            "{reqs:?}"
+        );
+        assert!(took < Duration::from_millis(700), "{took:?}");
     }
 
     /// A read of a chunk that held-back background fill also wants gets it now, not after the

@@ -21,7 +21,6 @@ umask 022
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 peers="$repo/.work/peers"
-deb_cache="${BEAM_DEB_CACHE:-$repo/.work/debs}"
 apt_dir="$repo/.work/apt-peers"
 nydus_rs_version=2.2.0
 # The versions bench/start.py's configurations are written for (sid's candidates when written).
@@ -46,31 +45,11 @@ have_nydus_rs() {
     grep -q "\"nydus-rs $nydus_rs_version " "$peers/nydus-rs/.crates2.json" 2>/dev/null
 }
 
-# unpack_sid PKG DEST BIN...: downloads PKG's sid candidate into the deb cache (once) and
-# unpacks it to DEST, checking that each BIN (relative to DEST) is there.
+# unpack_sid PKG DEST BIN...: PKG's sid candidate unpacked to DEST (lib-debs.sh).
 unpack_sid() {
   local pkg=$1 dest=$2
   shift 2
-  local ver deb tmp b
-  ver="$(apt-cache "${apt_opts[@]}" madison "$pkg" |
-    awk '$0 ~ /sid\/main/ { gsub(/ /, "", $3); print $3; exit }')"
-  [ -n "$ver" ] || die "no $pkg in Debian sid"
-  deb="$deb_cache/${pkg}_${ver//:/%3a}_amd64.deb"
-  if [ ! -s "$deb" ]; then
-    echo "install-peers.sh: downloading $pkg $ver (sid)" >&2
-    (cd "$deb_cache" && apt-get "${apt_opts[@]}" download -qq "$pkg=$ver" >&2) ||
-      die "apt-get download $pkg=$ver failed"
-    [ -s "$deb" ] || die "$deb missing after apt-get download"
-  fi
-  mkdir -p "$(dirname "$dest")"
-  tmp="$(mktemp -d "$(dirname "$dest")/.tmp.XXXXXX")"
-  dpkg-deb -x "$deb" "$tmp" || { rm -rf "$tmp"; die "dpkg-deb -x $deb failed"; }
-  for b in "$@"; do
-    [ -x "$tmp/$b" ] || { rm -rf "$tmp"; die "$deb has no $b"; }
-  done
-  rm -rf "$dest"
-  mv "$tmp" "$dest"
-  echo "$ver" >"$dest/.deb-version"
+  unpack_suite_deb "$pkg" sid "$dest" "$@" || die "unpacking $pkg (sid) failed"
 }
 
 # check_version DIR WANTED: warns when the unpacked .deb is not the upstream version WANTED.
@@ -90,8 +69,7 @@ if ! have_soci || ! have_nydus; then
   # shellcheck source=tests/fixtures/lib-debs.sh
   . "$repo/tests/fixtures/lib-debs.sh"
   private_apt "$apt_dir" sid || die "setting up the private apt source (sid) failed"
-  mkdir -p "$deb_cache"
-  have_soci || unpack_sid soci-snapshotter "$peers/soci" usr/bin/soci usr/bin/soci-snapshotter-grpc
+    have_soci || unpack_sid soci-snapshotter "$peers/soci" usr/bin/soci usr/bin/soci-snapshotter-grpc
   have_nydus || unpack_sid nydus-snapshotter "$peers/nydus" usr/bin/containerd-nydus-grpc
 fi
 

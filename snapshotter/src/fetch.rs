@@ -842,26 +842,17 @@ impl IdleWorker {
         IdleWorker { jobs: tx }
     }
 
-    /// Run `f` on the idle thread and wait for its result (on the caller's thread when the
-    /// idle thread is gone).
+    /// Run `f` on an idle thread and wait for its result (on the caller's thread when there
+    /// is no idle thread: the channel then hands the job back).
     async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let (tx, rx) = oneshot::channel();
-        let f = std::sync::Arc::new(Mutex::new(Some(f)));
-        let job = {
-            let f = f.clone();
-            Box::new(move || {
-                if let Some(f) = f.lock().expect("job lock").take() {
-                    let _ = tx.send(f());
-                }
-            })
-        };
-        if self.jobs.send(job).is_ok() {
-            if let Ok(v) = rx.await {
-                return v;
-            }
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
+            job();
         }
-        let f = f.lock().expect("job lock").take();
-        f.expect("a job not run by the idle thread is still here")()
+        rx.await.expect("a background fill job panicked")
     }
 }
 

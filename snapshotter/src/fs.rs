@@ -442,12 +442,13 @@ impl LayerFs {
             .collect()
     }
 
-    /// The uncached chunks right after a small read's last chunk in the blob, up to
+    /// The chunks right after a small read's last chunk in the blob, up to
     /// [`NEIGHBOUR_BYTES`], to fetch in the same request: a layer's blob follows its tar's
     /// order, so they are the next files of the same directory, which a starting program
     /// tends to open next (python's imports of a package: 32 reads became 19 requests). They
     /// are taken along, never waited for ([`Fetcher::ensure_along`]): one in flight elsewhere
-    /// ends them, and one that fails verification is dropped without failing the read.
+    /// ends them, as does a cached one (checked there, not on this FUSE thread), and one that
+    /// fails verification is dropped without failing the read.
     fn neighbours(&self, r: &InodeRecord, chunks: &[(u32, ChunkRef)]) -> Vec<ChunkRef> {
         let needed: u64 = chunks.iter().map(|(_, c)| c.rec.stored_len as u64).sum();
         let Some((last_i, last)) = chunks.last() else {
@@ -467,10 +468,6 @@ impl LayerFs {
             let Ok(rec) = self.index.chunk(id) else { break };
             // Only what one request carries: contiguous, within the bound.
             if rec.offset != end || taken + rec.stored_len as u64 > NEIGHBOUR_BYTES {
-                break;
-            }
-            // A cached one ends it too: a hole would split the request.
-            if self.cache().contains(&rec.digest) {
                 break;
             }
             end += rec.stored_len as u64;

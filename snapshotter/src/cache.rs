@@ -199,7 +199,26 @@ impl ChunkCache {
         dest: &Path,
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> io::Result<()> {
+        self.write_via_temp(dest, fill, true)
+    }
+
+    /// Write `dest` through a fresh temp file and a rename, without fsync (chunks only: their
+    /// digest is checked before their first use, see the module's invariants).
+    fn write_renamed(&self, dest: &Path, data: &[u8]) -> io::Result<()> {
+        self.write_via_temp(dest, |f| f.write_all(data), false)
+    }
+
+    /// Write `dest` with what `fill` writes into a fresh temp file, then rename it into place;
+    /// `durable`: fsync the file before the rename and its directory after it. The temp file
+    /// is removed on failure.
+    fn write_via_temp(
+        &self,
+        dest: &Path,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+        durable: bool,
+    ) -> io::Result<()> {
         let tmp = self.tmp_path();
+        let parent = dest.parent().expect("cache paths have a parent");
         let result = (|| {
             let mut f = match File::create(&tmp) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -210,40 +229,22 @@ impl ChunkCache {
                 r => r?,
             };
             fill(&mut f)?;
-            f.sync_all()?;
-            drop(f);
-            let parent = dest.parent().expect("cache paths have a parent");
-            fs::create_dir_all(parent)?;
-            fs::rename(&tmp, dest)?;
-            File::open(parent)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
-    }
-
-    /// Write `dest` through a fresh temp file and a rename, without fsync (chunks only: their
-    /// digest is checked before their first use, see the module's invariants).
-    fn write_renamed(&self, dest: &Path, data: &[u8]) -> io::Result<()> {
-        let tmp = self.tmp_path();
-        let result = (|| {
-            let mut f = match File::create(&tmp) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir_all(tmp.parent().expect("tmp path has a parent"))?;
-                    File::create(&tmp)?
-                }
-                r => r?,
-            };
-            f.write_all(data)?;
-            drop(f);
-            match fs::rename(&tmp, dest) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir_all(dest.parent().expect("cache paths have a parent"))?;
-                    fs::rename(&tmp, dest)
-                }
-                r => r,
+            if durable {
+                f.sync_all()?;
             }
+            drop(f);
+            // The destination directory is made only when the rename says it is missing.
+            if let Err(e) = fs::rename(&tmp, dest) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    return Err(e);
+                }
+                fs::create_dir_all(parent)?;
+                fs::rename(&tmp, dest)?;
+            }
+            if durable {
+                File::open(parent)?.sync_all()?;
+            }
+            Ok(())
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);

@@ -1048,8 +1048,15 @@ mod tests {
         f.ensure(&refs[..1], Priority::Demand).await.unwrap();
         let t = Instant::now();
         f.ensure(&refs[2..], Priority::Background).await.unwrap();
-        assert!(t.elapsed() < START_QUIET, "{:?}", t.elapsed());
-        assert_eq!(blob.sent.lock().unwrap().len(), 2);
+        // When the fill's request was sent (storing it on the idle threads may take longer on
+        // a busy machine: they get only idle CPU).
+        let sent = blob.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2);
+        assert!(
+            sent[1] - t < START_QUIET,
+            "fill sent after {:?}",
+            sent[1] - t
+        );
     }
 
     /// Background fill sends nothing while a recorded prefetch list is being fetched.

@@ -639,6 +639,15 @@ def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca):
             "line": line,
         }
     finally:
+        # BENCH_KEEP_LOGS=DIR keeps each run's daemon logs there (e.g. with BEAM_LOG=debug).
+        keep = os.environ.get("BENCH_KEEP_LOGS")
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            tag = f"{system}-{image.rsplit('/', 1)[-1].replace(':', '_')}-{link.rate or 0:.0f}-" \
+                  f"{link.delay * 2000:.0f}ms-{time.strftime('%H%M%S')}"
+            for name, path in node.snap.logs():
+                if os.path.exists(path):
+                    shutil.copy(path, os.path.join(keep, f"{tag}-{name}"))
         node.close()
 
 
@@ -691,6 +700,10 @@ def main():
         tls_addr = socket.getaddrinfo(a.tls_host, None, socket.AF_INET)[0][4][0]
         tls_relay_port = start_relay(link, a.tls_registry_port, tls_addr)
     images = json.loads(a.images)
+    if os.environ.get("BENCH_IMAGES"):
+        # BENCH_IMAGES=python,busybox: only those of the images.
+        keep = os.environ["BENCH_IMAGES"].split(",")
+        images = {k: v for k, v in images.items() if k in keep}
     scratch = tempfile.mkdtemp(prefix="beam-bench-start-")
     version = subprocess.run([a.containerd, "--version"], capture_output=True, text=True).stdout.split()[2]
     rows = []

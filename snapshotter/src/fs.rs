@@ -91,8 +91,8 @@ pub struct LayerFs {
     pub counters: Arc<LayerCounters>,
     /// When recording (`beam record`): regular files in the order they were first opened.
     pub access_trace: Option<Arc<AccessTrace>>,
-    /// End of the last read per inode, to detect sequential reading.
-    last_read_end: Mutex<HashMap<u64, u64>>,
+    /// Sequential readers, per inode.
+    streams: Mutex<HashMap<u64, ReadStream>>,
     /// What the kernel offered in FUSE_INIT, recorded by `init` so that a successor daemon can
     /// replay the handshake and take the connection over (`crate::takeover`).
     pub init_params: Arc<Mutex<Option<crate::takeover::InitParams>>>,
@@ -220,16 +220,84 @@ fn next_data(f: &File, from: u64) -> io::Result<u64> {
     }
 }
 
-/// How far ahead a sequential reader's chunks are fetched.
+/// How far ahead of a sequential reader its chunks are fetched at first. The distance grows as
+/// the reader goes on, up to [`Fetcher::readahead_bytes`] (what the link moves in a tenth of a
+/// second, so only a fast link goes past this: a reader that stops early leaves little fetched
+/// for nothing on a slow one, and one that streams a large file keeps several requests going
+/// on a fast one).
 const READAHEAD_BYTES: u64 = 4 << 20;
+
+/// What readahead asks for at once goes out in requests of this size, in parallel, each
+/// stored as it comes, so the reader need not wait for all of them.
+const READAHEAD_REQUEST_BYTES: u64 = 2 << 20;
 
 /// A read that needs at most this many bytes from the registry takes its neighbours along.
 const SMALL_READ_BYTES: u64 = 64 << 10;
 
-/// How many bytes of neighbouring chunks a small read takes along (see `LayerFs::neighbours`):
-/// about 1.3 ms at 200 Mbit/s, against a round trip saved each time a program then opens one
-/// of them.
+/// The fewest bytes of neighbouring chunks a small read takes along (see `LayerFs::neighbours`;
+/// more on a far registry, `Fetcher::along_bytes`): about 1.3 ms at 200 Mbit/s, against a round
+/// trip saved each time a program then opens one of them.
 const NEIGHBOUR_BYTES: u64 = 32 << 10;
+
+/// A file's reader as far as readahead cares: where its next read would start if sequential,
+/// how far ahead of it chunks were asked for, the distance it is kept ahead, and where that
+/// distance last grew.
+#[derive(Debug, Clone, Copy)]
+struct ReadStream {
+    next: u64,
+    ahead: u64,
+    window: u64,
+    grown_at: u64,
+}
+
+impl ReadStream {
+    /// Note a read of `[offset, end)` of a file of `file_size` bytes (chunks of `cs`); the
+    /// range of the file to fetch ahead now, if any. A read that does not continue the last
+    /// one starts a new stream. From the second sequential read on, the chunks up to `window`
+    /// past the end of the read's chunk are asked for, in steps of at least a quarter window
+    /// (one chunk at the first size). The window starts at [`READAHEAD_BYTES`] and doubles,
+    /// up to `max`, each time the reader has read as much as the window since it last grew.
+    fn advance(
+        this: &mut Option<ReadStream>,
+        offset: u64,
+        end: u64,
+        file_size: u64,
+        cs: u64,
+        max: u64,
+    ) -> Option<(u64, u64)> {
+        let s = match this {
+            Some(s) if s.next == offset => s,
+            _ => {
+                *this = Some(ReadStream {
+                    next: end,
+                    ahead: 0,
+                    window: READAHEAD_BYTES,
+                    grown_at: end,
+                });
+                return None;
+            }
+        };
+        s.next = end;
+        if end - s.grown_at >= s.window && s.window < max {
+            s.window = (s.window * 2).min(max);
+            s.grown_at = end;
+        }
+        let chunk_end = end.div_ceil(cs) * cs;
+        s.ahead = s.ahead.max(chunk_end);
+        let want = (chunk_end + s.window).min(file_size);
+        let step = if s.window > READAHEAD_BYTES {
+            s.window / 4
+        } else {
+            cs
+        };
+        if want <= s.ahead || (want - s.ahead < step && want < file_size) {
+            return None;
+        }
+        let from = s.ahead;
+        s.ahead = want;
+        Some((from, want - from))
+    }
+}
 
 /// First-open order of a layer's files, for prefetch lists.
 #[derive(Debug, Default)]
@@ -289,7 +357,7 @@ impl LayerFs {
             next_fh: AtomicU64::new(first_fh()),
             counters: Arc::new(LayerCounters::default()),
             access_trace: None,
-            last_read_end: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             init_params: Arc::default(),
             frozen: Arc::default(),
         }
@@ -443,7 +511,7 @@ impl LayerFs {
     }
 
     /// The chunks right after a small read's last chunk in the blob, up to
-    /// [`NEIGHBOUR_BYTES`], to fetch in the same request: a layer's blob follows its tar's
+    /// [`Fetcher::along_bytes`] (at least [`NEIGHBOUR_BYTES`]), to fetch in the same request: a layer's blob follows its tar's
     /// order, so they are the next files of the same directory, which a starting program
     /// tends to open next (python's imports of a package: 32 reads became 19 requests). They
     /// are taken along, never waited for ([`Fetcher::ensure_along`]): one in flight elsewhere
@@ -462,12 +530,13 @@ impl LayerFs {
         };
         let mut end = last.rec.offset + last.rec.stored_len as u64;
         let mut taken = 0u64;
+        let most = self.fetcher.along_bytes(NEIGHBOUR_BYTES);
         let mut out = Vec::new();
         loop {
             id += 1;
             let Ok(rec) = self.index.chunk(id) else { break };
             // Only what one request carries: contiguous, within the bound.
-            if rec.offset != end || taken + rec.stored_len as u64 > NEIGHBOUR_BYTES {
+            if rec.offset != end || taken + rec.stored_len as u64 > most {
                 break;
             }
             end += rec.stored_len as u64;
@@ -810,31 +879,37 @@ impl Filesystem for LayerFs {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         let chunks = self.chunks_for(&r, offset, size as u64);
         let cs = self.index.chunk_size() as u64;
-        let sequential = {
-            let mut last = self.last_read_end.lock().expect("read lock");
-            let seq = last.get(&ino.0) == Some(&offset);
-            last.insert(ino.0, offset + size as u64);
-            // Look ahead once per chunk a sequential reader enters, not on every read.
-            seq && offset % cs < size as u64
+        let ahead = {
+            let mut streams = self.streams.lock().expect("streams lock");
+            let mut stream = streams.get(&ino.0).copied();
+            let ahead = ReadStream::advance(
+                &mut stream,
+                offset,
+                offset + size as u64,
+                r.size,
+                cs,
+                self.fetcher.readahead_bytes(READAHEAD_BYTES),
+            );
+            if let Some(s) = stream {
+                streams.insert(ino.0, s);
+            }
+            ahead
         };
-        if sequential {
-            // A sequential reader will want the next chunks: start fetching them now, without
-            // making this read wait for them.
-            let from = chunks
-                .last()
-                .map(|(i, _)| (*i as u64 + 1) * cs)
-                .unwrap_or(r.size);
-            let ahead: Vec<ChunkRef> = self
-                .chunks_for(&r, from, READAHEAD_BYTES)
+        if let Some((from, len)) = ahead {
+            // A sequential reader will want the next chunks: start fetching them now, in a few
+            // requests at once, without making this read wait for them.
+            let missing: Vec<ChunkRef> = self
+                .chunks_for(&r, from, len)
                 .into_iter()
                 .map(|(_, c)| c)
                 .filter(|c| !self.cache().contains(&c.rec.digest))
                 .collect();
-            if !ahead.is_empty() {
-                let fetcher = self.fetcher.clone();
+            let per_request = READAHEAD_REQUEST_BYTES.div_ceil(cs).max(1) as usize;
+            for part in missing.chunks(per_request) {
+                let (fetcher, part) = (self.fetcher.clone(), part.to_vec());
                 self.rt.spawn(async move {
                     let _ = fetcher
-                        .ensure(&ahead, crate::fetch::Priority::Readahead)
+                        .ensure(&part, crate::fetch::Priority::Readahead)
                         .await;
                 });
             }
@@ -1125,6 +1200,61 @@ mod tests {
         // Another inode is not held up by a held one.
         let _seven = locks.lock(7);
         let _eight = locks.lock(8);
+    }
+
+    #[test]
+    fn readahead_keeps_ahead_of_a_streaming_reader() {
+        const K: u64 = 1 << 10;
+        const M: u64 = 1 << 20;
+        let (cs, size) = (512 * K, 100 * M);
+        // Read 128 KiB at a time to the end; what is asked for, and where.
+        let stream = |max: u64| {
+            let mut s = None;
+            let mut asked = Vec::new();
+            let mut at = 0;
+            while at < size {
+                if let Some(w) = ReadStream::advance(&mut s, at, at + 128 * K, size, cs, max) {
+                    asked.push((at, w));
+                }
+                at += 128 * K;
+            }
+            asked
+        };
+        for max in [4 * M, 32 * M] {
+            let asked = stream(max);
+            // The first read is on its own; the second asks for 4 MiB after its chunk.
+            assert_eq!(asked[0], (128 * K, (512 * K, 4 * M)));
+            // The whole file once, in order, never past its end, never more than the window
+            // ahead of the reader's chunk.
+            let mut next = 512 * K;
+            for (read_at, (from, len)) in &asked {
+                assert_eq!(*from, next, "{asked:?}");
+                next = from + len;
+                let chunk_end = (read_at + 128 * K).div_ceil(cs) * cs;
+                assert!(next - chunk_end <= max, "{asked:?}");
+            }
+            assert_eq!(next, size);
+            if max == 4 * M {
+                // A slow link: one chunk at a time, as the reader enters the next chunk.
+                assert!(asked[1..].iter().all(|(_, (_, l))| *l == cs), "{asked:?}");
+            } else {
+                // A fast link: the window grows, and so do the requests.
+                assert!(asked.iter().any(|(_, (_, l))| *l >= 8 * M), "{asked:?}");
+                assert!(asked.len() < 40, "{}", asked.len());
+            }
+        }
+        // A jump starts a new stream: nothing until the reader is sequential again, then the
+        // first window after its chunk.
+        let mut s = None;
+        for at in [0, 128 * K, 256 * K] {
+            ReadStream::advance(&mut s, at, at + 128 * K, size, cs, 32 * M);
+        }
+        assert_eq!(
+            ReadStream::advance(&mut s, 10 * M, 10 * M + 4 * K, size, cs, 32 * M),
+            None
+        );
+        let w = ReadStream::advance(&mut s, 10 * M + 4 * K, 10 * M + 8 * K, size, cs, 32 * M);
+        assert_eq!(w, Some((10 * M + 512 * K, 4 * M)));
     }
 
     #[test]

@@ -602,7 +602,7 @@ def pull_command(node, system, image, tls_ca):
             "--json", image]
 
 
-def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca):
+def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca, wait_whole=True):
     node = Node(scratch, containerd_bin, system, tls_ca)
     try:
         drop_caches()
@@ -621,7 +621,7 @@ def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca):
         tf, line = first_line(run, node.env)
         b1 = link.down_bytes
         whole = None
-        if system == "beam":
+        if system == "beam" and wait_whole:
             def cached():
                 s = node.status()
                 return bool(s) and bool(s["layers"]) and all(

@@ -7,14 +7,17 @@
 //! chunks/ab/abcdef…   one file per chunk, named by the sha256 of its bytes
 //! files/12/1234…      whole files assembled from cached chunks (FUSE passthrough backing)
 //! indexes/sha256-…    Beam index blobs, so a restarted daemon needs no network for metadata
-//! tmp/                writes in progress; emptied on open
+//! tmp/                writes in progress where the filesystem has no O_TMPFILE; emptied on
+//!                     open
 //! ```
 //!
 //! Invariants:
-//! - an assembled file or index appears under its name only by `rename` of a fully written and
-//!   fsynced temp file, and the directory is fsynced after the rename, so neither a torn write
-//!   nor a power loss leaves a short file under its name;
-//! - a chunk appears under its digest only by `rename` of a fully written temp file, not
+//! - an assembled file or index appears under its name only by a link of a fully written and
+//!   fsynced unnamed file (`O_TMPFILE`; else a temp file's rename), and the directory is
+//!   fsynced after it, so neither a torn write nor a power loss leaves a short file under its
+//!   name; never by a rename from another directory (see `write_via_temp`: it deadlocks with
+//!   overlayfs' copy-up);
+//! - a chunk appears under its digest only by a link of a fully written unnamed file, not
 //!   fsynced: chunks are many and small (a python image has tens of thousands), two fsyncs each
 //!   made storing them the bottleneck of background fill, and the digest check below already
 //!   catches what a power loss could leave (a short or empty chunk file is deleted and fetched
@@ -208,10 +211,51 @@ impl ChunkCache {
         self.write_via_temp(dest, |f| f.write_all(data), false)
     }
 
-    /// Write `dest` with what `fill` writes into a fresh temp file, then rename it into place;
-    /// `durable`: fsync the file before the rename and its directory after it. The temp file
-    /// is removed on failure.
+    /// Write `dest` with what `fill` writes into a fresh, unnamed file in `dest`'s directory
+    /// (`O_TMPFILE`), then link it under its name; `durable`: fsync the file before the link
+    /// and its directory after it. Nothing is left behind on failure or a crash.
+    ///
+    /// Never a rename from another directory: overlayfs holds the filesystem's rename lock
+    /// during a copy-up while it asks this daemon's FUSE mounts for a file's attributes, and
+    /// a rename between two directories waits for that lock. A FUSE thread storing a file that
+    /// way on the filesystem of containerd's snapshots (the default) deadlocked with the
+    /// container it served (ten python containers started at once hung in `D` state). A link
+    /// locks only the destination directory. Where the filesystem has no `O_TMPFILE`, the
+    /// temp file goes to `tmp/` and is renamed, as before.
     fn write_via_temp(
+        &self,
+        dest: &Path,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+        durable: bool,
+    ) -> io::Result<()> {
+        let parent = dest.parent().expect("cache paths have a parent");
+        let unnamed = match open_unnamed(parent) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(parent)?;
+                open_unnamed(parent)
+            }
+            r => r,
+        };
+        match unnamed {
+            Ok(mut f) => {
+                fill(&mut f)?;
+                if durable {
+                    f.sync_all()?;
+                }
+                link_unnamed(&f, dest)?;
+                if durable {
+                    File::open(parent)?.sync_all()?;
+                }
+                Ok(())
+            }
+            Err(e) if no_tmpfile(&e) => self.write_renamed_from_tmp(dest, fill, durable),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Self::write_via_temp`] on a filesystem without `O_TMPFILE`: a named temp file in
+    /// `tmp/`, renamed into place; removed on failure.
+    fn write_renamed_from_tmp(
         &self,
         dest: &Path,
         fill: impl FnOnce(&mut File) -> io::Result<()>,
@@ -559,6 +603,55 @@ impl ChunkCache {
     }
 }
 
+/// A new file in `dir` without a name (`O_TMPFILE`), for writing.
+fn open_unnamed(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .mode(0o644)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+}
+
+/// Whether opening an unnamed file failed because the filesystem (or kernel) has none.
+fn no_tmpfile(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+    )
+}
+
+/// Give the unnamed file `f` the name `dest` (replacing a file of that name: the same
+/// content, written by another writer, or a damaged copy being rewritten).
+fn link_unnamed(f: &File, dest: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let me = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+    let link = || {
+        nix::unistd::linkat(
+            None,
+            me.as_path(),
+            None,
+            dest,
+            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+        )
+    };
+    match link() {
+        Err(nix::errno::Errno::EEXIST) => {
+            match fs::remove_file(dest) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            match link() {
+                // Another writer linked it meanwhile: the same content.
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        r => r.map_err(io::Error::from),
+    }
+}
+
 /// A verified chunk is `actual` bytes; an index that says otherwise is wrong (the digest fixes
 /// the length), and its reader gets an error while the chunk stays.
 fn check_claim(d: &ChunkDigest, actual: u64, claimed: usize) -> io::Result<()> {
@@ -607,6 +700,32 @@ mod tests {
             assert!(!after.chunk_path(&d).exists(), "a damaged chunk is removed");
             c.forget_chunk(&d);
         }
+    }
+
+    /// Files appear by a link of an unnamed file in their own directory: no temp file in
+    /// `tmp/` or beside them, and so no rename from another directory (which deadlocks with
+    /// overlayfs' copy-up, see `write_via_temp`).
+    #[test]
+    fn writes_leave_no_temp_files_and_replace_a_damaged_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 0).unwrap();
+        let data = b"chunk".to_vec();
+        let d = ChunkDigest::of(&data);
+        c.put(&d, &data).unwrap();
+        c.put_file("cd34", |f| f.write_all(b"whole")).unwrap();
+        c.write_atomic(&c.index_path("sha256:ef"), b"index")
+            .unwrap();
+        let shard = c.chunk_path(&d).parent().unwrap().to_path_buf();
+        assert_eq!(std::fs::read_dir(&shard).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert_eq!(std::fs::read(c.index_path("sha256:ef")).unwrap(), b"index");
+        // A damaged copy under the name is replaced.
+        std::fs::write(c.chunk_path(&d), b"junk!").unwrap();
+        c.write_renamed(&c.chunk_path(&d), &data).unwrap();
+        assert_eq!(std::fs::read(c.chunk_path(&d)).unwrap(), data);
     }
 
     #[test]
@@ -703,7 +822,12 @@ mod tests {
         std::fs::remove_dir_all(root.join("tmp")).unwrap();
         let a = b"first".to_vec();
         c.put(&ChunkDigest::of(&a), &a).unwrap();
-        assert!(root.join("tmp").is_dir());
+        assert_eq!(
+            c.read_chunk(&ChunkDigest::of(&a), a.len())
+                .unwrap()
+                .unwrap(),
+            a
+        );
         std::fs::remove_dir_all(&root).unwrap();
         // Counting and eviction see an empty cache, not an error.
         assert_eq!(c.stats().unwrap(), CacheStats::default());

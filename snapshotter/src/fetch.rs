@@ -16,9 +16,10 @@
 //!   about 50 ms of the link's measured throughput, so a read that arrives meanwhile waits behind
 //!   at most that much. No fixed bytes-per-second: both adapt to the link they measure.
 //! - **A container's start is left alone.** When a layer mounts or a container's root is
-//!   prepared ([`Fetcher::note_start`]), background fill holds back until the foreground has
-//!   been quiet for [`START_QUIET`] (for [`START_PHASE`] after the signal; then the idle gap
-//!   above), and while any recorded prefetch list is still being fetched. A starting program
+//!   prepared ([`Fetcher::note_start`]), background fill holds back for [`START_QUIET`] while
+//!   nothing is read, then until the program's reads have been quiet for [`START_SETTLE`]
+//!   (for [`START_PHASE`] after the signal; then the idle gap above), and while any recorded
+//!   prefetch list is still being fetched. A starting program
 //!   reads in bursts with pauses of its own work between them; a fill request sent into such a
 //!   pause delayed the next burst (python at 200 Mbit/s: first output 1.25 s with fill, 0.97 s
 //!   without).
@@ -218,10 +219,16 @@ impl ChunkRef {
     }
 }
 
-/// How long the foreground must have been quiet before background fill starts, after a start
-/// signal ([`Fetcher::note_start`]): longer than the pauses of a starting program's own work
-/// between its bursts of reads.
+/// How long background fill waits after a start signal ([`Fetcher::note_start`]) while the
+/// foreground has read nothing since: containerd's and runc's own work between a pull or a
+/// Prepare and the program's first read.
 pub const START_QUIET: Duration = Duration::from_secs(1);
+
+/// Once the starting program has read, how long the foreground must then have been quiet
+/// before background fill starts: longer than the pauses of a starting program's own work
+/// between its bursts of reads, short enough that the link does not idle long once it is done
+/// (the whole image is in the cache that much sooner).
+pub const START_SETTLE: Duration = Duration::from_millis(300);
 
 /// How long after a start signal [`START_QUIET`] applies instead of the idle gap.
 pub const START_PHASE: Duration = Duration::from_secs(10);
@@ -376,14 +383,14 @@ impl Fetcher {
     }
 
     /// A container is starting (a layer mounted, a container's root prepared): background
-    /// fill holds back until the foreground has been quiet for [`START_QUIET`].
+    /// fill holds back (see [`START_QUIET`] and [`START_SETTLE`]).
     pub fn note_start(&self) {
         *self.started.lock().expect("start lock") = Some(Instant::now());
     }
 
     /// Wait until no foreground fetch or prefetch list is queued or in flight and the idle gap
-    /// has passed (within [`START_PHASE`] of a start signal: [`START_QUIET`], counted from the
-    /// signal at the earliest).
+    /// has passed (within [`START_PHASE`] of a start signal: [`START_QUIET`] from the signal
+    /// while nothing was read since, else [`START_SETTLE`] from the last read).
     async fn yield_to_foreground(&self) {
         loop {
             let busy =
@@ -392,8 +399,13 @@ impl Fetcher {
             let mut gap = self.idle_gap();
             if let Some(s) = *self.started.lock().expect("start lock") {
                 if s.elapsed() < START_PHASE {
-                    quiet_since = quiet_since.max(s);
-                    gap = gap.max(START_QUIET);
+                    if quiet_since > s {
+                        // The program has read since the signal.
+                        gap = gap.max(START_SETTLE);
+                    } else {
+                        quiet_since = s;
+                        gap = gap.max(START_QUIET);
+                    }
                 }
             }
             let idle = quiet_since.elapsed();
@@ -1042,16 +1054,30 @@ mod tests {
         );
     }
 
-    /// After a start signal, background fill waits until the foreground has been quiet for
-    /// START_QUIET (not the short idle gap), counted from the signal at the earliest.
+    /// After a start signal, background fill waits START_QUIET while nothing is read, then
+    /// START_SETTLE after the program's last read (not the short idle gap).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn background_fill_leaves_a_start_alone() {
+        // No read after the signal: the fill waits START_QUIET from it.
+        let (dir, blob, refs, _) = setup(6, Duration::from_millis(10));
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        f.ensure(&refs[..1], Priority::Demand).await.unwrap();
+        f.note_start();
+        let t0 = Instant::now();
+        f.ensure(&refs[2..], Priority::Background).await.unwrap();
+        let sent = blob.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2, "{:?}", blob.requests.lock().unwrap());
+        assert!(
+            sent[1] - t0 >= START_QUIET,
+            "fill sent after {:?}",
+            sent[1] - t0
+        );
+        // A read 100 ms after the signal: the fill waits START_SETTLE from its end.
         let (dir, blob, refs, _) = setup(6, Duration::from_millis(10));
         let f = fetcher(dir.path(), Duration::from_secs(5));
         f.note_start();
         let t0 = Instant::now();
-        // A read 300 ms after the start: the quiet period counts from its end.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         f.ensure(&refs[..1], Priority::Demand).await.unwrap();
         let read_done = t0.elapsed();
         f.ensure(&refs[2..], Priority::Background).await.unwrap();
@@ -1059,8 +1085,8 @@ mod tests {
         assert_eq!(sent.len(), 2, "{:?}", blob.requests.lock().unwrap());
         let bg_sent = sent[1] - t0;
         assert!(
-            bg_sent >= read_done + START_QUIET,
-            "fill sent at {bg_sent:?}, {START_QUIET:?} after a read that ended at {read_done:?}"
+            bg_sent >= read_done + START_SETTLE && bg_sent < read_done + START_QUIET,
+            "fill sent at {bg_sent:?}, {START_SETTLE:?} after a read that ended at {read_done:?}"
         );
         // Without a start signal the idle gap (at most 1 s, here 100 ms) applies.
         let (dir, blob, refs, _) = setup(6, Duration::from_millis(10));

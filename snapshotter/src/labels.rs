@@ -24,6 +24,20 @@ pub const ADMITTED: &str = "dev.beam.lazy.admitted";
 /// keys `extract-…`, and no image can choose a key).
 pub const PULL_TRANSPORT: &str = "containerd.io/snapshot/beam.pull-transport";
 
+/// Prepare labels of `beam pull` carrying the image manifest and its bound Beam artifact
+/// manifest (their bytes, JSON), which the pull has fetched anyway: the daemon then asks the
+/// registry for neither (two round trips fewer before a layer mounts). Content-addressed: the
+/// daemon uses one only when its digest is the one it would have fetched, so anyone may set
+/// them. Left out when a manifest is too large for a label ([`fits`]); never kept on the
+/// snapshot.
+pub const PULL_MANIFEST: &str = "containerd.io/snapshot/beam.pull-manifest";
+pub const PULL_ARTIFACT: &str = "containerd.io/snapshot/beam.pull-artifact";
+
+/// Whether a label fits containerd's limit (key and value at most 4096 bytes together).
+pub fn fits(key: &str, value: &str) -> bool {
+    key.len() + value.len() <= 4096
+}
+
 /// How `beam pull` begins its Prepare keys (the daemon sees `NAMESPACE/ID/KEY`).
 pub const PULL_KEY_PREFIX: &str = "beam-pull-";
 

@@ -201,10 +201,22 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
             }
         };
         let resolved = t0.elapsed().as_secs_f64();
-        let config_bytes = store
-            .blob_bytes(&platform.manifest.config, 16 << 20)
-            .await
-            .with_context(|| format!("fetching config {}", platform.manifest.config.digest))?;
+        // The config, and beside it the Beam artifact the manifest binds: the daemon is handed
+        // it with the Prepares instead of asking the registry again.
+        let config = async {
+            store
+                .blob_bytes(&platform.manifest.config, 16 << 20)
+                .await
+                .with_context(|| format!("fetching config {}", platform.manifest.config.digest))
+        };
+        let artifact = async {
+            match oci::bound_artifact(&platform.manifest) {
+                Some(a) => store.manifest(a).await.ok(),
+                None => None,
+            }
+        };
+        let (config_bytes, artifact_bytes) = tokio::join!(config, artifact);
+        let config_bytes = config_bytes?;
         let config_secs = t0.elapsed().as_secs_f64() - resolved;
         anyhow::Ok((
             top,
@@ -212,6 +224,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
             is_index,
             platform,
             config_bytes,
+            artifact_bytes,
             resolved,
             config_secs,
         ))
@@ -223,7 +236,16 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         anyhow::Ok((ctd, t0.elapsed().as_secs_f64()))
     };
     let (resolved, connected) = tokio::join!(resolve, connect);
-    let (top, top_bytes, is_index, platform, config_bytes, resolve_secs, config_secs) = resolved?;
+    let (
+        top,
+        top_bytes,
+        is_index,
+        platform,
+        config_bytes,
+        artifact_bytes,
+        resolve_secs,
+        config_secs,
+    ) = resolved?;
     let (mut ctd, connect_secs) = connected?;
     steps.push(("resolve", resolve_secs));
     steps.push(("config", config_secs));
@@ -245,10 +267,11 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     // path.
     let converted = async {
         match store
-            .find_beam_for(
+            .find_beam_in(
                 &platform.desc.digest,
                 &platform.manifest,
                 &crate::store::Trust::any_referrer(),
+                artifact_bytes.as_deref(),
             )
             .await
         {
@@ -271,6 +294,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         is_index,
         &platform,
         &config_bytes,
+        artifact_bytes.as_deref(),
         diff_ids,
         &layer_digests,
         opts,
@@ -320,6 +344,7 @@ async fn pull_under_lease(
     is_index: bool,
     platform: &crate::store::ResolvedManifest,
     config_bytes: &[u8],
+    artifact_bytes: Option<&[u8]>,
     diff_ids: &[String],
     layer_digests: &[String],
     opts: &PullOptions,
@@ -381,6 +406,18 @@ async fn pull_under_lease(
         .then(|| serde_json::to_string(&transport))
         .transpose()
         .context("encoding the pull's registry settings")?;
+    // The manifests the daemon would fetch again, where they fit in a label.
+    let mut hints = BTreeMap::new();
+    for (key, bytes) in [
+        (labels::PULL_MANIFEST, Some(platform.bytes.as_slice())),
+        (labels::PULL_ARTIFACT, artifact_bytes),
+    ] {
+        if let Some(v) = bytes.and_then(|b| std::str::from_utf8(b).ok()) {
+            if labels::fits(key, v) {
+                hints.insert(key.to_string(), v.to_string());
+            }
+        }
+    }
     let total = manifest.layers.len();
     let mut outcomes = Vec::with_capacity(total);
     let mut admitted: Option<String> = None;
@@ -395,6 +432,7 @@ async fn pull_under_lease(
             if let Some(t) = &transport {
                 labels.insert(labels::PULL_TRANSPORT.to_string(), t.clone());
             }
+            labels.extend(hints.clone());
             let key = unique_key(chain);
             match ctd
                 .snapshot_prepare(&opts.snapshotter, &key, parent, &labels)

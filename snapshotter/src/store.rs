@@ -401,10 +401,30 @@ impl Store {
     /// The Beam artifact that may serve image manifest `subject` under `trust` (the manifest
     /// is fetched; see [`Store::find_beam_for`]).
     pub async fn find_beam(&self, subject: &str, trust: &Trust) -> Result<Option<FoundBeam>> {
-        let bytes = self.manifest(subject).await?;
+        self.find_beam_hinted(subject, &ManifestHints::default(), trust)
+            .await
+    }
+
+    /// [`Store::find_beam`], taking the image manifest and its bound artifact from `hints`
+    /// where their digests match (a pull fetched them already), else from the registry.
+    pub async fn find_beam_hinted(
+        &self,
+        subject: &str,
+        hints: &ManifestHints,
+        trust: &Trust,
+    ) -> Result<Option<FoundBeam>> {
+        let hinted = hints
+            .manifest
+            .as_deref()
+            .filter(|m| oci::sha256_digest(m) == subject);
+        let bytes = match hinted {
+            Some(b) => b.to_vec(),
+            None => self.manifest(subject).await?,
+        };
         let manifest: ImageManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("parsing manifest {subject}"))?;
-        self.find_beam_for(subject, &manifest, trust).await
+        self.find_beam_in(subject, &manifest, trust, hints.artifact.as_deref())
+            .await
     }
 
     /// The Beam artifact that may serve image manifest `manifest` (digest `subject`) under
@@ -423,9 +443,21 @@ impl Store {
         manifest: &ImageManifest,
         trust: &Trust,
     ) -> Result<Option<FoundBeam>> {
+        self.find_beam_in(subject, manifest, trust, None).await
+    }
+
+    /// [`Store::find_beam_for`], with the bound artifact's manifest bytes when the caller has
+    /// them (used only if their digest is the bound one).
+    pub async fn find_beam_in(
+        &self,
+        subject: &str,
+        manifest: &ImageManifest,
+        trust: &Trust,
+        artifact_hint: Option<&[u8]>,
+    ) -> Result<Option<FoundBeam>> {
         if let Some(artifact) = oci::bound_artifact(manifest) {
             let (layers, _) = self
-                .beam_artifact(artifact)
+                .beam_artifact(artifact, artifact_hint)
                 .await
                 .with_context(|| format!("Beam artifact {artifact} bound by {subject}"))?;
             check_layers_match(artifact, &layers, manifest, subject)?;
@@ -444,7 +476,7 @@ impl Store {
             if d.artifact_type.as_deref() != Some(oci::ARTIFACT_TYPE) {
                 continue;
             }
-            let layers = match self.beam_artifact(&d.digest).await {
+            let layers = match self.beam_artifact(&d.digest, None).await {
                 Ok((layers, of)) if of.as_deref() == Some(subject) => layers,
                 Ok(_) => continue,
                 Err(e) => {
@@ -478,8 +510,15 @@ impl Store {
     }
 
     /// The layers of Beam artifact `digest`, and the digest of its subject.
-    async fn beam_artifact(&self, digest: &str) -> Result<(Vec<oci::BeamLayer>, Option<String>)> {
-        let bytes = self.manifest(digest).await?;
+    async fn beam_artifact(
+        &self,
+        digest: &str,
+        hint: Option<&[u8]>,
+    ) -> Result<(Vec<oci::BeamLayer>, Option<String>)> {
+        let bytes = match hint.filter(|b| oci::sha256_digest(b) == digest) {
+            Some(b) => b.to_vec(),
+            None => self.manifest(digest).await?,
+        };
         let m: ImageManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("parsing Beam artifact {digest}"))?;
         Ok((oci::parse_artifact(&m)?, m.subject.map(|s| s.digest)))
@@ -494,6 +533,15 @@ impl Store {
             Store::Layout { dir, .. } => format!("oci:{}", dir.display()),
         }
     }
+}
+
+/// Manifests a caller already holds (`beam pull` passes them with its Prepares: labels
+/// [`crate::labels::PULL_MANIFEST`], [`crate::labels::PULL_ARTIFACT`]); each is used only
+/// where its digest is the one that would be fetched.
+#[derive(Debug, Clone, Default)]
+pub struct ManifestHints {
+    pub manifest: Option<Vec<u8>>,
+    pub artifact: Option<Vec<u8>>,
 }
 
 /// A Beam artifact admitted to serve an image, and by which rule.
@@ -592,5 +640,37 @@ pub fn host_arch() -> &'static str {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hinted manifest is used only when its digest is the subject's: then nothing is
+    /// fetched (here the layout does not even hold it); a hint that does not match is ignored
+    /// and the manifest is fetched (here: missing, an error).
+    #[tokio::test]
+    async fn manifest_hints_are_used_only_when_their_digest_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::parse(&format!("oci:{}", dir.path().display())).unwrap();
+        let store = Store::open(loc, &RegistryOptions::default(), true).unwrap();
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[]}"#;
+        let subject = oci::sha256_digest(manifest);
+        let trust = Trust::any_referrer();
+        let hints = ManifestHints {
+            manifest: Some(manifest.to_vec()),
+            artifact: None,
+        };
+        let found = store.find_beam_hinted(&subject, &hints, &trust).await;
+        assert!(matches!(found, Ok(None)), "{found:?}");
+        let mut tampered = manifest.to_vec();
+        tampered.extend_from_slice(b" ");
+        let hints = ManifestHints {
+            manifest: Some(tampered),
+            artifact: None,
+        };
+        let found = store.find_beam_hinted(&subject, &hints, &trust).await;
+        assert!(found.is_err(), "the tampered hint was used: {found:?}");
     }
 }

@@ -207,6 +207,7 @@ impl LazyLayers {
         mountpoint: &Path,
         held: Option<Held>,
         known: Option<crate::oci::BeamLayer>,
+        hints: &crate::store::ManifestHints,
         accept: impl FnOnce(&crate::oci::BeamLayer) -> Result<()>,
     ) -> Result<(MountedLayer, String)> {
         let loc = Location::parse(&remote.image)?;
@@ -220,7 +221,7 @@ impl LazyLayers {
             Some(l) => (l, "admitted before this daemon started".to_string()),
             None => {
                 let (artifact, layers, admitted) = self
-                    .find_artifact(&store, remote, &at_manifest, &client, &options)
+                    .find_artifact(&store, remote, hints, &at_manifest, &client, &options)
                     .await?;
                 let layer = layers
                     .into_iter()
@@ -257,6 +258,7 @@ impl LazyLayers {
         &self,
         store: &Store,
         remote: &LazyLayer,
+        hints: &crate::store::ManifestHints,
         at_manifest: &oci_client::Reference,
         client: &Arc<crate::registry::Registry>,
         options: &RegistryOptions,
@@ -273,7 +275,10 @@ impl LazyLayers {
                 return Ok((artifact.clone(), layers.clone(), admitted.clone()));
             }
         }
-        let Some(found) = store.find_beam(&remote.manifest, &self.trust).await? else {
+        let found = store
+            .find_beam_hinted(&remote.manifest, hints, &self.trust)
+            .await?;
+        let Some(found) = found else {
             bail!("image {} has no Beam conversion", remote.manifest);
         };
         tracing::info!(
@@ -510,9 +515,25 @@ impl LazyLayers {
             layer: layer.to_string(),
             transport,
         };
+        // The manifests `beam pull` fetched already (used only where their digests match).
+        let hints = crate::store::ManifestHints {
+            manifest: req_labels
+                .get(labels::PULL_MANIFEST)
+                .map(|m| m.as_bytes().to_vec()),
+            artifact: req_labels
+                .get(labels::PULL_ARTIFACT)
+                .map(|m| m.as_bytes().to_vec()),
+        };
         let (id, fs) = snapshots.reserve()?;
         let mounted = self
-            .mount_at(&remote, &fs, self.held(id), None, in_chain(target, parent))
+            .mount_at(
+                &remote,
+                &fs,
+                self.held(id),
+                None,
+                &hints,
+                in_chain(target, parent),
+            )
             .await;
         let (mounted, admitted) = match mounted {
             Ok((m, admitted)) => {
@@ -532,6 +553,8 @@ impl LazyLayers {
         crate::crash::point("lazy.mounted");
         // The target keeps the request's labels (containerd's unpacker looks for them).
         let mut target_labels = req_labels.clone();
+        target_labels.remove(labels::PULL_MANIFEST);
+        target_labels.remove(labels::PULL_ARTIFACT);
         target_labels.insert(labels::ADMITTED.to_string(), admitted);
         match snapshots.commit_remote(id, target, parent, target_labels, remote) {
             Ok(()) => {
@@ -603,6 +626,7 @@ impl LazyLayers {
                                 &fs,
                                 Some(held),
                                 known,
+                                &Default::default(),
                                 in_chain(&r.name, &r.parent),
                             )
                             .await
@@ -640,6 +664,7 @@ impl LazyLayers {
                     &fs,
                     self.held(r.id),
                     None,
+                    &Default::default(),
                     in_chain(&r.name, &r.parent),
                 )
                 .await

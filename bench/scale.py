@@ -50,7 +50,9 @@ def run_many(system, image, workload, n, link, scratch, containerd_bin):
             args = ["run", "--rm"]
             if system != "full":
                 args += ["--snapshotter", node.snap.plugin]
-            cmd = node.ctr(args + [image, f"w{i}"] + workload)
+            # IDs of their own: runc keeps its state per namespace under /run, shared by
+            # every containerd on the machine.
+            cmd = node.ctr(args + [image, f"scale-{os.getpid()}-{id(node)}-{i}"] + workload)
             go.wait()
             try:
                 t, _line = start.first_line(cmd, node.env)
@@ -178,12 +180,7 @@ def main():
         f"| python + 10 small layers | {start.fmt([r['first'] for r in layers['more']], 's')} | "
         f"{(more - base) * 1000 / 10:+.0f} ms |",
     ]
-    text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write(text)
-    print()
-    print(text)
+    start.write_table(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -651,6 +651,16 @@ def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca, wai
         node.close()
 
 
+def write_table(lines, out):
+    """Print the table's lines and write them to `out`."""
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print()
+    print(text)
+
+
 def fmt(vals, unit):
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -767,12 +777,7 @@ def main():
             f"{fmt([r['bytes'] for r in res], 'b')} | {fmt([r['pull'] for r in res], 's')} | "
             f"{fmt([r['whole'] for r in res], 's')} |"
         )
-    text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write(text)
-    print()
-    print(text)
+    write_table(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@
 # runs bench/start.py.
 #
 #   bench/start.sh [--runs N] [--bandwidths 200,0] [--rtts 0,20]
-#                  [--systems full,beam,beam-nobg[,soci][,nydus]] [--containerd 1.6|1.7|2]
+#                  [--systems full,beam,beam-nobg[,soci][,nydus]] [--containerd 1.6|1.7|2[,...]]
+#                  [--out FILE]
+#
+# --containerd takes a list (e.g. 1.7,2): the runs go once per version, on the same images, and
+# the tables follow one another in the output.
 #
 # The peers (bench/install-peers.sh puts them under .work/peers, nothing system-wide) need,
 # and get here only when --systems names them:
@@ -28,6 +32,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 [ "$(id -u)" = 0 ] || { echo "bench/start.sh: run as root" >&2; exit 1; }
 containerd_version=1.6
+out=$root/target/bench/start.txt
 systems=full,beam,beam-nobg
 args=()
 while [ $# -gt 0 ]; do
@@ -35,16 +40,23 @@ while [ $# -gt 0 ]; do
     --containerd) containerd_version=$2; shift 2 ;;
     --systems) systems=$2; args+=("$1" "$2"); shift 2 ;;
     --systems=*) systems=${1#--systems=}; args+=("$1"); shift ;;
+    --out) out=$2; shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
 has_system() { case ",$systems," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 bash .ci/install-deps.sh
-case "$containerd_version" in
-  1.6) containerd_bin=$(command -v containerd) ;;
-  1.7|2) containerd_bin=$root/.work/containerd/$containerd_version/usr/bin/containerd ;;
-  *) echo "bench/start.sh: --containerd takes 1.6, 1.7 or 2" >&2; exit 1 ;;
-esac
+containerd_bins=()
+IFS=, read -ra containerd_versions <<< "$containerd_version"
+for v in "${containerd_versions[@]}"; do
+  case "$v" in
+    1.6) containerd_bins+=("$(command -v containerd)") ;;
+    1.7|2) containerd_bins+=("$root/.work/containerd/$v/usr/bin/containerd") ;;
+    *) echo "bench/start.sh: --containerd takes 1.6, 1.7 or 2 (or a list of them)" >&2; exit 1 ;;
+  esac
+done
+# SOCI's index is made with the first of them.
+containerd_bin=${containerd_bins[0]}
 if has_system soci || has_system nydus; then
   bash bench/install-peers.sh >/dev/null
 fi
@@ -205,5 +217,13 @@ fi
 images='{"python": ["bench/python:1", ["/usr/bin/python3", "-c", "import json, sqlite3; print(\"ready\")"], null'"$images_nydus_py"'],
          "python-recorded": ["bench/python-recorded:1", ["/usr/bin/python3", "-c", "import json, sqlite3; print(\"ready\")"], ["beam", "beam-nobg"]],
          "busybox": ["bench/busybox:1", ["/bin/echo", "ready"], null'"$images_nydus_bb"']}'
-python3 bench/start.py --registry-port "$port" --images "$images" \
-  --containerd "$containerd_bin" "${peer_args[@]}" "${args[@]}"
+parts=()
+for i in "${!containerd_bins[@]}"; do
+  part=$scratch/start-${containerd_versions[$i]}.txt
+  python3 bench/start.py --registry-port "$port" --images "$images" \
+    --containerd "${containerd_bins[$i]}" --out "$part" "${peer_args[@]}" "${args[@]}"
+  parts+=("$part")
+done
+mkdir -p "$(dirname "$out")"
+for p in "${parts[@]}"; do cat "$p"; echo; done > "$out"
+echo "bench/start.sh: the tables are in $out"

@@ -163,6 +163,20 @@ fn unique_key(chain: &str) -> String {
 }
 
 /// Pull `image` into containerd. See the module documentation.
+/// What the registry answered for an image: its top manifest (or index), the platform
+/// manifest, the config, and the Beam artifact the manifest binds (when it binds one), with
+/// the seconds taken to resolve the manifest and then to fetch the rest.
+struct Resolved {
+    top: oci::Descriptor,
+    top_bytes: Vec<u8>,
+    is_index: bool,
+    platform: crate::store::ResolvedManifest,
+    config_bytes: Vec<u8>,
+    artifact_bytes: Option<Vec<u8>>,
+    resolve_secs: f64,
+    config_secs: f64,
+}
+
 pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     let started = Instant::now();
     let loc = Location::parse(image)?;
@@ -218,16 +232,16 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         let (config_bytes, artifact_bytes) = tokio::join!(config, artifact);
         let config_bytes = config_bytes?;
         let config_secs = t0.elapsed().as_secs_f64() - resolved;
-        anyhow::Ok((
+        anyhow::Ok(Resolved {
             top,
             top_bytes,
             is_index,
             platform,
             config_bytes,
             artifact_bytes,
-            resolved,
+            resolve_secs: resolved,
             config_secs,
-        ))
+        })
     };
     let connect = async {
         let t0 = Instant::now();
@@ -236,22 +250,14 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         anyhow::Ok((ctd, t0.elapsed().as_secs_f64()))
     };
     let (resolved, connected) = tokio::join!(resolve, connect);
-    let (
-        top,
-        top_bytes,
-        is_index,
-        platform,
-        config_bytes,
-        artifact_bytes,
-        resolve_secs,
-        config_secs,
-    ) = resolved?;
+    let fetched = resolved?;
     let (mut ctd, connect_secs) = connected?;
-    steps.push(("resolve", resolve_secs));
-    steps.push(("config", config_secs));
+    steps.push(("resolve", fetched.resolve_secs));
+    steps.push(("config", fetched.config_secs));
     steps.push(("containerd", connect_secs));
+    let platform = &fetched.platform;
     let manifest = &platform.manifest;
-    let config: ImageConfig = serde_json::from_slice(&config_bytes)
+    let config: ImageConfig = serde_json::from_slice(&fetched.config_bytes)
         .with_context(|| format!("parsing image config {}", manifest.config.digest))?;
     let diff_ids = &config.rootfs.diff_ids;
     if diff_ids.len() != manifest.layers.len() {
@@ -261,7 +267,6 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
             manifest.layers.len()
         );
     }
-    let layer_digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
     // Whether the image has a Beam conversion only matters to this report (the snapshotter
     // looks for itself): asked beside the pull, not before it, to keep it off the critical
     // path.
@@ -271,7 +276,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
                 &platform.desc.digest,
                 &platform.manifest,
                 &crate::store::Trust::any_referrer(),
-                artifact_bytes.as_deref(),
+                fetched.artifact_bytes.as_deref(),
             )
             .await
         {
@@ -284,21 +289,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     };
 
     let layers_started = Instant::now();
-    let pulled = pull_under_lease(
-        &ctd,
-        &store,
-        &name,
-        reference,
-        &top,
-        &top_bytes,
-        is_index,
-        &platform,
-        &config_bytes,
-        artifact_bytes.as_deref(),
-        diff_ids,
-        &layer_digests,
-        opts,
-    );
+    let pulled = pull_under_lease(&ctd, &store, &name, reference, &fetched, diff_ids, opts);
     let (result, converted) = tokio::join!(pulled, converted);
     steps.push(("layers", layers_started.elapsed().as_secs_f64()));
     // The image record now holds what it needs; the lease only protected the pull.
@@ -322,7 +313,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     })?;
     let report = PullReport {
         name,
-        target: top.digest.clone(),
+        target: fetched.top.digest.clone(),
         manifest: platform.desc.digest.clone(),
         converted,
         admitted,
@@ -333,22 +324,31 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
     Ok(report)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn pull_under_lease(
     ctd: &Containerd,
     store: &Store,
     name: &str,
     reference: &oci_client::Reference,
-    top: &oci::Descriptor,
-    top_bytes: &[u8],
-    is_index: bool,
-    platform: &crate::store::ResolvedManifest,
-    config_bytes: &[u8],
-    artifact_bytes: Option<&[u8]>,
+    image: &Resolved,
     diff_ids: &[String],
-    layer_digests: &[String],
     opts: &PullOptions,
 ) -> Result<(Vec<(String, String, LayerOutcome)>, Option<String>)> {
+    let Resolved {
+        top,
+        top_bytes,
+        is_index,
+        platform,
+        config_bytes,
+        artifact_bytes,
+        ..
+    } = image;
+    let artifact_bytes = artifact_bytes.as_deref();
+    let layer_digests: Vec<String> = platform
+        .manifest
+        .layers
+        .iter()
+        .map(|l| l.digest.clone())
+        .collect();
     let manifest = &platform.manifest;
     let chains = &chain_ids(diff_ids);
     // Where the content came from, as containerd's fetcher records it (lets containerd fetch
@@ -390,7 +390,7 @@ async fn pull_under_lease(
         &manifest_labels,
     )
     .await?;
-    if is_index {
+    if *is_index {
         let mut index_labels = source.clone();
         index_labels.insert(
             "containerd.io/gc.ref.content.m.0".into(),
@@ -428,7 +428,7 @@ async fn pull_under_lease(
         let outcome = if ctd.snapshot_stat(&opts.snapshotter, chain).await?.is_some() {
             LayerOutcome::Present
         } else {
-            let mut labels = layer_labels(name, &platform.desc.digest, layer_digests, i, chain);
+            let mut labels = layer_labels(name, &platform.desc.digest, &layer_digests, i, chain);
             if let Some(t) = &transport {
                 labels.insert(labels::PULL_TRANSPORT.to_string(), t.clone());
             }

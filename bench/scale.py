@@ -87,9 +87,14 @@ def main():
     ap.add_argument("--bandwidth", type=int, default=200, help="Mbit/s, 0 = unlimited")
     ap.add_argument("--rtt", type=int, default=0, help="ms")
     ap.add_argument("--containers", type=int, default=10)
+    ap.add_argument("--systems", default="full,beam",
+                    help="for the ten at once (beam-nobg: Beam without background fetch)")
+    ap.add_argument("--parts", default="ten,sizes,layers")
     ap.add_argument("--out", default=os.path.join(start.ROOT, "target/bench/scale.txt"))
     a = ap.parse_args()
     images = json.loads(a.images)
+    systems = a.systems.split(",")
+    parts = a.parts.split(",")
     workload = ["/usr/bin/python3", "-c", "import json, sqlite3; print(\"ready\")"]
 
     link = start.Link()
@@ -110,7 +115,7 @@ def main():
         return r
 
     try:
-        for system in ["full", "beam"]:
+        for system in systems if "ten" in parts else []:
             for _ in range(a.runs):
                 single.setdefault(system, []).append(once(system, images["base"]))
                 r = run_many(system, ref(images["base"]), workload, a.containers, link, scratch,
@@ -118,10 +123,13 @@ def main():
                 print(f"  {system} x{a.containers}: last first output {r['last']:.2f} s, "
                       f"{r['bytes'] / 1e6:.1f} MB", flush=True)
                 many.setdefault(system, []).append(r)
-        for label, path in images["sizes"].items():
+        if ("sizes" in parts or "layers" in parts) and "beam" not in single:
+            single["beam"] = [once("beam", images["base"]) for _ in range(a.runs)]
+        for label, path in images["sizes"].items() if "sizes" in parts else []:
             sizes[label] = [once("beam", path) for _ in range(a.runs)]
-        layers["base"] = single["beam"]
-        layers["more"] = [once("beam", images["layers"]) for _ in range(a.runs)]
+        if "layers" in parts:
+            layers["base"] = single["beam"]
+            layers["more"] = [once("beam", images["layers"]) for _ in range(a.runs)]
     finally:
         for p in list(start.STARTED):
             start.stop(p)
@@ -138,48 +146,54 @@ def main():
     lines = [
         f"# Scale, containerd {version}, {link_s}, RTT {a.rtt} ms, medians of {a.runs} (min-max); "
         f"one run of bench/scale.sh, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "",
-        f"## {a.containers} containers of one image at once",
-        "",
-        "| system | single start: first output | single: bytes | "
-        f"{a.containers} at once: first output of the last | ratio | bytes by then | ratio |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for system in ["full", "beam"]:
-        s1 = med([r["first"] for r in single[system]])
-        b1 = med([r["bytes"] for r in single[system]])
-        sn = med([r["last"] for r in many[system]])
-        bn = med([r["bytes"] for r in many[system]])
-        lines.append(
-            f"| {system} | {start.fmt([r['first'] for r in single[system]], 's')} | "
-            f"{start.fmt([r['bytes'] for r in single[system]], 'b')} | "
-            f"{start.fmt([r['last'] for r in many[system]], 's')} | {sn / s1:.2f}x | "
-            f"{start.fmt([r['bytes'] for r in many[system]], 'b')} | {bn / b1:.2f}x |")
-    base = med([r["first"] for r in single["beam"]])
-    lines += [
-        "",
-        "## Beam, the same workload as the image grows",
-        "",
-        "| image | first output | against the 0.12 GB image | bytes by first output |",
-        "|---|---|---|---|",
-        f"| python, 0.12 GB | {start.fmt([r['first'] for r in single['beam']], 's')} | 1.00x | "
-        f"{start.fmt([r['bytes'] for r in single['beam']], 'b')} |",
-    ]
-    for label, res in sizes.items():
-        m = med([r["first"] for r in res])
-        lines.append(f"| {label} | {start.fmt([r['first'] for r in res], 's')} | "
-                     f"{m / base:.2f}x | {start.fmt([r['bytes'] for r in res], 'b')} |")
-    more = med([r["first"] for r in layers["more"]])
-    lines += [
-        "",
-        "## Beam, ten more layers",
-        "",
-        "| image | first output | per extra layer |",
-        "|---|---|---|",
-        f"| python | {start.fmt([r['first'] for r in layers['base']], 's')} | |",
-        f"| python + 10 small layers | {start.fmt([r['first'] for r in layers['more']], 's')} | "
-        f"{(more - base) * 1000 / 10:+.0f} ms |",
-    ]
+    if "ten" in parts:
+        lines += [
+            "",
+            f"## {a.containers} containers of one image at once",
+            "",
+            "| system | single start: first output | single: bytes | "
+            f"{a.containers} at once: first output of the last | ratio | bytes by then | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for system in systems:
+            s1 = med([r["first"] for r in single[system]])
+            b1 = med([r["bytes"] for r in single[system]])
+            sn = med([r["last"] for r in many[system]])
+            bn = med([r["bytes"] for r in many[system]])
+            lines.append(
+                f"| {system} | {start.fmt([r['first'] for r in single[system]], 's')} | "
+                f"{start.fmt([r['bytes'] for r in single[system]], 'b')} | "
+                f"{start.fmt([r['last'] for r in many[system]], 's')} | {sn / s1:.2f}x | "
+                f"{start.fmt([r['bytes'] for r in many[system]], 'b')} | {bn / b1:.2f}x |")
+    if "sizes" in parts:
+        base = med([r["first"] for r in single["beam"]])
+        lines += [
+            "",
+            "## Beam, the same workload as the image grows",
+            "",
+            "| image | first output | against the 0.12 GB image | bytes by first output |",
+            "|---|---|---|---|",
+            f"| python, 0.12 GB | {start.fmt([r['first'] for r in single['beam']], 's')} | 1.00x | "
+            f"{start.fmt([r['bytes'] for r in single['beam']], 'b')} |",
+        ]
+        for label, res in sizes.items():
+            m = med([r["first"] for r in res])
+            lines.append(f"| {label} | {start.fmt([r['first'] for r in res], 's')} | "
+                         f"{m / base:.2f}x | {start.fmt([r['bytes'] for r in res], 'b')} |")
+    if "layers" in parts:
+        base = med([r["first"] for r in layers["base"]])
+        more = med([r["first"] for r in layers["more"]])
+        lines += [
+            "",
+            "## Beam, ten more layers",
+            "",
+            "| image | first output | per extra layer |",
+            "|---|---|---|",
+            f"| python | {start.fmt([r['first'] for r in layers['base']], 's')} | |",
+            f"| python + 10 small layers | {start.fmt([r['first'] for r in layers['more']], 's')} | "
+            f"{(more - base) * 1000 / 10:+.0f} ms |",
+        ]
     start.write_table(lines, a.out)
 
 

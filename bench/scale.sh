@@ -7,6 +7,7 @@
 # bench/scale.py.
 #
 #   bench/scale.sh [--runs N] [--bandwidth 200] [--rtt 0] [--containers 10]
+#                  [--systems full,beam[,beam-nobg]] [--parts ten,sizes,layers]
 #                  [--containerd 1.6|1.7|2]
 #
 # Needs about 20 GB of disk (the 4 GB layer as tar, gzip, registry blobs and Beam chunks).
@@ -16,10 +17,12 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 [ "$(id -u)" = 0 ] || { echo "bench/scale.sh: run as root" >&2; exit 1; }
 containerd_version=2
+parts=ten,sizes,layers
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --containerd) containerd_version=$2; shift 2 ;;
+    --parts) parts=$2; args+=("$1" "$2"); shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -89,7 +92,10 @@ fi
 start_registry "$scratch/registry"
 port=$REGISTRY_PORT
 reg_pid=$REGISTRY_PID
-for tag in python python-1g python-4g python-layers; do
+tags=(python)
+case ",$parts," in *,sizes,*) tags+=(python-1g python-4g) ;; esac
+case ",$parts," in *,layers,*) tags+=(python-layers) ;; esac
+for tag in "${tags[@]}"; do
   echo "converting $tag" >&2
   "$beam" convert --plain-http "oci:$layout:$tag" "127.0.0.1:$port/bench/$tag:1" >/dev/null
 done

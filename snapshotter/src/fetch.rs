@@ -357,16 +357,6 @@ impl Fetcher {
         ((t * 0.05) as u64).clamp(256 << 10, max.max(256 << 10))
     }
 
-    /// How many bytes of neighbouring chunks a small read takes along (`crate::fs`): half the
-    /// link's measured bandwidth-delay product, within `floor` and 1 MiB. Taking them costs
-    /// about half a round trip of transfer; each one a program then opens saves a whole round
-    /// trip. On a near registry that is `floor`; 20 ms away at 200 Mbit/s, about 256 KiB.
-    pub fn along_bytes(&self, floor: u64) -> u64 {
-        let l = self.link.lock().expect("link lock");
-        let bdp = l.throughput * l.round_trip / 2.0;
-        (bdp as u64).clamp(floor, (1 << 20).max(floor))
-    }
-
     /// The largest readahead window of a sequential reader (`crate::fs`): what the measured
     /// link moves in a tenth of a second, within `floor` and 32 MiB.
     pub fn readahead_bytes(&self, floor: u64) -> u64 {
@@ -1284,22 +1274,17 @@ mod tests {
         assert!((1_200_000..1_300_000).contains(&b2), "{b2}");
         let b = f.background_request_bytes();
         assert!((1_200_000..1_300_000).contains(&b), "{b}");
-        // A small read takes half the bandwidth-delay product along: about 250 KB here.
-        let along = f.along_bytes(32 << 10);
-        assert!((240_000..260_000).contains(&along), "{along}");
         // A sequential reader's window: a tenth of a second of the link, at least the floor.
         assert_eq!(f.readahead_bytes(4 << 20), 4 << 20);
         let ra = f.readahead_bytes(1 << 20);
         assert!((2_490_000..2_510_000).contains(&ra), "{ra}");
-        // A small request that shared the link waited behind other bytes: not a round trip.
+        // A small request that shared the link waited behind other bytes: not a round trip,
+        // and the link's rate is not taken for slower by it.
         let f3 = fetcher(dir.path(), Duration::from_secs(5));
-        f3.observe(5 << 20, Duration::from_secs_f64(0.2), true, 1);
         f3.observe(4096, Duration::from_millis(140), true, 3);
-        assert_eq!(f3.along_bytes(32 << 10), 32 << 10);
-        // The same link 1 ms away: taking along costs more than the round trip it may save
-        // beyond the floor.
-        f.observe(4096, Duration::from_millis(1), true, 1);
-        assert_eq!(f.along_bytes(32 << 10), 32 << 10);
+        assert_eq!(f3.link.lock().unwrap().round_trip, 0.0);
+        f3.observe(4096, Duration::from_millis(20), true, 1);
+        assert!((f3.link.lock().unwrap().round_trip - 0.02).abs() < 1e-9);
         // Loopback speeds are capped by the configured maximum.
         let f = fetcher(dir.path(), Duration::from_secs(5));
         f.observe(64 << 20, Duration::from_millis(20), true, 1);

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -73,11 +72,7 @@ def run_many(system, image, workload, n, link, scratch, containerd_bin):
 
 
 def main():
-    def interrupted(sig, _frame):
-        raise SystemExit(f"interrupted by signal {sig}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGINT, interrupted)
+    start.exit_on_signals()
     ap = argparse.ArgumentParser()
     ap.add_argument("--registry-port", type=int, required=True)
     ap.add_argument("--images", required=True,
@@ -131,15 +126,7 @@ def main():
             layers["base"] = single["beam"]
             layers["more"] = [once("beam", images["layers"]) for _ in range(a.runs)]
     finally:
-        for p in list(start.STARTED):
-            start.stop(p)
-        for d in os.listdir(scratch):
-            beam_root = os.path.join(scratch, d, "beam")
-            if os.path.isdir(beam_root):
-                subprocess.run([start.SNAPSHOTTER, "--root", beam_root, "--stop"],
-                               capture_output=True)
-        start.unmount_under(scratch)
-        shutil.rmtree(scratch, ignore_errors=True)
+        start.clean_scratch(scratch)
 
     med = statistics.median
     link_s = f"{a.bandwidth} Mbit/s" if a.bandwidth else "unlimited"

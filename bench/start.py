@@ -671,13 +671,34 @@ def fmt(vals, unit):
     return f"{m / 1e6:.1f} MB ({min(vals) / 1e6:.1f}-{max(vals) / 1e6:.1f})"
 
 
-def main():
-    # SIGTERM/SIGINT end the run through the cleanup below (finally), not around it.
+def exit_on_signals():
+    """SIGTERM/SIGINT end a run through its cleanup (`finally`), not around it."""
     def interrupted(sig, _frame):
         raise SystemExit(f"interrupted by signal {sig}")
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
+
+
+def clean_scratch(scratch):
+    """Stop what the runs under `scratch` started (by PID), unmount what is mounted below it,
+    and remove it."""
+    for p in list(STARTED):
+        stop(p)
+    for d in os.listdir(scratch):
+        beam_root = os.path.join(scratch, d, "beam")
+        if os.path.isdir(beam_root):
+            subprocess.run([SNAPSHOTTER, "--root", beam_root, "--stop"], capture_output=True)
+    # nydusd processes of a node whose close did not run (killed mid-way) are below
+    # `scratch` only by their mounts: found by their command line naming the scratch dir.
+    stop_pids([pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+               if pid != os.getpid() and scratch in cmdline(pid)])
+    unmount_under(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main():
+    exit_on_signals()
     ap = argparse.ArgumentParser()
     ap.add_argument("--registry-port", type=int, required=True)
     ap.add_argument(
@@ -745,18 +766,7 @@ def main():
                             results.append(r)
                         rows.append((name, bw, rtt, system, results))
     finally:
-        for p in list(STARTED):
-            stop(p)
-        for d in os.listdir(scratch):
-            beam_root = os.path.join(scratch, d, "beam")
-            if os.path.isdir(beam_root):
-                subprocess.run([SNAPSHOTTER, "--root", beam_root, "--stop"], capture_output=True)
-        # nydusd processes of a node whose close did not run (killed mid-way) are below
-        # `scratch` only by their mounts: found by their command line naming the scratch dir.
-        stop_pids([pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                   if pid != os.getpid() and scratch in cmdline(pid)])
-        unmount_under(scratch)
-        shutil.rmtree(scratch, ignore_errors=True)
+        clean_scratch(scratch)
         for d in SOCI_STATE_MADE:
             try:
                 os.rmdir(d)

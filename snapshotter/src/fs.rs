@@ -92,7 +92,7 @@ pub struct LayerFs {
     /// When recording (`beam record`): regular files in the order they were first opened.
     pub access_trace: Option<Arc<AccessTrace>>,
     /// Sequential readers, per inode.
-    streams: Mutex<HashMap<u64, ReadStream>>,
+    streams: Mutex<HashMap<u64, Option<ReadStream>>>,
     /// What the kernel offered in FUSE_INIT, recorded by `init` so that a successor daemon can
     /// replay the handshake and take the connection over (`crate::takeover`).
     pub init_params: Arc<Mutex<Option<crate::takeover::InitParams>>>,
@@ -258,14 +258,15 @@ impl ReadStream {
     /// one starts a new stream. From the second sequential read on, the chunks up to `window`
     /// past the end of the read's chunk are asked for, in steps of at least a quarter window
     /// (one chunk at the first size). The window starts at [`READAHEAD_BYTES`] and doubles,
-    /// up to `max`, each time the reader has read as much as the window since it last grew.
+    /// up to `max()` (asked only then: it reads the fetcher's link estimate, and this runs on
+    /// every FUSE read), each time the reader has read as much as the window since it last grew.
     fn advance(
         this: &mut Option<ReadStream>,
         offset: u64,
         end: u64,
         file_size: u64,
         cs: u64,
-        max: u64,
+        max: impl FnOnce() -> u64,
     ) -> Option<(u64, u64)> {
         let s = match this {
             Some(s) if s.next == offset => s,
@@ -280,8 +281,8 @@ impl ReadStream {
             }
         };
         s.next = end;
-        if end - s.grown_at >= s.window && s.window < max {
-            s.window = (s.window * 2).min(max);
+        if end - s.grown_at >= s.window {
+            s.window = (s.window * 2).min(max()).max(s.window);
             s.grown_at = end;
         }
         let chunk_end = end.div_ceil(cs) * cs;
@@ -880,22 +881,18 @@ impl Filesystem for LayerFs {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         let chunks = self.chunks_for(&r, offset, size as u64);
         let cs = self.index.chunk_size() as u64;
-        let ahead = {
-            let mut streams = self.streams.lock().expect("streams lock");
-            let mut stream = streams.get(&ino.0).copied();
-            let ahead = ReadStream::advance(
-                &mut stream,
-                offset,
-                offset + size as u64,
-                r.size,
-                cs,
-                self.fetcher.readahead_bytes(READAHEAD_BYTES),
-            );
-            if let Some(s) = stream {
-                streams.insert(ino.0, s);
-            }
-            ahead
-        };
+        let ahead = ReadStream::advance(
+            self.streams
+                .lock()
+                .expect("streams lock")
+                .entry(ino.0)
+                .or_default(),
+            offset,
+            offset + size as u64,
+            r.size,
+            cs,
+            || self.fetcher.readahead_bytes(READAHEAD_BYTES),
+        );
         if let Some((from, len)) = ahead {
             // A sequential reader will want the next chunks: start fetching them now, in a few
             // requests at once, without making this read wait for them.
@@ -1214,7 +1211,7 @@ mod tests {
             let mut asked = Vec::new();
             let mut at = 0;
             while at < size {
-                if let Some(w) = ReadStream::advance(&mut s, at, at + 128 * K, size, cs, max) {
+                if let Some(w) = ReadStream::advance(&mut s, at, at + 128 * K, size, cs, || max) {
                     asked.push((at, w));
                 }
                 at += 128 * K;
@@ -1248,13 +1245,13 @@ mod tests {
         // first window after its chunk.
         let mut s = None;
         for at in [0, 128 * K, 256 * K] {
-            ReadStream::advance(&mut s, at, at + 128 * K, size, cs, 32 * M);
+            ReadStream::advance(&mut s, at, at + 128 * K, size, cs, || 32 * M);
         }
         assert_eq!(
-            ReadStream::advance(&mut s, 10 * M, 10 * M + 4 * K, size, cs, 32 * M),
+            ReadStream::advance(&mut s, 10 * M, 10 * M + 4 * K, size, cs, || 32 * M),
             None
         );
-        let w = ReadStream::advance(&mut s, 10 * M + 4 * K, 10 * M + 8 * K, size, cs, 32 * M);
+        let w = ReadStream::advance(&mut s, 10 * M + 4 * K, 10 * M + 8 * K, size, cs, || 32 * M);
         assert_eq!(w, Some((10 * M + 512 * K, 4 * M)));
     }
 

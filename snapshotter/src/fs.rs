@@ -812,6 +812,7 @@ impl Filesystem for LayerFs {
                 rec.note(r.ino);
             }
         }
+        self.fetcher.note_open();
         // From the decision (passthrough or caching mode) to the reply: two first opens must
         // share one backing id, and a caching-mode open must not pass a passthrough one.
         let _decided = self.open_locks.lock(ino.0);

@@ -41,6 +41,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 BEAM = os.path.join(TARGET, "release/beam")
 SNAPSHOTTER = os.path.join(TARGET, "release/beam-snapshotter")
+# System `beam-base`: Beam's defaults with the binaries of another build (a baseline commit,
+# e.g. `git worktree add /tmp/base REV && cargo build --release` there), run side by side.
+BASE_BIN_DIR = os.environ.get("BENCH_BASE_BIN_DIR")
+
+
+def beam_bins(system):
+    """The `beam` and `beam-snapshotter` binaries that `system` runs."""
+    if system == "beam-base":
+        if not BASE_BIN_DIR:
+            sys.exit("system beam-base needs BENCH_BASE_BIN_DIR (the baseline's target/release)")
+        return (os.path.join(BASE_BIN_DIR, "beam"), os.path.join(BASE_BIN_DIR, "beam-snapshotter"))
+    return (BEAM, SNAPSHOTTER)
 # The peers, as bench/install-peers.sh leaves them.
 PEERS = os.path.join(ROOT, ".work/peers")
 SOCI = os.path.join(PEERS, "soci/usr/bin/soci")
@@ -246,16 +258,17 @@ class BeamDaemon:
 
     plugin = "beam"
 
-    def __init__(self, node_dir, args):
+    def __init__(self, node_dir, args, snapshotter=SNAPSHOTTER):
+        self.bin = snapshotter
         self.root = os.path.join(node_dir, "beam")
         self.sock = os.path.join(node_dir, "beam.sock")
         self.log_path = os.path.join(node_dir, "beam.log")
         self.log = open(self.log_path, "w")
-        self.p = spawn([SNAPSHOTTER, "--root", self.root, "--address", self.sock] + args, self.log)
+        self.p = spawn([self.bin, "--root", self.root, "--address", self.sock] + args, self.log)
         wait_for(lambda: os.path.exists(self.sock), 30, "beam-snapshotter")
 
     def close(self):
-        subprocess.run([SNAPSHOTTER, "--root", self.root, "--stop"], capture_output=True)
+        subprocess.run([self.bin, "--root", self.root, "--stop"], capture_output=True)
         stop(self.p)
         self.log.close()
 
@@ -483,7 +496,7 @@ class Node:
         else:
             # `full` too: the same node as Beam's, the snapshotter idle.
             args = ["--no-background-fetch"] if system == "beam-nobg" else []
-            self.snap = BeamDaemon(self.dir, args)
+            self.snap = BeamDaemon(self.dir, args, beam_bins(system)[1])
         self.sock = self.snap.sock
         cfg = os.path.join(self.dir, "containerd.toml")
         with open(cfg, "w") as f:
@@ -598,8 +611,8 @@ def pull_command(node, system, image, tls_ca):
         # CRI add; SOCI's own extra labels are ignored by nydus).
         return [SOCI, "--address", node.ctd_sock, "--namespace", "bench", "image", "rpull",
                 "--plain-http", "--snapshotter", "nydus", image]
-    return [BEAM, "pull", "--address", node.ctd_sock, "--namespace", "bench", "--plain-http",
-            "--json", image]
+    return [beam_bins(system)[0], "pull", "--address", node.ctd_sock, "--namespace", "bench",
+            "--plain-http", "--json", image]
 
 
 def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca, wait_whole=True):
@@ -621,7 +634,7 @@ def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca, wai
         tf, line = first_line(run, node.env)
         b1 = link.down_bytes
         whole = None
-        if system == "beam" and wait_whole:
+        if system in ("beam", "beam-base") and wait_whole:
             def cached():
                 s = node.status()
                 return bool(s) and bool(s["layers"]) and all(

@@ -7,8 +7,12 @@
 # runs bench/start.py.
 #
 #   bench/start.sh [--runs N] [--bandwidths 200,0] [--rtts 0,20]
-#                  [--systems full,beam,beam-nobg[,soci][,nydus]] [--containerd 1.6|1.7|2[,...]]
-#                  [--out FILE]
+#                  [--systems full,beam,beam-nobg[,soci][,nydus][,beam-base]]
+#                  [--containerd 1.6|1.7|2[,...]] [--out FILE]
+#
+# beam-base is Beam's defaults with another build's binaries, for an A/B of a change in one run:
+#   git worktree add /tmp/base REV && (cd /tmp/base && cargo build --release)
+#   BENCH_BASE_BIN_DIR=/tmp/base/target/release bench/start.sh --systems beam-base,beam
 #
 # --containerd takes a list (e.g. 1.7,2): the runs go once per version, on the same images, and
 # the tables follow one another in the output.

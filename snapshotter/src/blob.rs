@@ -9,6 +9,7 @@
 use crate::registry::{Failure, Registry};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use futures_util::stream::{BoxStream, Stream, StreamExt};
 use oci_client::Reference;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +55,16 @@ impl BlobError {
 pub trait RangeSource: Send + Sync + 'static {
     /// `len` bytes at `offset` of the chunk blob.
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, BlobError>>;
+    /// The same bytes as [`RangeSource::read_range`], handed on in order as they arrive: their
+    /// total is `len`, or the stream ends with an error (the fetcher stores each chunk as soon
+    /// as its bytes are in). By default one piece, when the whole range is read.
+    fn read_range_stream(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxStream<'static, Result<Bytes, BlobError>> {
+        Box::pin(futures_util::stream::once(self.read_range(offset, len)))
+    }
     /// A name for logs (never includes credentials).
     fn describe(&self) -> String;
 }
@@ -84,6 +95,37 @@ impl RangeSource for RegistryBlob {
             }
             Err(last)
         })
+    }
+
+    fn read_range_stream(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxStream<'static, Result<Bytes, BlobError>> {
+        let registry = self.registry.clone();
+        let locations = self.locations.clone();
+        let digest = self.digest.clone();
+        // Mirrors in order until one answers; then its body, as it arrives.
+        let answered = async move {
+            let mut last = BlobError::Remote("no registry location".into());
+            for r in &locations {
+                match registry.range_response(r, &digest, offset, len).await {
+                    Ok((resp, partial)) => return Ok((resp, if partial { 0 } else { offset })),
+                    Err(e) => {
+                        let e = BlobError::from_error(&e);
+                        tracing::debug!(location = %r, "range fetch failed: {e}");
+                        last = e;
+                    }
+                }
+            }
+            Err(last)
+        };
+        futures_util::stream::once(answered)
+            .flat_map(move |answer| match answer {
+                Ok((resp, skip)) => body_pieces(resp, skip, len).boxed(),
+                Err(e) => futures_util::stream::once(async move { Err(e) }).boxed(),
+            })
+            .boxed()
     }
 
     fn describe(&self) -> String {
@@ -138,36 +180,55 @@ impl Registry {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, BlobError> {
-        let (mut resp, partial) = self
+        let (resp, partial) = self
             .range_response(r, digest, offset, len)
             .await
             .map_err(|e| BlobError::from_error(&e))?;
         // A registry that ignores Range sends the whole blob: skip to the range.
         let skip = if partial { 0 } else { offset };
         let mut out = bytes::BytesMut::with_capacity(len as usize);
-        let mut to_skip = skip;
-        while let Some(mut piece) = resp
-            .chunk()
-            .await
-            .map_err(|e| BlobError::Remote(format!("reading body: {e}")))?
-        {
-            if to_skip > 0 {
-                let k = to_skip.min(piece.len() as u64) as usize;
-                let _ = piece.split_to(k);
-                to_skip -= k as u64;
-            }
-            let room = len as usize - out.len();
-            out.extend_from_slice(&piece[..piece.len().min(room)]);
-            if out.len() as u64 == len {
-                break;
-            }
-        }
-        if (out.len() as u64) < len {
-            return Err(BlobError::Truncated {
-                got: out.len() as u64,
-                want: len,
-            });
+        let mut pieces = std::pin::pin!(body_pieces(resp, skip, len));
+        while let Some(piece) = pieces.next().await {
+            out.extend_from_slice(&piece?);
         }
         Ok(out.freeze())
     }
+}
+
+/// The `len` bytes of a range answer's body after its first `skip` (a registry that ignores
+/// Range sends the whole blob), piece by piece as they arrive; a body that ends short ends
+/// with [`BlobError::Truncated`], and nothing past `len` is read.
+fn body_pieces(
+    resp: reqwest::Response,
+    skip: u64,
+    len: u64,
+) -> impl Stream<Item = Result<Bytes, BlobError>> + Send + 'static {
+    futures_util::stream::unfold(Some((resp, skip, 0u64)), move |state| async move {
+        let (mut resp, mut to_skip, mut got) = state?;
+        loop {
+            match resp.chunk().await {
+                Err(e) => {
+                    return Some((Err(BlobError::Remote(format!("reading body: {e}"))), None))
+                }
+                Ok(None) if got < len => {
+                    return Some((Err(BlobError::Truncated { got, want: len }), None))
+                }
+                Ok(None) => return None,
+                Ok(Some(mut piece)) => {
+                    if to_skip > 0 {
+                        let k = to_skip.min(piece.len() as u64) as usize;
+                        let _ = piece.split_to(k);
+                        to_skip -= k as u64;
+                    }
+                    piece.truncate(piece.len().min((len - got) as usize));
+                    if piece.is_empty() {
+                        continue;
+                    }
+                    got += piece.len() as u64;
+                    let more = (got < len).then_some((resp, to_skip, got));
+                    return Some((Ok(piece), more));
+                }
+            }
+        }
+    })
 }

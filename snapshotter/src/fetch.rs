@@ -98,6 +98,9 @@ struct LinkEstimate {
     /// The shortest small request seen alone on the wire: about one round trip (0 until one
     /// is seen).
     round_trip: f64,
+    /// How many such requests were seen (the first few of a start may have waited on the
+    /// node's CPU rather than the link).
+    round_trips_seen: u32,
 }
 
 /// One request on the wire, counted until it is answered or dropped.
@@ -197,7 +200,12 @@ impl ChunkRef {
     }
 }
 
-type Waiters = Vec<oneshot::Sender<Result<(), FetchError>>>;
+/// Who waits on a chunk in flight: the asker that sent it on its way, and any others.
+#[derive(Default)]
+struct Flight {
+    owner: Option<oneshot::Sender<Result<(), FetchError>>>,
+    waiters: Vec<oneshot::Sender<Result<(), FetchError>>>,
+}
 
 /// What one fetch is: where the bytes are read (source, offset, length) and what they must
 /// hash to. Single flight joins only fetches of the same thing, so a layer that declares
@@ -235,6 +243,23 @@ pub const START_SETTLE: Duration = Duration::from_millis(300);
 /// How long after a start signal [`START_QUIET`] applies instead of the idle gap.
 pub const START_PHASE: Duration = Duration::from_secs(10);
 
+/// The round trip from which guesses at what a program reads next may pay (a registry in
+/// another region; one nearby answers in a few milliseconds).
+pub const SPECULATE_MIN_ROUND_TRIP: Duration = Duration::from_millis(10);
+
+/// How many small requests alone on the wire must have shown the round trip before guesses
+/// rely on it.
+const SPECULATE_MIN_SAMPLES: u32 = 3;
+
+/// The bandwidth-delay product from which guesses at what a program reads next pay
+/// ([`Fetcher::speculation_bytes`]): a round trip costs as much as moving this many bytes.
+/// 200 Mbit/s with 10 ms or more; never on a local registry.
+pub const SPECULATE_MIN_BDP: u64 = 256 << 10;
+
+/// The largest hole a readahead request spans (fetched and dropped) rather than being split in
+/// two: a cached chunk, or a directory's subdirectory between two of its files.
+const READAHEAD_MAX_GAP: u64 = 64 << 10;
+
 /// How long a chunk given up at its deadline fails new asks at once: long enough for the
 /// kernel's follow-up request of the same read, short enough that the next read tries the
 /// registry again.
@@ -244,7 +269,7 @@ pub const GAVE_UP_MEMORY: Duration = Duration::from_millis(500);
 pub struct Fetcher {
     pub cache: Arc<ChunkCache>,
     opts: FetchOptions,
-    inflight: Mutex<HashMap<FlightKey, Waiters>>,
+    inflight: Mutex<HashMap<FlightKey, Flight>>,
     /// Chunks given up at their deadline, when, and why (see [`GAVE_UP_MEMORY`]).
     gave_up: Mutex<HashMap<FlightKey, (Instant, FetchError)>>,
     foreground: Semaphore,
@@ -291,6 +316,7 @@ impl Fetcher {
                 throughput: 0.0,
                 latency: 0.0,
                 round_trip: 0.0,
+                round_trips_seen: 0,
             }),
             opts,
             inflight: Mutex::new(HashMap::new()),
@@ -308,7 +334,11 @@ impl Fetcher {
 
     /// Make every chunk of `chunks` present in the cache (fetching those that are missing) at
     /// priority `p`, or fail with the first error.
-    pub async fn ensure(&self, chunks: &[ChunkRef], p: Priority) -> Result<(), FetchError> {
+    pub async fn ensure(
+        self: &Arc<Self>,
+        chunks: &[ChunkRef],
+        p: Priority,
+    ) -> Result<(), FetchError> {
         self.ensure_along(chunks, &[], p).await
     }
 
@@ -317,7 +347,7 @@ impl Fetcher {
     /// Nothing waits on `along`: a chunk of it that fails verification is dropped, and only
     /// the failures of `chunks` are errors. For a read's blob neighbours (`crate::fs`).
     pub async fn ensure_along(
-        &self,
+        self: &Arc<Self>,
         chunks: &[ChunkRef],
         along: &[ChunkRef],
         p: Priority,
@@ -371,12 +401,34 @@ impl Fetcher {
         ((t * 0.1) as u64).clamp(floor, (32 << 20).max(floor))
     }
 
+    /// How many bytes a guess at what a program reads next may cost (`crate::fs`: the rest of
+    /// a directory whose files it reads one after another): four round trips' worth of the
+    /// measured link, at most 8 MiB. 0 on a near registry (a round trip under
+    /// [`SPECULATE_MIN_ROUND_TRIP`], or one that moves less than [`SPECULATE_MIN_BDP`]) and
+    /// until [`SPECULATE_MIN_SAMPLES`] requests have shown the round trip:
+    /// there a miss costs little more than its bytes, and a wrong guess would only take the
+    /// link from the program's reads.
+    pub fn speculation_bytes(&self) -> u64 {
+        let l = self.link.lock().expect("link lock");
+        let bdp = l.round_trip * l.throughput;
+        if l.round_trips_seen < SPECULATE_MIN_SAMPLES
+            || l.round_trip < SPECULATE_MIN_ROUND_TRIP.as_secs_f64()
+            || bdp < SPECULATE_MIN_BDP as f64
+        {
+            return 0;
+        }
+        ((4.0 * bdp) as u64).min(8 << 20)
+    }
+
     /// Whether someone else waits on a chunk of `run` (a read that found it in flight): then
     /// the run is needed now, whatever its priority.
     fn has_waiters(&self, run: &[ChunkRef]) -> bool {
         let inflight = self.inflight.lock().expect("inflight lock");
-        run.iter()
-            .any(|c| inflight.get(&c.flight_key()).is_some_and(|w| !w.is_empty()))
+        run.iter().any(|c| {
+            inflight
+                .get(&c.flight_key())
+                .is_some_and(|f| !f.waiters.is_empty())
+        })
     }
 
     /// A container is starting (a layer mounted, a container's root prepared): background
@@ -455,8 +507,11 @@ impl Fetcher {
         };
         // Only a request alone on the wire shows the round trip: one that shared the link
         // also waited behind the others' bytes.
-        if bytes < 64 << 10 && sharing <= 1 && (l.round_trip == 0.0 || secs < l.round_trip) {
-            l.round_trip = secs;
+        if bytes < 64 << 10 && sharing <= 1 {
+            l.round_trips_seen += 1;
+            if l.round_trip == 0.0 || secs < l.round_trip {
+                l.round_trip = secs;
+            }
         }
         if bytes >= 256 << 10 {
             // The link's rate, not the request's: a request also waits one round trip, and
@@ -473,7 +528,7 @@ impl Fetcher {
     }
 
     async fn ensure_inner(
-        &self,
+        self: &Arc<Self>,
         chunks: &[ChunkRef],
         along: &[ChunkRef],
         p: Priority,
@@ -499,19 +554,23 @@ impl Fetcher {
                     }
                 }
                 match inflight.get_mut(&key) {
-                    Some(w) => {
+                    Some(f) => {
                         let (tx, rx) = oneshot::channel();
-                        w.push(tx);
+                        f.waiters.push(tx);
                         waits.push(rx);
                     }
                     None => {
-                        if mine
-                            .iter()
-                            .any(|m| m.rec.digest == c.rec.digest && m.flight_key() == key)
-                        {
-                            continue;
-                        }
-                        inflight.insert(key, Vec::new());
+                        // The asker waits as the chunk's owner: not counted as someone else
+                        // waiting (which would make a fill run foreground work).
+                        let (tx, rx) = oneshot::channel();
+                        inflight.insert(
+                            key,
+                            Flight {
+                                owner: Some(tx),
+                                waiters: Vec::new(),
+                            },
+                        );
+                        waits.push(rx);
                         mine.push(c.clone());
                     }
                 }
@@ -527,13 +586,12 @@ impl Fetcher {
                     {
                         break;
                     }
-                    inflight.insert(key.clone(), Vec::new());
+                    inflight.insert(key.clone(), Flight::default());
                     optional.insert(key);
                     mine.push(c.clone());
                 }
             }
         }
-        let mut result = Ok(());
         if !mine.is_empty() {
             mine.sort_by_key(|c| (Arc::as_ptr(&c.source) as *const () as usize, c.rec.offset));
             let max = if p == Priority::Background {
@@ -542,22 +600,22 @@ impl Fetcher {
                 self.opts.max_request_bytes
             };
             // Background fill bridges holes left by chunks already cached (up to a sixteenth
-            // of a request); reads fetch exactly what they need.
-            let max_gap = if p == Priority::Background {
-                max / 16
-            } else {
-                0
+            // of a request), readahead small ones (between a directory's files); reads fetch
+            // exactly what they need.
+            let max_gap = match p {
+                Priority::Background => max / 16,
+                Priority::Readahead => READAHEAD_MAX_GAP,
+                _ => 0,
             };
-            let runs = self.runs(mine, max, max_gap);
-            let futs = runs
-                .into_iter()
-                .map(|run| self.fetch_run(run, &optional, p));
-            for r in futures_util::future::join_all(futs).await {
-                if let Err(e) = r {
-                    result = Err(e);
-                }
+            // Each run goes on by itself: the asker waits only for its own chunks, each
+            // handed over as soon as it is stored, not for the chunks taken along after them.
+            let optional = Arc::new(optional);
+            for run in self.runs(mine, max, max_gap) {
+                let (me, optional) = (self.clone(), optional.clone());
+                tokio::spawn(async move { me.fetch_run(run, &optional, p).await });
             }
         }
+        let mut result = Ok(());
         for w in waits {
             match w.await {
                 Ok(Ok(())) => {}
@@ -592,6 +650,20 @@ impl Fetcher {
         runs
     }
 
+    /// A chunk's fetch is over: wake whoever waits on it with `result`.
+    fn finish(&self, c: &ChunkRef, result: &Result<(), FetchError>) {
+        let flight = self
+            .inflight
+            .lock()
+            .expect("inflight lock")
+            .remove(&c.flight_key());
+        if let Some(f) = flight {
+            for w in f.owner.into_iter().chain(f.waiters) {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+
     /// Fetch one run with retries until the deadline, store its chunks, wake their waiters.
     /// Chunks whose keys are in `optional` were taken along (see [`Fetcher::ensure_along`]).
     async fn fetch_run(
@@ -605,21 +677,18 @@ impl Fetcher {
             .map(|c| optional.contains(&c.flight_key()))
             .collect();
         let result = self.fetch_run_inner(&run, &optional, p).await;
-        let mut inflight = self.inflight.lock().expect("inflight lock");
+        // Chunks stored on the way were handed over then; the rest get the run's outcome.
         for c in &run {
-            if let Some(waiters) = inflight.remove(&c.flight_key()) {
-                for w in waiters {
-                    let _ = w.send(result.clone());
-                }
-            }
+            self.finish(c, &result);
         }
-        drop(inflight);
         if let Err(e @ FetchError::Deadline { .. }) = &result {
             let mut gave_up = self.gave_up.lock().expect("gave_up lock");
             gave_up.retain(|_, (when, _)| when.elapsed() < GAVE_UP_MEMORY);
             let now = Instant::now();
             for c in &run {
-                gave_up.insert(c.flight_key(), (now, e.clone()));
+                if !self.cache.contains(&c.rec.digest) {
+                    gave_up.insert(c.flight_key(), (now, e.clone()));
+                }
             }
         }
         if result.is_err() {
@@ -635,18 +704,24 @@ impl Fetcher {
         p: Priority,
     ) -> Result<(), FetchError> {
         let background = !p.is_foreground();
-        let start = run[0].rec.offset;
         let last = &run[run.len() - 1].rec;
-        let len = last.offset + last.stored_len as u64 - start;
+        let end = last.offset + last.stored_len as u64;
         let source = run[0].source.clone();
         let began = Instant::now();
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 0u32;
+        // The first chunk of the run not yet stored (or dropped): a later try asks only for
+        // the rest.
+        let mut next = 0usize;
         loop {
             attempt += 1;
-            let outcome = {
+            let start = run[next].rec.offset;
+            let len = end - start;
+            let left_run = &run[next..];
+            let err = 'attempt: {
                 // A background run a reader now waits on takes a foreground slot.
-                let sem = if background && self.has_waiters(run) {
+                let waited_on = background && self.has_waiters(left_run);
+                let sem = if waited_on {
                     &self.foreground
                 } else {
                     match p {
@@ -661,7 +736,7 @@ impl Fetcher {
                 let left = self.opts.deadline.saturating_sub(began.elapsed());
                 let Ok(permit) = tokio::time::timeout(left, sem.acquire()).await else {
                     return Err(FetchError::Deadline {
-                        chunk: run[0].rec.digest.to_string(),
+                        chunk: run[next].rec.digest.to_string(),
                         secs: began.elapsed().as_secs_f64(),
                         last: "no request slot came free".into(),
                     });
@@ -675,59 +750,123 @@ impl Fetcher {
                     .attempt_timeout
                     .min(self.opts.deadline.saturating_sub(began.elapsed()))
                     .max(Duration::from_millis(100));
-                let answer =
-                    tokio::time::timeout(attempt_timeout, source.read_range(start, len)).await;
-                let sharing = on_wire.leave();
-                match answer {
-                    Ok(Ok(b)) => {
-                        self.latency.observe(sent.elapsed().as_secs_f64());
-                        self.observe(b.len() as u64, sent.elapsed(), !background, sharing);
-                        tracing::debug!(
-                            priority = ?p,
-                            offset = start,
-                            bytes = b.len(),
-                            ms = sent.elapsed().as_millis() as u64,
-                            "range fetched"
-                        );
-                        Ok(b)
-                    }
-                    Ok(Err(e)) => Err(FetchError::from(e)),
-                    Err(_) => Err(BlobError::Remote(format!(
-                        "no answer within {attempt_timeout:?}"
-                    ))
-                    .into()),
-                }
-            };
-            let err = match outcome {
-                Ok(bytes) => {
+                if p == Priority::Background && !waited_on {
+                    // Fill nobody waits on: the whole body, then decoded, verified and stored
+                    // on the idle thread.
+                    let answer =
+                        tokio::time::timeout(attempt_timeout, source.read_range(start, len)).await;
+                    let sharing = on_wire.leave();
+                    let bytes = match answer {
+                        Ok(Ok(b)) => b,
+                        Ok(Err(e)) => break 'attempt FetchError::from(e),
+                        Err(_) => {
+                            break 'attempt BlobError::Remote(format!(
+                                "no answer within {attempt_timeout:?}"
+                            ))
+                            .into()
+                        }
+                    };
+                    self.latency.observe(sent.elapsed().as_secs_f64());
+                    self.observe(bytes.len() as u64, sent.elapsed(), false, sharing);
+                    tracing::debug!(priority = ?p, offset = start, bytes = bytes.len(),
+                        ms = sent.elapsed().as_millis() as u64, "range fetched");
                     self.counters
                         .bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    if background {
-                        if let Some(rate) = self.opts.background_bytes_per_sec.filter(|r| *r > 0) {
-                            // Pace background fetch: this request's bytes at the capped rate.
-                            tokio::time::sleep(Duration::from_secs_f64(
-                                bytes.len() as f64 / rate as f64,
-                            ))
-                            .await;
-                        }
+                    if let Some(rate) = self.opts.background_bytes_per_sec.filter(|r| *r > 0) {
+                        // Pace background fetch: this request's bytes at the capped rate.
+                        tokio::time::sleep(Duration::from_secs_f64(
+                            bytes.len() as f64 / rate as f64,
+                        ))
+                        .await;
                     }
-                    // Fill that no reader waits on is decoded on the idle thread.
-                    let stored = if p == Priority::Background && !self.has_waiters(run) {
-                        let (cache, recs) = (self.cache.clone(), run_records(run));
-                        let optional = optional.to_vec();
-                        self.idle_worker
-                            .run(move || store_chunks(&cache, &recs, &optional, start, &bytes))
-                            .await
-                    } else {
-                        store_chunks(&self.cache, &run_records(run), optional, start, &bytes)
-                    };
+                    let (cache, recs) = (self.cache.clone(), run_records(left_run));
+                    let opt = optional[next..].to_vec();
+                    let stored = self
+                        .idle_worker
+                        .run(move || store_chunks(&cache, &recs, &opt, start, &bytes))
+                        .await;
                     match self.stored(stored) {
                         Ok(()) => return Ok(()),
-                        Err(e) => e,
+                        Err(e) => break 'attempt e,
                     }
                 }
-                Err(e) => e,
+                // Everything else is stored chunk by chunk as the body arrives, and each
+                // chunk's waiters are woken then: a read need not wait for the chunks taken
+                // along after its own, and decoding overlaps the network.
+                let mut body = source.read_range_stream(start, len);
+                let mut buf = bytes::BytesMut::new();
+                let mut pos = start;
+                let mut got = 0u64;
+                let mut stored = 0u64;
+                let until = tokio::time::Instant::now() + attempt_timeout;
+                let outcome: Result<(), FetchError> = 'body: loop {
+                    use futures_util::StreamExt;
+                    let piece = match tokio::time::timeout_at(until, body.next()).await {
+                        Err(_) => {
+                            break 'body Err(BlobError::Remote(format!(
+                                "no answer within {attempt_timeout:?}"
+                            ))
+                            .into())
+                        }
+                        Ok(None) => break 'body Ok(()),
+                        Ok(Some(Err(e))) => break 'body Err(e.into()),
+                        Ok(Some(Ok(b))) => b,
+                    };
+                    got += piece.len() as u64;
+                    // Counted as they come, before anyone is woken: what a reader then
+                    // sees of the counters includes its own chunks.
+                    self.counters
+                        .bytes
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    buf.extend_from_slice(&piece);
+                    while next < run.len() {
+                        let c = &run[next];
+                        let from = (c.rec.offset - pos) as usize;
+                        let to = from + c.rec.stored_len as usize;
+                        if to > buf.len() {
+                            break;
+                        }
+                        match store_chunk(&self.cache, &c.rec, &buf[from..to]) {
+                            Ok(()) => {
+                                stored += 1;
+                                self.counters.chunks.fetch_add(1, Ordering::Relaxed);
+                                self.finish(c, &Ok(()));
+                            }
+                            Err(FetchError::Corrupt(_)) if optional[next] => {
+                                self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => break 'body Err(e),
+                        }
+                        next += 1;
+                        let _ = buf.split_to(to);
+                        pos = c.rec.offset + c.rec.stored_len as u64;
+                    }
+                };
+                let sharing = on_wire.leave();
+                if stored > 0 {
+                    if let Err(e) = self.cache.enforce_budget() {
+                        tracing::warn!("cache eviction failed: {e}");
+                    }
+                }
+                if outcome.is_ok() || next == run.len() {
+                    self.latency.observe(sent.elapsed().as_secs_f64());
+                    self.observe(got, sent.elapsed(), !background, sharing);
+                    tracing::debug!(priority = ?p, offset = start, bytes = got,
+                        ms = sent.elapsed().as_millis() as u64, "range fetched");
+                }
+                if next == run.len() {
+                    return Ok(());
+                }
+                match outcome {
+                    Err(e) => {
+                        if let FetchError::Corrupt(_) = &e {
+                            self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                        }
+                        e
+                    }
+                    Ok(()) => FetchError::Blob(BlobError::Truncated { got, want: len }),
+                }
             };
             if matches!(
                 err,
@@ -757,7 +896,7 @@ impl Fetcher {
                     "giving up: {err}"
                 );
                 return Err(FetchError::Deadline {
-                    chunk: run[0].rec.digest.to_string(),
+                    chunk: run[next].rec.digest.to_string(),
                     secs: elapsed.as_secs_f64(),
                     last: err.to_string(),
                 });
@@ -840,23 +979,24 @@ fn store_chunks(
                 want: to as u64,
             }));
         };
-        let data = match chunk::decode(raw, rec.uncompressed_len as usize, &rec.digest) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!("discarding fetched chunk: {e}");
-                if taken_along {
-                    dropped += 1;
-                    continue;
-                }
-                return fail(FetchError::Corrupt(rec.digest.to_string()));
-            }
-        };
-        if let Err(e) = cache.put(&rec.digest, &data) {
-            return fail(FetchError::Cache(e.to_string()));
+        match store_chunk(cache, rec, raw) {
+            Ok(()) => stored += 1,
+            Err(FetchError::Corrupt(_)) if taken_along => dropped += 1,
+            Err(e) => return fail(e),
         }
-        stored += 1;
     }
     Ok(Stored { stored, dropped })
+}
+
+/// Verify one fetched chunk (`raw`, as stored in the blob) and store it.
+fn store_chunk(cache: &ChunkCache, rec: &ChunkRecord, raw: &[u8]) -> Result<(), FetchError> {
+    let data = chunk::decode(raw, rec.uncompressed_len as usize, &rec.digest).map_err(|e| {
+        tracing::warn!("discarding fetched chunk: {e}");
+        FetchError::Corrupt(rec.digest.to_string())
+    })?;
+    cache
+        .put(&rec.digest, &data)
+        .map_err(|e| FetchError::Cache(e.to_string()))
 }
 
 /// Threads under `SCHED_IDLE` (they run only when no other thread wants the CPU) for the CPU
@@ -1215,12 +1355,14 @@ mod tests {
         assert_eq!(reqs.len(), 1, "{reqs:?}");
         let end = refs[2].rec.offset + refs[2].rec.stored_len as u64;
         assert_eq!(reqs[0], (refs[0].rec.offset, end - refs[0].rec.offset));
-        assert!(f.cache.contains(&refs[0].rec.digest) && f.cache.contains(&refs[2].rec.digest));
+        // The read returns once its own chunk is stored; the run goes on by itself.
+        assert!(f.cache.contains(&refs[0].rec.digest));
+        eventually(|| f.cache.contains(&refs[2].rec.digest)).await;
         assert!(
             !f.cache.contains(&refs[1].rec.digest),
             "the bad neighbour was stored"
         );
-        assert_eq!(f.counters.corrupt.load(Ordering::SeqCst), 1);
+        eventually(|| f.counters.corrupt.load(Ordering::SeqCst) == 1).await;
 
         // In flight elsewhere: not taken along, not waited for.
         let (dir, blob, refs, _) = setup(4, Duration::from_millis(400));
@@ -1243,6 +1385,95 @@ mod tests {
             "{reqs:?}"
         );
         assert!(took < Duration::from_millis(700), "{took:?}");
+    }
+
+    /// Wait (up to 5 s) until `cond` holds: for what a run does after its asker has returned.
+    async fn eventually(cond: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < Duration::from_secs(5), "never came true");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A source whose answers stream: the first `first` bytes of a range at once, the rest
+    /// after `pause`.
+    struct SlowTail {
+        data: Vec<u8>,
+        first: usize,
+        pause: Duration,
+    }
+
+    impl RangeSource for SlowTail {
+        fn read_range(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> BoxFuture<'static, Result<Bytes, BlobError>> {
+            let b = Bytes::copy_from_slice(&self.data[offset as usize..(offset + len) as usize]);
+            let pause = self.pause;
+            Box::pin(async move {
+                tokio::time::sleep(pause).await;
+                Ok(b)
+            })
+        }
+
+        fn read_range_stream(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> futures_util::stream::BoxStream<'static, Result<Bytes, BlobError>> {
+            use futures_util::StreamExt;
+            let mut b =
+                Bytes::copy_from_slice(&self.data[offset as usize..(offset + len) as usize]);
+            let head = b.split_to(self.first.min(b.len()));
+            let pause = self.pause;
+            futures_util::stream::once(async move { Ok(head) })
+                .chain(futures_util::stream::once(async move {
+                    tokio::time::sleep(pause).await;
+                    Ok(b)
+                }))
+                .boxed()
+        }
+
+        fn describe(&self) -> String {
+            "slow tail".into()
+        }
+    }
+
+    /// A read's chunk is handed over as soon as its bytes are in and verified: the read does
+    /// not wait for the chunks taken along after it in the same request, which are stored
+    /// when they arrive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_returns_when_its_chunk_arrives_not_when_the_request_ends() {
+        let (dir, blob, refs, _) = setup(4, Duration::from_millis(1));
+        let first = refs[0].rec.stored_len as usize;
+        let src: Arc<dyn RangeSource> = Arc::new(SlowTail {
+            data: blob.data.clone(),
+            first,
+            pause: Duration::from_millis(800),
+        });
+        let refs: Vec<ChunkRef> = refs
+            .into_iter()
+            .map(|c| ChunkRef {
+                rec: c.rec,
+                source: src.clone(),
+            })
+            .collect();
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        let t = Instant::now();
+        f.ensure_along(&refs[..1], &refs[1..], Priority::Demand)
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        assert!(took < Duration::from_millis(500), "the read took {took:?}");
+        assert!(f.cache.contains(&refs[0].rec.digest));
+        assert!(
+            !f.cache.contains(&refs[3].rec.digest),
+            "the tail came early"
+        );
+        eventually(|| refs.iter().all(|c| f.cache.contains(&c.rec.digest))).await;
+        assert_eq!(f.counters.requests.load(Ordering::SeqCst), 1);
     }
 
     /// A read of a chunk that held-back background fill also wants gets it now, not after the
@@ -1303,6 +1534,31 @@ mod tests {
                 p
             );
         }
+    }
+
+    /// Guesses across files are paid for only on a far link, once its round trip has been
+    /// seen a few times: four round trips of the link's bytes there, nothing near by.
+    #[test]
+    fn guesses_follow_the_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = |rt_ms: u64, samples: usize| {
+            let f = fetcher(dir.path(), Duration::from_secs(5));
+            for _ in 0..samples {
+                f.observe(4096, Duration::from_millis(rt_ms), true, 1);
+            }
+            f.observe(
+                5 << 20,
+                Duration::from_secs_f64(rt_ms as f64 / 1000.0 + 5.0 * 1048576.0 / 25e6),
+                true,
+                1,
+            );
+            f.speculation_bytes()
+        };
+        // 25 MB/s and 20 ms: 4 x 500 kB.
+        let far = link(20, 3);
+        assert!((1_950_000..2_050_000).contains(&far), "{far}");
+        assert_eq!(link(20, 2), 0, "before three round trips were seen");
+        assert_eq!(link(4, 10), 0, "a near registry");
     }
 
     #[test]

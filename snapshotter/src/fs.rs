@@ -93,6 +93,9 @@ pub struct LayerFs {
     pub access_trace: Option<Arc<AccessTrace>>,
     /// Sequential readers, per inode.
     streams: Mutex<HashMap<u64, Option<ReadStream>>>,
+    /// Directories whose files were read cold, for guessing across files (see
+    /// `LayerFs::directory_ahead`).
+    cold_dirs: Mutex<HashMap<u64, ColdDir>>,
     /// What the kernel offered in FUSE_INIT, recorded by `init` so that a successor daemon can
     /// replay the handshake and take the connection over (`crate::takeover`).
     pub init_params: Arc<Mutex<Option<crate::takeover::InitParams>>>,
@@ -241,6 +244,59 @@ const SMALL_READ_BYTES: u64 = 64 << 10;
 /// and on an unlimited local link it made the start slower, 0.51 s to 0.68 s.)
 const NEIGHBOUR_BYTES: u64 = 32 << 10;
 
+/// The chunks of directory `dir`'s regular files (not its subdirectories') that `cached` says
+/// are missing, those at or after blob offset `from` first, then those before it, up to
+/// `budget` stored bytes; in blob order.
+fn directory_guess(
+    index: &IndexReader<Vec<u8>>,
+    dir: u64,
+    from: u64,
+    budget: u64,
+    cached: impl Fn(&ChunkDigest) -> bool,
+) -> Vec<ChunkRecord> {
+    let Ok(d) = index.inode(dir) else {
+        return Vec::new();
+    };
+    if d.kind != InodeKind::Dir {
+        return Vec::new();
+    }
+    let mut recs: Vec<ChunkRecord> = Vec::new();
+    for (_, ino) in index.dirents(&d) {
+        let Ok(f) = index.inode(ino) else { continue };
+        if f.kind != InodeKind::File || f.size == 0 {
+            continue;
+        }
+        for id in index.file_chunks(&f) {
+            if let Ok(rec) = index.chunk(id) {
+                if !cached(&rec.digest) {
+                    recs.push(rec);
+                }
+            }
+        }
+    }
+    recs.sort_by_key(|c| (c.offset < from, c.offset));
+    recs.dedup_by_key(|c| c.offset);
+    let mut taken = 0u64;
+    let mut picked = Vec::new();
+    for rec in recs {
+        if taken + rec.stored_len as u64 > budget {
+            break;
+        }
+        taken += rec.stored_len as u64;
+        picked.push(rec);
+    }
+    picked.sort_by_key(|c| c.offset);
+    picked
+}
+
+/// A directory as far as guessing across files cares: the first of its files read cold, and
+/// whether the rest was asked for.
+#[derive(Debug, Clone, Copy)]
+struct ColdDir {
+    first: u64,
+    fetched: bool,
+}
+
 /// A file's reader as far as readahead cares: where its next read would start if sequential,
 /// how far ahead of it chunks were asked for, the distance it is kept ahead, and where that
 /// distance last grew.
@@ -361,6 +417,7 @@ impl LayerFs {
             counters: Arc::new(LayerCounters::default()),
             access_trace: None,
             streams: Mutex::new(HashMap::new()),
+            cold_dirs: Mutex::new(HashMap::new()),
             init_params: Arc::default(),
             frozen: Arc::default(),
         }
@@ -549,6 +606,81 @@ impl LayerFs {
             });
         }
         out
+    }
+
+    /// Guess across files, where a round trip is dear: when a program reads a second file of
+    /// a directory cold, fetch the directory's other files too, nearest after it in the blob
+    /// first, up to [`Fetcher::speculation_bytes`] (four round trips of the link; nothing on a
+    /// near registry), as readahead nobody waits on. A starting interpreter reads its modules
+    /// one after another, each after the last is parsed: on a far registry each was a round
+    /// trip, and a layer's blob keeps a directory's files together (its tar's order), so the
+    /// guess is a few large requests. Once per directory.
+    fn directory_ahead(&self, r: &InodeRecord, missing: &[(u32, ChunkRef)]) {
+        let Some((_, here)) = missing.first() else {
+            return;
+        };
+        {
+            let mut dirs = self.cold_dirs.lock().expect("cold dirs lock");
+            let d = dirs.entry(r.parent).or_insert(ColdDir {
+                first: r.ino,
+                fetched: false,
+            });
+            if d.fetched || d.first == r.ino {
+                return;
+            }
+            let budget = self.fetcher.speculation_bytes();
+            if budget == 0 {
+                return;
+            }
+            d.fetched = true;
+            drop(dirs);
+            self.fetch_directory(r.parent, here.rec.offset, budget);
+        }
+    }
+
+    /// Ask for the uncached chunks of directory `dir`'s regular files, those at or after blob
+    /// offset `from` first, up to `budget` stored bytes, in requests of
+    /// [`READAHEAD_REQUEST_BYTES`] at readahead priority.
+    fn fetch_directory(&self, dir: u64, from: u64, budget: u64) {
+        let cache = self.cache();
+        let picked: Vec<ChunkRef> =
+            directory_guess(&self.index, dir, from, budget, |d| cache.contains(d))
+                .into_iter()
+                .map(|rec| ChunkRef {
+                    rec,
+                    source: self.source.clone(),
+                })
+                .collect();
+        let taken: u64 = picked.iter().map(|c| c.rec.stored_len as u64).sum();
+        if picked.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            dir,
+            chunks = picked.len(),
+            bytes = taken,
+            "guessing a directory's files"
+        );
+        let mut part: Vec<ChunkRef> = Vec::new();
+        let mut part_bytes = 0u64;
+        let mut parts = Vec::new();
+        for c in picked {
+            if part_bytes + c.rec.stored_len as u64 > READAHEAD_REQUEST_BYTES && !part.is_empty() {
+                parts.push(std::mem::take(&mut part));
+                part_bytes = 0;
+            }
+            part_bytes += c.rec.stored_len as u64;
+            part.push(c);
+        }
+        parts.push(part);
+        for part in parts {
+            let fetcher = self.fetcher.clone();
+            self.rt.spawn(async move {
+                let _ = fetcher
+                    .ensure(&part, crate::fetch::Priority::Readahead)
+                    .await;
+            });
+        }
     }
 
     /// Copy `[offset, offset+size)` of a file out of cached chunks. `None` when a chunk is
@@ -935,6 +1067,7 @@ impl Filesystem for LayerFs {
             // Handing over: the successor answers this one.
             return reply.error(Errno::EIO);
         }
+        self.directory_ahead(&r, &chunks);
         let fetcher = self.fetcher.clone();
         let counters = self.counters.clone();
         let mut neighbours = self.neighbours(&r, &chunks);
@@ -1172,6 +1305,62 @@ impl Filesystem for LayerFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory's guess: its files' missing chunks (not its subdirectories'), those after
+    /// the read first, within the budget, in blob order.
+    #[test]
+    fn a_directory_guess_takes_the_files_after_the_read_first() {
+        use crate::format::index::{IndexBuilder, Node};
+        // root/{f0..f5 (one 100-byte chunk each, in blob order), sub/{g}}
+        let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
+        let mut chunks = Vec::new();
+        for i in 0..7u8 {
+            chunks.push(ChunkRecord {
+                digest: ChunkDigest([i + 1; 32]),
+                offset: i as u64 * 100,
+                stored_len: 100,
+                uncompressed_len: 200,
+            });
+        }
+        for i in 0..6usize {
+            let mut f = Node::new(InodeKind::File, 0o644);
+            f.size = 200;
+            f.chunks = vec![i as u32];
+            nodes.push(f);
+            nodes[0]
+                .children
+                .insert(format!("f{i}").into_bytes(), i + 1);
+        }
+        let mut g = Node::new(InodeKind::File, 0o644);
+        g.size = 200;
+        g.chunks = vec![6];
+        nodes.push(g); // 7
+        nodes.push(Node::new(InodeKind::Dir, 0o755)); // 8
+        nodes[8].children.insert(b"g".to_vec(), 7);
+        nodes[0].children.insert(b"sub".to_vec(), 8);
+        let bytes = IndexBuilder {
+            chunk_size: 4096,
+            blob_size: 700,
+            nodes,
+            chunks,
+            prefetch: Vec::new(),
+        }
+        .encode()
+        .unwrap();
+        let index = IndexReader::new(bytes).unwrap();
+        let root = index.lookup_path(b"").unwrap().unwrap();
+        let offsets = |recs: Vec<ChunkRecord>| recs.iter().map(|c| c.offset).collect::<Vec<_>>();
+        // f1 is cached; the read was at f3: f3, f4, f5 first, then f0, f2; never sub/g.
+        let f1 = ChunkDigest([2; 32]);
+        let guess = |budget| directory_guess(&index, root, 300, budget, |d| *d == f1);
+        assert_eq!(offsets(guess(10_000)), vec![0, 200, 300, 400, 500]);
+        assert_eq!(offsets(guess(300)), vec![300, 400, 500]);
+        assert_eq!(offsets(guess(400)), vec![0, 300, 400, 500]);
+        assert!(guess(99).is_empty());
+        // Not a directory: nothing.
+        let f0 = index.lookup(root, b"f0").unwrap().unwrap();
+        assert!(directory_guess(&index, f0, 0, 10_000, |_| false).is_empty());
+    }
 
     #[test]
     fn inode_locks_serialise_one_inode_and_not_others() {

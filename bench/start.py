@@ -167,6 +167,13 @@ def spawn(cmd, log, **kw):
     return p
 
 
+def cpu_seconds(pid):
+    """CPU time (user + system) process `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(p, sig=signal.SIGTERM, grace=15):
     if p.poll() is None:
         p.send_signal(sig)
@@ -644,11 +651,13 @@ def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca, wai
                 whole = time.monotonic() - t0
             except RuntimeError:
                 whole = None
+        cpu = cpu_seconds(node.snap.p.pid) if isinstance(node.snap, BeamDaemon) else None
         return {
             "first": tf - t0,
             "bytes": b1 - b0,
             "pull": t1 - t0,
             "whole": whole,
+            "cpu": cpu,
             "line": line,
         }
     finally:
@@ -775,7 +784,9 @@ def main():
                             print(f"  {name} {bw or 'unlimited'} Mbit/s rtt {rtt} ms {system} "
                                   f"run {i + 1}: first output {r['first']:.2f} s "
                                   f"({r['line']!r}), {r['bytes'] / 1e6:.1f} MB, pull "
-                                  f"{r['pull']:.2f} s, whole {whole}", flush=True)
+                                  f"{r['pull']:.2f} s, whole {whole}"
+                                  + (f", daemon CPU {r['cpu']:.2f} s" if r.get("cpu") else ""),
+                                  flush=True)
                             results.append(r)
                         rows.append((name, bw, rtt, system, results))
     finally:

@@ -741,7 +741,7 @@ impl Fetcher {
                         last: "no request slot came free".into(),
                     });
                 };
-                let _permit = permit.expect("semaphore never closed");
+                let permit = permit.expect("semaphore never closed");
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let sent = Instant::now();
                 let on_wire = OnWire::enter(&self.on_wire);
@@ -773,6 +773,9 @@ impl Fetcher {
                     self.counters
                         .bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    // The slot is for the wire: the next request goes out while this one is
+                    // stored.
+                    drop(permit);
                     if let Some(rate) = self.opts.background_bytes_per_sec.filter(|r| *r > 0) {
                         // Pace background fetch: this request's bytes at the capped rate.
                         tokio::time::sleep(Duration::from_secs_f64(

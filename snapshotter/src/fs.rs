@@ -608,6 +608,28 @@ impl LayerFs {
         out
     }
 
+    /// A path of inode `r` in the layer, for logs: its first name, up through the parents.
+    fn path_of(&self, r: &InodeRecord) -> String {
+        let mut names: Vec<String> = Vec::new();
+        let (mut ino, mut parent) = (r.ino, r.parent);
+        // Bounded: a damaged index cannot loop here.
+        for _ in 0..256 {
+            if ino == parent {
+                break;
+            }
+            let Ok(p) = self.index.inode(parent) else {
+                break;
+            };
+            match self.index.dirents(&p).find(|(_, i)| *i == ino) {
+                Some((name, _)) => names.push(String::from_utf8_lossy(name).into_owned()),
+                None => names.push(format!("#{ino}")),
+            }
+            (ino, parent) = (p.ino, p.parent);
+        }
+        names.reverse();
+        format!("/{}", names.join("/"))
+    }
+
     /// Guess across files, where a round trip is dear: when a program reads a second file of
     /// a directory cold, fetch the directory's other files too, nearest after it in the blob
     /// first, up to [`Fetcher::speculation_bytes`] (four round trips of the link; nothing on a
@@ -1066,6 +1088,10 @@ impl Filesystem for LayerFs {
         if self.frozen.load(Ordering::SeqCst) {
             // Handing over: the successor answers this one.
             return reply.error(Errno::EIO);
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // What a start waits on, by name (`BEAM_LOG=beam=debug`).
+            tracing::debug!(path = %self.path_of(&r), offset, size, "cold read");
         }
         self.directory_ahead(&r, &chunks);
         let fetcher = self.fetcher.clone();

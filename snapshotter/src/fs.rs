@@ -96,6 +96,8 @@ pub struct LayerFs {
     /// Directories whose files were read cold, for guessing across files (see
     /// `LayerFs::directory_ahead`).
     cold_dirs: Mutex<HashMap<u64, ColdDir>>,
+    /// Files whose rest was asked for at their first cold read (see `LayerFs::file_ahead`).
+    guessed_files: Mutex<std::collections::HashSet<u64>>,
     /// What the kernel offered in FUSE_INIT, recorded by `init` so that a successor daemon can
     /// replay the handshake and take the connection over (`crate::takeover`).
     pub init_params: Arc<Mutex<Option<crate::takeover::InitParams>>>,
@@ -418,6 +420,7 @@ impl LayerFs {
             access_trace: None,
             streams: Mutex::new(HashMap::new()),
             cold_dirs: Mutex::new(HashMap::new()),
+            guessed_files: Mutex::new(std::collections::HashSet::new()),
             init_params: Arc::default(),
             frozen: Arc::default(),
         }
@@ -628,6 +631,58 @@ impl LayerFs {
         }
         names.reverse();
         format!("/{}", names.join("/"))
+    }
+
+    /// Guess within a file, where a round trip is dear: at a file's first cold read, the rest of
+    /// it is fetched too (as readahead nobody waits on), when it fits in
+    /// [`Fetcher::speculation_bytes`]. A program that maps a library reads its header, then
+    /// the pages its loader touches here and there: on a far registry each was a round trip
+    /// (python's libsqlite3 at 20 ms: three in a row). Nothing on a near registry.
+    fn file_ahead(&self, r: &InodeRecord, reading: &[(u32, ChunkRef)]) {
+        let budget = self.fetcher.speculation_bytes();
+        // A file far larger than the budget would not fit even well compressed (and is not
+        // walked chunk by chunk on this FUSE thread).
+        if budget == 0
+            || r.size > budget.saturating_mul(4)
+            || !self
+                .guessed_files
+                .lock()
+                .expect("guessed lock")
+                .insert(r.ino)
+        {
+            return;
+        }
+        let cache = self.cache();
+        let mut rest: Vec<ChunkRef> = Vec::new();
+        let mut bytes = 0u64;
+        for id in self.index.file_chunks(r) {
+            let Ok(rec) = self.index.chunk(id) else {
+                continue;
+            };
+            if reading.iter().any(|(_, c)| c.rec.offset == rec.offset)
+                || rest.iter().any(|c| c.rec.offset == rec.offset)
+                || cache.contains(&rec.digest)
+            {
+                continue;
+            }
+            bytes += rec.stored_len as u64;
+            if bytes > budget {
+                return;
+            }
+            rest.push(ChunkRef {
+                rec,
+                source: self.source.clone(),
+            });
+        }
+        if rest.is_empty() {
+            return;
+        }
+        let fetcher = self.fetcher.clone();
+        self.rt.spawn(async move {
+            let _ = fetcher
+                .ensure(&rest, crate::fetch::Priority::Readahead)
+                .await;
+        });
     }
 
     /// Guess across files, where a round trip is dear: when a program reads a second file of
@@ -1093,6 +1148,7 @@ impl Filesystem for LayerFs {
             // What a start waits on, by name (`BEAM_LOG=beam=debug`).
             tracing::debug!(path = %self.path_of(&r), offset, size, "cold read");
         }
+        self.file_ahead(&r, &chunks);
         self.directory_ahead(&r, &chunks);
         let fetcher = self.fetcher.clone();
         let counters = self.counters.clone();

@@ -1444,6 +1444,93 @@ mod tests {
         }
     }
 
+    /// A source whose first answer is cut short after `first` bytes; later ones are whole.
+    struct CutOnce {
+        data: Vec<u8>,
+        first: usize,
+        cut: std::sync::atomic::AtomicBool,
+        asked: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl RangeSource for CutOnce {
+        fn read_range(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> BoxFuture<'static, Result<Bytes, BlobError>> {
+            use futures_util::StreamExt;
+            let mut s = self.read_range_stream(offset, len);
+            Box::pin(async move {
+                let mut out = Vec::new();
+                while let Some(p) = s.next().await {
+                    out.extend_from_slice(&p?);
+                }
+                Ok(Bytes::from(out))
+            })
+        }
+
+        fn read_range_stream(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> futures_util::stream::BoxStream<'static, Result<Bytes, BlobError>> {
+            use futures_util::StreamExt;
+            self.asked.lock().unwrap().push((offset, len));
+            let b = Bytes::copy_from_slice(&self.data[offset as usize..(offset + len) as usize]);
+            if self.cut.swap(false, Ordering::SeqCst) {
+                let head = b.slice(..self.first);
+                return futures_util::stream::iter([
+                    Ok(head),
+                    Err(BlobError::Truncated {
+                        got: self.first as u64,
+                        want: len,
+                    }),
+                ])
+                .boxed();
+            }
+            futures_util::stream::once(async move { Ok(b) }).boxed()
+        }
+
+        fn describe(&self) -> String {
+            "cut once".into()
+        }
+    }
+
+    /// A body cut short keeps the chunks that came whole; the next try asks only for the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_body_keeps_its_whole_chunks_and_asks_for_the_rest() {
+        let (dir, blob, refs, _) = setup(4, Duration::from_millis(1));
+        // Cut in the middle of the third chunk: the first two came whole.
+        let cut_at = (refs[2].rec.offset - refs[0].rec.offset) as usize + 3;
+        let src = Arc::new(CutOnce {
+            data: blob.data.clone(),
+            first: cut_at,
+            cut: std::sync::atomic::AtomicBool::new(true),
+            asked: Mutex::new(Vec::new()),
+        });
+        let source: Arc<dyn RangeSource> = src.clone();
+        let refs: Vec<ChunkRef> = refs
+            .into_iter()
+            .map(|c| ChunkRef {
+                rec: c.rec,
+                source: source.clone(),
+            })
+            .collect();
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        f.ensure(&refs, Priority::Demand).await.unwrap();
+        assert!(refs.iter().all(|c| f.cache.contains(&c.rec.digest)));
+        let asked = src.asked.lock().unwrap().clone();
+        let end = refs[3].rec.offset + refs[3].rec.stored_len as u64;
+        assert_eq!(
+            asked,
+            vec![
+                (refs[0].rec.offset, end - refs[0].rec.offset),
+                (refs[2].rec.offset, end - refs[2].rec.offset)
+            ]
+        );
+        assert_eq!(f.counters.chunks.load(Ordering::SeqCst), 4);
+    }
+
     /// A read's chunk is handed over as soon as its bytes are in and verified: the read does
     /// not wait for the chunks taken along after it in the same request, which are stored
     /// when they arrive.

@@ -292,6 +292,8 @@ pub struct Fetcher {
     /// When `fg_busy` last dropped to zero.
     fg_idle_since: Mutex<Instant>,
     link: Mutex<LinkEstimate>,
+    /// [`Fetcher::speculation_bytes`], from the link estimate.
+    speculation: AtomicU64,
     pub counters: FetchCounters,
     /// Latency of successful Range requests, for metrics.
     pub latency: prometheus_client::metrics::histogram::Histogram,
@@ -318,6 +320,7 @@ impl Fetcher {
                 round_trip: 0.0,
                 round_trips_seen: 0,
             }),
+            speculation: AtomicU64::new(0),
             opts,
             inflight: Mutex::new(HashMap::new()),
             gave_up: Mutex::new(HashMap::new()),
@@ -409,15 +412,9 @@ impl Fetcher {
     /// there a miss costs little more than its bytes, and a wrong guess would only take the
     /// link from the program's reads.
     pub fn speculation_bytes(&self) -> u64 {
-        let l = self.link.lock().expect("link lock");
-        let bdp = l.round_trip * l.throughput;
-        if l.round_trips_seen < SPECULATE_MIN_SAMPLES
-            || l.round_trip < SPECULATE_MIN_ROUND_TRIP.as_secs_f64()
-            || bdp < SPECULATE_MIN_BDP as f64
-        {
-            return 0;
-        }
-        ((4.0 * bdp) as u64).min(8 << 20)
+        // Kept up to date by `observe`: asked at every cold FUSE read, which must not take
+        // the link lock.
+        self.speculation.load(Ordering::Relaxed)
     }
 
     /// Whether someone else waits on a chunk of `run` (a read that found it in flight): then
@@ -525,6 +522,16 @@ impl Fetcher {
         if foreground {
             l.latency = ewma(l.latency, secs);
         }
+        let bdp = l.round_trip * l.throughput;
+        let guess = if l.round_trips_seen < SPECULATE_MIN_SAMPLES
+            || l.round_trip < SPECULATE_MIN_ROUND_TRIP.as_secs_f64()
+            || bdp < SPECULATE_MIN_BDP as f64
+        {
+            0
+        } else {
+            ((4.0 * bdp) as u64).min(8 << 20)
+        };
+        self.speculation.store(guess, Ordering::Relaxed);
     }
 
     async fn ensure_inner(

@@ -693,9 +693,14 @@ impl LayerFs {
     /// trip, and a layer's blob keeps a directory's files together (its tar's order), so the
     /// guess is a few large requests. Once per directory.
     fn directory_ahead(&self, r: &InodeRecord, missing: &[(u32, ChunkRef)]) {
+        let budget = self.fetcher.speculation_bytes();
         let Some((_, here)) = missing.first() else {
             return;
         };
+        if budget == 0 {
+            // A near registry: no guesses, and no bookkeeping on this FUSE thread.
+            return;
+        }
         {
             let mut dirs = self.cold_dirs.lock().expect("cold dirs lock");
             let d = dirs.entry(r.parent).or_insert(ColdDir {
@@ -703,10 +708,6 @@ impl LayerFs {
                 fetched: false,
             });
             if d.fetched || d.first == r.ino {
-                return;
-            }
-            let budget = self.fetcher.speculation_bytes();
-            if budget == 0 {
                 return;
             }
             d.fetched = true;

@@ -674,15 +674,7 @@ impl LayerFs {
                 source: self.source.clone(),
             });
         }
-        if rest.is_empty() {
-            return;
-        }
-        let fetcher = self.fetcher.clone();
-        self.rt.spawn(async move {
-            let _ = fetcher
-                .ensure(&rest, crate::fetch::Priority::Readahead)
-                .await;
-        });
+        self.spawn_readahead(rest);
     }
 
     /// Guess across files, where a round trip is dear: when a program reads a second file of
@@ -711,46 +703,42 @@ impl LayerFs {
                 return;
             }
             d.fetched = true;
-            drop(dirs);
-            self.fetch_directory(r.parent, here.rec.offset, budget);
         }
-    }
-
-    /// Ask for the uncached chunks of directory `dir`'s regular files, those at or after blob
-    /// offset `from` first, up to `budget` stored bytes, in requests of
-    /// [`READAHEAD_REQUEST_BYTES`] at readahead priority.
-    fn fetch_directory(&self, dir: u64, from: u64, budget: u64) {
         let cache = self.cache();
-        let picked: Vec<ChunkRef> =
-            directory_guess(&self.index, dir, from, budget, |d| cache.contains(d))
-                .into_iter()
-                .map(|rec| ChunkRef {
-                    rec,
-                    source: self.source.clone(),
-                })
-                .collect();
-        let taken: u64 = picked.iter().map(|c| c.rec.stored_len as u64).sum();
-        if picked.is_empty() {
-            return;
-        }
+        let guess: Vec<ChunkRef> =
+            directory_guess(&self.index, r.parent, here.rec.offset, budget, |d| {
+                cache.contains(d)
+            })
+            .into_iter()
+            .map(|rec| ChunkRef {
+                rec,
+                source: self.source.clone(),
+            })
+            .collect();
         tracing::debug!(
-            dir,
-            chunks = picked.len(),
-            bytes = taken,
+            dir = r.parent,
+            chunks = guess.len(),
             "guessing a directory's files"
         );
-        let mut part: Vec<ChunkRef> = Vec::new();
+        self.spawn_readahead(guess);
+    }
+
+    /// Fetch `chunks` (in blob order) at readahead priority, nobody waiting: in parallel
+    /// requests of about [`READAHEAD_REQUEST_BYTES`] on the wire, each stored as it comes.
+    fn spawn_readahead(&self, chunks: Vec<ChunkRef>) {
+        let mut parts: Vec<Vec<ChunkRef>> = Vec::new();
         let mut part_bytes = 0u64;
-        let mut parts = Vec::new();
-        for c in picked {
-            if part_bytes + c.rec.stored_len as u64 > READAHEAD_REQUEST_BYTES && !part.is_empty() {
-                parts.push(std::mem::take(&mut part));
-                part_bytes = 0;
+        for c in chunks {
+            let n = c.rec.stored_len as u64;
+            match parts.last_mut() {
+                Some(part) if part_bytes + n <= READAHEAD_REQUEST_BYTES => part.push(c),
+                _ => {
+                    parts.push(vec![c]);
+                    part_bytes = 0;
+                }
             }
-            part_bytes += c.rec.stored_len as u64;
-            part.push(c);
+            part_bytes += n;
         }
-        parts.push(part);
         for part in parts {
             let fetcher = self.fetcher.clone();
             self.rt.spawn(async move {
@@ -1113,15 +1101,7 @@ impl Filesystem for LayerFs {
                 .map(|(_, c)| c)
                 .filter(|c| !self.cache().contains(&c.rec.digest))
                 .collect();
-            let per_request = READAHEAD_REQUEST_BYTES.div_ceil(cs).max(1) as usize;
-            for part in missing.chunks(per_request) {
-                let (fetcher, part) = (self.fetcher.clone(), part.to_vec());
-                self.rt.spawn(async move {
-                    let _ = fetcher
-                        .ensure(&part, crate::fetch::Priority::Readahead)
-                        .await;
-                });
-            }
+            self.spawn_readahead(missing);
         }
         if chunks
             .iter()

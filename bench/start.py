@@ -632,6 +632,9 @@ def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca, wai
                               env=node.env)
         if pull.returncode != 0:
             raise RuntimeError(f"{system} pull of {image} failed: {pull.stdout + pull.stderr!r}")
+        if os.environ.get("BENCH_KEEP_LOGS"):
+            # The pull's own report (Beam's --json has its steps' seconds).
+            run_once.pull_out = pull.stdout + pull.stderr
         if system == "full":
             run = node.ctr(["run", "--rm", image, "w"] + workload)
         else:
@@ -670,6 +673,9 @@ def run_once(system, image, workload, link, scratch, containerd_bin, tls_ca, wai
             for name, path in node.snap.logs():
                 if os.path.exists(path):
                     shutil.copy(path, os.path.join(keep, f"{tag}-{name}"))
+            with open(os.path.join(keep, f"{tag}-pull.out"), "wb") as f:
+                f.write(getattr(run_once, "pull_out", b""))
+            run_once.pull_out = b""
         node.close()
 
 

@@ -28,14 +28,64 @@ pub const PULL_TRANSPORT: &str = "containerd.io/snapshot/beam.pull-transport";
 /// manifest (their bytes, JSON), which the pull has fetched anyway: the daemon then asks the
 /// registry for neither (two round trips fewer before a layer mounts). Content-addressed: the
 /// daemon uses one only when its digest is the one it would have fetched, so anyone may set
-/// them. Left out when a manifest is too large for a label ([`fits`]); never kept on the
-/// snapshot.
+/// them. Split over several labels ([`split`]: a manifest of a few layers is over one
+/// label's 4 KiB); left out when larger than [`MAX_PARTS`] labels; never kept on the snapshot.
 pub const PULL_MANIFEST: &str = "containerd.io/snapshot/beam.pull-manifest";
 pub const PULL_ARTIFACT: &str = "containerd.io/snapshot/beam.pull-artifact";
 
+/// containerd's limit on one label: key and value at most 4096 bytes together.
+const MAX_LABEL: usize = 4096;
+
 /// Whether a label fits containerd's limit (key and value at most 4096 bytes together).
 pub fn fits(key: &str, value: &str) -> bool {
-    key.len() + value.len() <= 4096
+    key.len() + value.len() <= MAX_LABEL
+}
+
+/// Most labels one value is split into by [`split`] (about 64 KiB in all).
+pub const MAX_PARTS: usize = 16;
+
+/// `value` as labels that each fit containerd's limit: its first part under `key`, the next
+/// under `key.1`, `key.2`, ...; none when it would take more than [`MAX_PARTS`]. An image
+/// manifest of a few layers with its annotations, or a Beam artifact, is over 4 KiB.
+pub fn split(key: &str, value: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() || out.is_empty() {
+        if out.len() == MAX_PARTS {
+            return Vec::new();
+        }
+        let k = match out.len() {
+            0 => key.to_string(),
+            n => format!("{key}.{n}"),
+        };
+        let mut at = rest.len().min(MAX_LABEL - k.len());
+        while !rest.is_char_boundary(at) {
+            at -= 1;
+        }
+        out.push((k, rest[..at].to_string()));
+        rest = &rest[at..];
+    }
+    out
+}
+
+/// The value [`split`] wrote under `key`, joined again.
+pub fn joined(labels: &std::collections::BTreeMap<String, String>, key: &str) -> Option<String> {
+    let mut value = labels.get(key)?.clone();
+    for n in 1..MAX_PARTS {
+        match labels.get(&format!("{key}.{n}")) {
+            Some(part) => value.push_str(part),
+            None => break,
+        }
+    }
+    Some(value)
+}
+
+/// Remove the labels [`split`] wrote under `key`.
+pub fn remove_split(labels: &mut std::collections::BTreeMap<String, String>, key: &str) {
+    labels.remove(key);
+    for n in 1..MAX_PARTS {
+        labels.remove(&format!("{key}.{n}"));
+    }
 }
 
 /// How `beam pull` begins its Prepare keys (the daemon sees `NAMESPACE/ID/KEY`).
@@ -90,6 +140,27 @@ mod tests {
         assert!(is_pull_key("beam-pull-1-abcd sha256:00"));
         assert!(!is_pull_key("k8s.io/3/extract-1-ab sha256:00"));
         assert!(!is_pull_key("k8s.io/x/beam-pull-1"));
+    }
+
+    #[test]
+    fn a_long_value_is_split_into_labels_that_fit_and_joined_again() {
+        let key = PULL_ARTIFACT;
+        for value in ["", "{}", &"é".repeat(5000), &"x".repeat(4096 * 3)] {
+            let parts = split(key, value);
+            assert!(!parts.is_empty());
+            assert!(parts.iter().all(|(k, v)| fits(k, v)));
+            let mut labels: std::collections::BTreeMap<String, String> =
+                parts.into_iter().collect();
+            labels.insert("other".into(), "kept".into());
+            assert_eq!(joined(&labels, key).as_deref(), Some(value));
+            remove_split(&mut labels, key);
+            assert_eq!(labels.len(), 1, "only the other label is left");
+        }
+        assert!(
+            split(key, &"x".repeat(MAX_PARTS * 4096)).is_empty(),
+            "too long"
+        );
+        assert_eq!(joined(&Default::default(), key), None);
     }
 
     #[test]

@@ -413,11 +413,10 @@ async fn pull_under_lease(
         (labels::PULL_ARTIFACT, artifact_bytes),
     ] {
         if let Some(v) = bytes.and_then(|b| std::str::from_utf8(b).ok()) {
-            if labels::fits(key, v) {
-                hints.insert(key.to_string(), v.to_string());
-            }
+            hints.extend(labels::split(key, v));
         }
     }
+    tracing::debug!("content written");
     let total = manifest.layers.len();
     let mut outcomes = Vec::with_capacity(total);
     let mut admitted: Option<String> = None;
@@ -517,6 +516,11 @@ async fn pull_under_lease(
                 started.elapsed().as_secs_f64()
             );
         }
+        tracing::debug!(
+            layer = i,
+            secs = started.elapsed().as_secs_f64(),
+            "layer done"
+        );
         outcomes.push((layer.digest.clone(), chain.clone(), outcome));
     }
 

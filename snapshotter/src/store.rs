@@ -417,6 +417,11 @@ impl Store {
             .manifest
             .as_deref()
             .filter(|m| oci::sha256_digest(m) == subject);
+        tracing::debug!(
+            manifest_hint = hinted.is_some(),
+            artifact_hint = hints.artifact.is_some(),
+            "finding the Beam artifact"
+        );
         let bytes = match hinted {
             Some(b) => b.to_vec(),
             None => self.manifest(subject).await?,

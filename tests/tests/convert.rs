@@ -534,5 +534,45 @@ fn https_registry_with_a_custom_ca() -> Result<()> {
         &image,
     ])?;
     ensure!(inspect.contains("artifact"), "inspect: {inspect}");
+
+    // A plain-HTTP registry that sends every read on to an HTTPS store: Beam's plain-HTTP
+    // client loads no CAs, and the read is taken over by the TLS client, which trusts the CA.
+    let front = redirect_to_https(&reg.addr())?;
+    let behind = format!("{front}/tls/busybox:v1");
+    let inspect = beam_ok(&["inspect", "--plain-http", "--ca-file", ca, &behind])?;
+    ensure!(
+        inspect.contains("artifact"),
+        "inspect through a redirect: {inspect}"
+    );
     Ok(())
+}
+
+/// A plain-HTTP server on 127.0.0.1 that answers every request with a redirect to the same
+/// path on `https://{to}` (as a registry whose blobs sit in an HTTPS store does); its address.
+fn redirect_to_https(to: &str) -> Result<String> {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let to = to.to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(&conn);
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            // The headers, up to the blank line.
+            let mut header = String::new();
+            while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                header.clear();
+            }
+            let _ = write!(
+                &conn,
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: https://{to}{path}\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    Ok(addr)
 }

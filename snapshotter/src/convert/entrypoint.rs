@@ -168,6 +168,40 @@ impl Walk<'_, '_> {
             return;
         }
         self.add_elf_deps(&real, &bytes, 0);
+        self.add_interpreter_startup(&real);
+    }
+
+    /// The files an interpreter reads on every start, whatever it runs, each one a round trip
+    /// otherwise (it reads the next only once it has run the last). For CPython (a program
+    /// named `pythonX.Y`): the codec package it imports before `site` (`encodings`, its
+    /// aliases and UTF-8; the modules `site` needs are frozen into the program) and
+    /// `sitecustomize` (on Debian a symlink to `/etc/pythonX.Y`), as source and as cached
+    /// bytecode, whichever the image has.
+    fn add_interpreter_startup(&mut self, real: &str) {
+        let Some((bin, name)) = real.rsplit_once('/') else {
+            return;
+        };
+        let Some(version) = python_version(name) else {
+            return;
+        };
+        let prefix = bin.strip_suffix("/bin").unwrap_or("/usr");
+        let lib = format!("{prefix}/lib/python{version}");
+        let tag = format!("cpython-{}", version.replace('.', ""));
+        for module in [
+            "encodings/__init__",
+            "encodings/aliases",
+            "encodings/utf_8",
+            "sitecustomize",
+        ] {
+            let (dir, stem) = module.rsplit_once('/').unwrap_or(("", module));
+            let dir = if dir.is_empty() {
+                lib.clone()
+            } else {
+                format!("{lib}/{dir}")
+            };
+            self.add(&format!("{dir}/__pycache__/{stem}.{tag}.pyc"));
+            self.add(&format!("{dir}/{stem}.py"));
+        }
     }
 
     /// The program interpreter and the shared libraries of the ELF file at `real`.
@@ -310,6 +344,15 @@ impl Walk<'_, '_> {
     }
 }
 
+/// `X.Y` of a CPython program's name `pythonX.Y` (not `python3`: the versioned name is
+/// what its symlinks resolve to).
+fn python_version(name: &str) -> Option<&str> {
+    let v = name.strip_prefix("python")?;
+    let (major, minor) = v.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(major) && digits(minor)).then_some(v)
+}
+
 fn absolute(p: &str) -> String {
     if p.starts_with('/') {
         p.to_string()
@@ -364,6 +407,111 @@ mod tests {
         (c.index, blob)
     }
 
+    /// Index readers over converted layers.
+    fn views(layers: &[(Vec<u8>, std::path::PathBuf)]) -> Vec<Layer<'_>> {
+        layers
+            .iter()
+            .map(|(index, blob)| Layer {
+                index: IndexReader::new(index.as_slice()).unwrap(),
+                blob: blob.as_path(),
+            })
+            .collect()
+    }
+
+    /// The prefetch lists of `process`, as `layer:/path` in order.
+    fn listed(views: &[Layer<'_>], process: &Process) -> Vec<String> {
+        let path_of = |l: usize, ino: u64| -> String {
+            let idx = &views[l].index;
+            let mut names = Vec::new();
+            let mut cur = ino;
+            while cur != crate::format::index::ROOT_INO {
+                let rec = idx.inode(cur).unwrap();
+                let parent = idx.inode(rec.parent).unwrap();
+                let name = idx
+                    .dirents(&parent)
+                    .find(|(_, i)| *i == cur)
+                    .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+                    .unwrap();
+                names.push(name);
+                cur = rec.parent;
+            }
+            names.reverse();
+            format!("{l}:/{}", names.join("/"))
+        };
+        prefetch_lists(views, process)
+            .iter()
+            .enumerate()
+            .flat_map(|(l, inos)| inos.iter().map(move |i| (l, *i)))
+            .map(|(l, i)| path_of(l, i))
+            .collect()
+    }
+
+    #[test]
+    fn a_python_entrypoint_brings_the_files_every_python_start_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = |s: &str| s.as_bytes().to_vec();
+        let base = layer(
+            dir.path(),
+            0,
+            &[
+                ("usr/bin/python3", src("->python3.11")),
+                // Not an ELF file: no libraries, the rule goes by the program's name.
+                ("usr/bin/python3.11", src("not elf")),
+                (
+                    "usr/lib/python3.11/encodings/__init__.py",
+                    src("import codecs"),
+                ),
+                (
+                    "usr/lib/python3.11/encodings/__pycache__/__init__.cpython-311.pyc",
+                    src("bytecode"),
+                ),
+                (
+                    "usr/lib/python3.11/encodings/aliases.py",
+                    src("aliases = {}"),
+                ),
+                ("usr/lib/python3.11/encodings/latin_1.py", src("# not read")),
+                ("usr/lib/python3.11/encodings/utf_8.py", src("# utf-8")),
+                ("usr/lib/python3.11/json/__init__.py", src("# not read")),
+                (
+                    "usr/lib/python3.11/sitecustomize.py",
+                    src("->/etc/python3.11/sitecustomize.py"),
+                ),
+                ("etc/python3.11/sitecustomize.py", src("# site")),
+                ("usr/bin/pythonista", src("not a python")),
+            ],
+        );
+        let views = views(std::slice::from_ref(&base));
+        let process = Process::of_config(br#"{"config":{"Cmd":["python3"]}}"#);
+        assert_eq!(
+            listed(&views, &process),
+            [
+                "0:/usr/bin/python3.11",
+                "0:/usr/lib/python3.11/encodings/__pycache__/__init__.cpython-311.pyc",
+                "0:/usr/lib/python3.11/encodings/__init__.py",
+                "0:/usr/lib/python3.11/encodings/aliases.py",
+                "0:/usr/lib/python3.11/encodings/utf_8.py",
+                "0:/etc/python3.11/sitecustomize.py",
+            ]
+        );
+        let other = Process::of_config(br#"{"config":{"Cmd":["/usr/bin/pythonista"]}}"#);
+        assert_eq!(listed(&views, &other), ["0:/usr/bin/pythonista"]);
+    }
+
+    #[test]
+    fn python_versions_come_from_versioned_names_only() {
+        assert_eq!(python_version("python3.11"), Some("3.11"));
+        assert_eq!(python_version("python2.7"), Some("2.7"));
+        for name in [
+            "python3",
+            "python",
+            "python3.",
+            "python3.11-config",
+            "pythonista",
+        ] {
+            assert_eq!(python_version(name), None, "{name}");
+        }
+    }
+
     fn host(path: &str) -> Option<Vec<u8>> {
         std::fs::read(path).ok()
     }
@@ -410,41 +558,12 @@ mod tests {
                 ("usr/bin/old", b"whiteout".to_vec()),
             ],
         );
-        let views: Vec<Layer<'_>> = [&base, &app]
-            .iter()
-            .map(|(index, blob)| Layer {
-                index: IndexReader::new(index.as_slice()).unwrap(),
-                blob: blob.as_path(),
-            })
-            .collect();
-        let path_of = |l: usize, ino: u64| -> String {
-            let idx = &views[l].index;
-            let mut names = Vec::new();
-            let mut cur = ino;
-            while cur != crate::format::index::ROOT_INO {
-                let rec = idx.inode(cur).unwrap();
-                let parent = idx.inode(rec.parent).unwrap();
-                let name = idx
-                    .dirents(&parent)
-                    .find(|(_, i)| *i == cur)
-                    .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
-                    .unwrap();
-                names.push(name);
-                cur = rec.parent;
-            }
-            names.reverse();
-            format!("{l}:/{}", names.join("/"))
-        };
+        let layers = [base, app];
+        let views = views(&layers);
         let process = Process::of_config(
             br#"{"config":{"Entrypoint":["run"],"Env":["PATH=/usr/local/bin:/usr/bin"]}}"#,
         );
-        let lists = prefetch_lists(&views, &process);
-        let got: Vec<String> = lists
-            .iter()
-            .enumerate()
-            .flat_map(|(l, inos)| inos.iter().map(move |i| (l, *i)))
-            .map(|(l, i)| path_of(l, i))
-            .collect();
+        let got = listed(&views, &process);
         assert_eq!(
             got,
             [

@@ -447,6 +447,7 @@ impl LazyLayers {
         ) else {
             bail!("no image, manifest or layer label (containerd's snapshot annotations are off?)");
         };
+        tracing::debug!(target, "prepare of a layer");
         if snapshots.record(target)?.is_some() {
             return Ok(true);
         }
@@ -517,12 +518,8 @@ impl LazyLayers {
         };
         // The manifests `beam pull` fetched already (used only where their digests match).
         let hints = crate::store::ManifestHints {
-            manifest: req_labels
-                .get(labels::PULL_MANIFEST)
-                .map(|m| m.as_bytes().to_vec()),
-            artifact: req_labels
-                .get(labels::PULL_ARTIFACT)
-                .map(|m| m.as_bytes().to_vec()),
+            manifest: labels::joined(req_labels, labels::PULL_MANIFEST).map(String::into_bytes),
+            artifact: labels::joined(req_labels, labels::PULL_ARTIFACT).map(String::into_bytes),
         };
         let (id, fs) = snapshots.reserve()?;
         let mounted = self
@@ -553,8 +550,8 @@ impl LazyLayers {
         crate::crash::point("lazy.mounted");
         // The target keeps the request's labels (containerd's unpacker looks for them).
         let mut target_labels = req_labels.clone();
-        target_labels.remove(labels::PULL_MANIFEST);
-        target_labels.remove(labels::PULL_ARTIFACT);
+        labels::remove_split(&mut target_labels, labels::PULL_MANIFEST);
+        labels::remove_split(&mut target_labels, labels::PULL_ARTIFACT);
         target_labels.insert(labels::ADMITTED.to_string(), admitted);
         match snapshots.commit_remote(id, target, parent, target_labels, remote) {
             Ok(()) => {

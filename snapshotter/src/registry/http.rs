@@ -83,8 +83,15 @@ pub enum BodyError {
 
 /// The HTTP clients and token cache of one [`Registry`].
 pub(super) struct HttpReads {
-    /// The client of every host without CAs of its own.
-    client: reqwest::Client,
+    /// The client of every host without CAs of its own, over TLS: made on first use, because
+    /// making one loads the system's CA roots, about 30 ms from a cold disk, on the path of
+    /// every `beam pull` (a plain-HTTP registry never needs them).
+    client: std::sync::OnceLock<Result<reqwest::Client, String>>,
+    /// The global CAs (PEM) that client trusts beside the system's.
+    roots: Vec<Vec<u8>>,
+    /// The client of plain-HTTP URLs: no CA roots, and it stops at a redirect to HTTPS (a
+    /// blob store), which the request then takes through the TLS client.
+    plain: reqwest::Client,
     /// The clients of hosts with CAs of their own.
     host_clients: std::collections::BTreeMap<String, reqwest::Client>,
     plain_http: bool,
@@ -103,28 +110,29 @@ impl HttpReads {
         roots: &[Vec<u8>],
         host_roots: &[(String, Vec<Vec<u8>>)],
     ) -> Result<HttpReads> {
-        let build = |pems: &mut dyn Iterator<Item = &Vec<u8>>| -> Result<reqwest::Client> {
-            let mut certs = Vec::new();
-            for pem in pems {
-                certs.extend(
-                    reqwest::Certificate::from_pem_bundle(pem)
-                        .context("reading a CA certificate (PEM)")?,
-                );
-            }
-            reqwest::Client::builder()
-                .tls_certs_merge(certs)
-                .connect_timeout(Duration::from_secs(10))
-                .read_timeout(Duration::from_secs(60))
-                .user_agent(concat!("beam/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .context("building the registry HTTP client")
-        };
         let mut host_clients = std::collections::BTreeMap::new();
         for (host, pems) in host_roots {
-            host_clients.insert(host.clone(), build(&mut roots.iter().chain(pems))?);
+            host_clients.insert(host.clone(), tls_client(&mut roots.iter().chain(pems))?);
         }
+        // Checked now, so that a bad CA file is an error here, not at the first HTTPS read.
+        certificates(&mut roots.iter())?;
+        let plain = client_builder()
+            .tls_certs_only([])
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.url().scheme() != "http" {
+                    attempt.stop()
+                } else if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .context("building the registry HTTP client")?;
         Ok(HttpReads {
-            client: build(&mut roots.iter())?,
+            client: std::sync::OnceLock::new(),
+            roots: roots.to_vec(),
+            plain,
             host_clients,
             plain_http,
             plain_http_hosts,
@@ -132,11 +140,34 @@ impl HttpReads {
         })
     }
 
-    fn client(&self, r: &Reference) -> &reqwest::Client {
-        self.host_clients
+    /// The client of `r`'s registry over TLS (or of any URL, when its host has no CAs of its
+    /// own).
+    fn client(&self, r: &Reference) -> Result<&reqwest::Client> {
+        match self
+            .host_clients
             .get(r.registry())
             .or_else(|| self.host_clients.get(r.resolve_registry()))
-            .unwrap_or(&self.client)
+        {
+            Some(c) => Ok(c),
+            None => self.tls(),
+        }
+    }
+
+    /// The TLS client of hosts without CAs of their own, made on first use.
+    fn tls(&self) -> Result<&reqwest::Client> {
+        self.client
+            .get_or_init(|| tls_client(&mut self.roots.iter()).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The client of a request to `url` of `r`'s registry.
+    fn client_for_url(&self, r: &Reference, url: &str) -> Result<&reqwest::Client> {
+        if url.starts_with("http://") {
+            Ok(&self.plain)
+        } else {
+            self.client(r)
+        }
     }
 
     /// `scheme://registry/v2/` for `r`'s registry.
@@ -164,6 +195,33 @@ impl HttpReads {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, (value, until));
     }
+}
+
+/// The settings every registry client shares.
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("beam/", env!("CARGO_PKG_VERSION")))
+}
+
+/// The certificates of PEM bundles.
+fn certificates(pems: &mut dyn Iterator<Item = &Vec<u8>>) -> Result<Vec<reqwest::Certificate>> {
+    let mut certs = Vec::new();
+    for pem in pems {
+        certs.extend(
+            reqwest::Certificate::from_pem_bundle(pem).context("reading a CA certificate (PEM)")?,
+        );
+    }
+    Ok(certs)
+}
+
+/// A client over TLS trusting the system's CAs and those of `pems`.
+fn tls_client(pems: &mut dyn Iterator<Item = &Vec<u8>>) -> Result<reqwest::Client> {
+    client_builder()
+        .tls_certs_merge(certificates(pems)?)
+        .build()
+        .context("building the registry HTTP client")
 }
 
 /// The URL of `r`'s manifest (by digest when it has one, else by tag).
@@ -198,17 +256,26 @@ impl Registry {
         let url = format!("{}{path}", reads.base(r));
         let registry = r.resolve_registry();
         let key = (registry.to_string(), scope.to_string());
-        let client = reads.client(r);
+        let client = reads.client_for_url(r, &url)?;
         let mut denials = 0;
         loop {
-            let mut req = add(client.request(method.clone(), &url));
-            if let Some(a) = reads.cached(&key) {
-                req = req.header(AUTHORIZATION, a);
-            }
-            let resp = req
-                .send()
+            let send = |client: &reqwest::Client| {
+                let mut req = add(client.request(method.clone(), &url));
+                if let Some(a) = reads.cached(&key) {
+                    req = req.header(AUTHORIZATION, a);
+                }
+                req.send()
+            };
+            let mut resp = send(client)
                 .await
                 .with_context(|| format!("{method} {url}"))?;
+            if resp.status().is_redirection() && std::ptr::eq(client, &reads.plain) {
+                // A plain-HTTP registry sending the read to an HTTPS store: the TLS client
+                // asks again and follows it.
+                resp = send(reads.client(r)?)
+                    .await
+                    .with_context(|| format!("{method} {url}"))?;
+            }
             if resp.status() != StatusCode::UNAUTHORIZED || denials == 2 {
                 return Ok(resp);
             }
@@ -226,7 +293,11 @@ impl Registry {
             } else {
                 self.reread_auth(registry)
             };
-            match authorize(client, &challenge, scope, &credentials).await? {
+            let realm_client = match Challenge::parse(&challenge) {
+                Some(Challenge::Bearer { realm, .. }) => reads.client_for_url(r, &realm)?,
+                _ => client,
+            };
+            match authorize(realm_client, &challenge, scope, &credentials).await? {
                 Some((value, lifetime)) => reads.remember(key.clone(), value, lifetime),
                 None => return Ok(resp),
             }

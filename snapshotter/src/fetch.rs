@@ -260,6 +260,10 @@ pub const SPECULATE_MIN_BDP: u64 = 256 << 10;
 /// two: a cached chunk, or a directory's subdirectory between two of its files.
 const READAHEAD_MAX_GAP: u64 = 64 << 10;
 
+/// Request slots kept for reads a process waits on, beyond the foreground concurrency
+/// ([`Fetcher`]'s `demand_reserve`).
+const DEMAND_RESERVE: usize = 2;
+
 /// How long a chunk given up at its deadline fails new asks at once: long enough for the
 /// kernel's follow-up request of the same read, short enough that the next read tries the
 /// registry again.
@@ -273,6 +277,9 @@ pub struct Fetcher {
     /// Chunks given up at their deadline, when, and why (see [`GAVE_UP_MEMORY`]).
     gave_up: Mutex<HashMap<FlightKey, (Instant, FetchError)>>,
     foreground: Semaphore,
+    /// Slots only a run a reader waits on may take, beside `foreground`: readahead and
+    /// guesses filling every foreground slot never queue a read a process is blocked on.
+    demand_reserve: Semaphore,
     /// Requests of recorded prefetch lists (ahead of background fill, never behind it).
     prefetch: Semaphore,
     background: Semaphore,
@@ -304,6 +311,7 @@ impl Fetcher {
         Fetcher {
             cache,
             foreground: Semaphore::new(opts.foreground_concurrency.max(1)),
+            demand_reserve: Semaphore::new(DEMAND_RESERVE),
             prefetch: Semaphore::new(opts.background_concurrency.max(1) * 2),
             background: Semaphore::new(opts.background_concurrency.max(1)),
             fg_busy: std::sync::atomic::AtomicUsize::new(0),
@@ -741,7 +749,19 @@ impl Fetcher {
                 // a black-holed registry, queued reads end at their deadline, not after every
                 // request ahead of them timed out.
                 let left = self.opts.deadline.saturating_sub(began.elapsed());
-                let Ok(permit) = tokio::time::timeout(left, sem.acquire()).await else {
+                let demand = waited_on || p == Priority::Demand;
+                let acquire = async {
+                    if demand {
+                        tokio::select! {
+                            biased;
+                            permit = self.foreground.acquire() => permit,
+                            permit = self.demand_reserve.acquire() => permit,
+                        }
+                    } else {
+                        sem.acquire().await
+                    }
+                };
+                let Ok(permit) = tokio::time::timeout(left, acquire).await else {
                     return Err(FetchError::Deadline {
                         chunk: run[next].rec.digest.to_string(),
                         secs: began.elapsed().as_secs_f64(),
@@ -1571,6 +1591,38 @@ mod tests {
         );
         eventually(|| refs.iter().all(|c| f.cache.contains(&c.rec.digest))).await;
         assert_eq!(f.counters.requests.load(Ordering::SeqCst), 1);
+    }
+
+    /// Readahead holding every foreground slot does not queue a read a process waits on: it
+    /// takes a slot kept for such reads and is answered in one request's time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_is_never_queued_behind_readahead() {
+        let (dir, _blob, refs, _) = setup(6, Duration::from_millis(400));
+        let cache = Arc::new(ChunkCache::open(dir.path(), 0).unwrap());
+        let f = Arc::new(Fetcher::new(
+            cache,
+            FetchOptions {
+                deadline: Duration::from_secs(10),
+                attempt_timeout: Duration::from_secs(5),
+                foreground_concurrency: 2,
+                ..FetchOptions::default()
+            },
+        ));
+        let ahead: Vec<_> = [0, 2, 4]
+            .iter()
+            .map(|&i| spawn_ensure(&f, &refs[i..i + 1], Priority::Readahead))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = Instant::now();
+        f.ensure(&refs[3..4], Priority::Demand).await.unwrap();
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(700),
+            "the read waited for a slot: {took:?}"
+        );
+        for a in ahead {
+            a.await.unwrap().unwrap();
+        }
     }
 
     /// A read of a chunk that held-back background fill also wants gets it now, not after the

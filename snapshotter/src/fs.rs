@@ -247,8 +247,9 @@ const SMALL_READ_BYTES: u64 = 64 << 10;
 const NEIGHBOUR_BYTES: u64 = 32 << 10;
 
 /// The chunks of directory `dir`'s regular files (not its subdirectories') that `cached` says
-/// are missing, those at or after blob offset `from` first, then those before it, up to
-/// `budget` stored bytes; in blob order.
+/// are missing, up to `budget` stored bytes: those at or after blob offset `from` in blob
+/// order, then those before it in blob order (the requests go out in that order, so the files
+/// a program reads next, most often after its last in a tar's order, come first).
 fn directory_guess(
     index: &IndexReader<Vec<u8>>,
     dir: u64,
@@ -287,7 +288,6 @@ fn directory_guess(
         taken += rec.stored_len as u64;
         picked.push(rec);
     }
-    picked.sort_by_key(|c| c.offset);
     picked
 }
 
@@ -705,9 +705,11 @@ impl LayerFs {
             d.fetched = true;
         }
         let cache = self.cache();
+        // Not the read's own chunks: those go out first in a request of their own, not
+        // behind guessed bytes.
         let guess: Vec<ChunkRef> =
             directory_guess(&self.index, r.parent, here.rec.offset, budget, |d| {
-                cache.contains(d)
+                cache.contains(d) || missing.iter().any(|(_, c)| c.rec.digest == *d)
             })
             .into_iter()
             .map(|rec| ChunkRef {
@@ -723,15 +725,21 @@ impl LayerFs {
         self.spawn_readahead(guess);
     }
 
-    /// Fetch `chunks` (in blob order) at readahead priority, nobody waiting: in parallel
-    /// requests of about [`READAHEAD_REQUEST_BYTES`] on the wire, each stored as it comes.
+    /// Fetch `chunks` at readahead priority, nobody waiting: in parallel requests of about
+    /// [`READAHEAD_REQUEST_BYTES`] on the wire, each stored as it comes, sent in the order of
+    /// `chunks` (each request's chunks in blob order: a chunk before the last starts another).
     fn spawn_readahead(&self, chunks: Vec<ChunkRef>) {
         let mut parts: Vec<Vec<ChunkRef>> = Vec::new();
         let mut part_bytes = 0u64;
         for c in chunks {
             let n = c.rec.stored_len as u64;
             match parts.last_mut() {
-                Some(part) if part_bytes + n <= READAHEAD_REQUEST_BYTES => part.push(c),
+                Some(part)
+                    if part_bytes + n <= READAHEAD_REQUEST_BYTES
+                        && part.last().is_some_and(|l| l.rec.offset < c.rec.offset) =>
+                {
+                    part.push(c)
+                }
                 _ => {
                     parts.push(vec![c]);
                     part_bytes = 0;
@@ -1416,9 +1424,9 @@ mod tests {
         // f1 is cached; the read was at f3: f3, f4, f5 first, then f0, f2; never sub/g.
         let f1 = ChunkDigest([2; 32]);
         let guess = |budget| directory_guess(&index, root, 300, budget, |d| *d == f1);
-        assert_eq!(offsets(guess(10_000)), vec![0, 200, 300, 400, 500]);
+        assert_eq!(offsets(guess(10_000)), vec![300, 400, 500, 0, 200]);
         assert_eq!(offsets(guess(300)), vec![300, 400, 500]);
-        assert_eq!(offsets(guess(400)), vec![0, 300, 400, 500]);
+        assert_eq!(offsets(guess(400)), vec![300, 400, 500, 0]);
         assert!(guess(99).is_empty());
         // Not a directory: nothing.
         let f0 = index.lookup(root, b"f0").unwrap().unwrap();

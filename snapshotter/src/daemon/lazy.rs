@@ -40,6 +40,9 @@ type FoundArtifact = (Instant, String, Vec<crate::oci::BeamLayer>, String);
 /// whole while they mount.
 pub const DEFAULT_WHOLE_LAYER_MAX_BYTES: u64 = 2 << 20;
 
+/// A chunk blob asked for whole ahead of its mount ([`crate::blob::AheadBody`]).
+type AheadSource = Arc<dyn crate::blob::RangeSource>;
+
 /// Lazily mounted layers of the daemon, by snapshot id.
 pub struct LazyLayers {
     pub fetcher: Arc<Fetcher>,
@@ -51,6 +54,9 @@ pub struct LazyLayers {
     /// Index loads in flight, by index digest: a layer's Prepare joins the load that the
     /// image's first layer started for it.
     index_loads: Arc<Mutex<HashMap<String, IndexLoad>>>,
+    /// Small layers' chunk blobs asked for whole beside their indexes, by chunk blob digest,
+    /// until the layer mounts on them ([`crate::blob::AheadBody`]).
+    ahead_bodies: Mutex<HashMap<String, (Instant, AheadSource)>>,
     /// Layers whose chunk blob is at most this many bytes are fetched whole while they mount.
     whole_layer_max_bytes: u64,
     /// What an index may hold (size, inodes, depth): `[remote] max_index_*`.
@@ -127,6 +133,7 @@ impl LazyLayers {
             pull_clients: Mutex::new(HashMap::new()),
             artifacts: Mutex::new(HashMap::new()),
             index_loads: Arc::new(Mutex::new(HashMap::new())),
+            ahead_bodies: Mutex::new(HashMap::new()),
             whole_layer_max_bytes: DEFAULT_WHOLE_LAYER_MAX_BYTES,
             index_limits: crate::format::ReadLimits::default(),
             fetcher,
@@ -237,7 +244,10 @@ impl LazyLayers {
             .index_load(&at_manifest, &client, &options, &layer)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
-        let source = store.range_source(&layer.chunks)?;
+        let source = match self.take_ahead_body(&layer.chunks.digest) {
+            Some(ahead) => ahead,
+            None => store.range_source(&layer.chunks)?,
+        };
         let mounted = mount::mount_layer(
             layer,
             index,
@@ -290,7 +300,8 @@ impl LazyLayers {
         let (artifact, layers, admitted) =
             (found.artifact, found.layers, found.admitted.to_string());
         // Every layer's index at once, and the chunks of the small layers (fetched whole at
-        // mount anyway): the Prepares of this and the layers above join what is under way.
+        // mount anyway), asked for beside their index: the Prepares of this and the layers
+        // above join what is under way.
         for l in &layers {
             let load = self.index_load(at_manifest, client, options, l);
             let small = l.chunks.size > 0 && l.chunks.size <= self.whole_layer_max_bytes;
@@ -298,7 +309,20 @@ impl LazyLayers {
                 Store::with_registry(at_manifest.clone(), client.clone(), options)
                     .range_source(&l.chunks)
                     .ok()
-                    .map(|source| (self.fetcher.clone(), source))
+                    .map(|source| {
+                        // A layer whose index is cached was here before: its chunks may be
+                        // too, and the fetch below asks only for those missing.
+                        if self.fetcher.cache.index_path(&l.index.digest).exists() {
+                            return (self.fetcher.clone(), source);
+                        }
+                        let ahead: AheadSource =
+                            crate::blob::AheadBody::start(source, l.chunks.size);
+                        self.ahead_bodies
+                            .lock()
+                            .expect("ahead bodies lock")
+                            .insert(l.chunks.digest.clone(), (Instant::now(), ahead.clone()));
+                        (self.fetcher.clone(), ahead)
+                    })
             } else {
                 None
             };
@@ -322,6 +346,13 @@ impl LazyLayers {
             ),
         );
         Ok((artifact, layers, admitted))
+    }
+
+    /// The chunk blob `digest` asked for whole ahead of its mount, if it was (and lately).
+    fn take_ahead_body(&self, digest: &str) -> Option<AheadSource> {
+        let mut ahead = self.ahead_bodies.lock().expect("ahead bodies lock");
+        ahead.retain(|_, (at, _)| at.elapsed() < crate::blob::AHEAD_BODY_KEPT);
+        ahead.remove(digest).map(|(_, source)| source)
     }
 
     /// Load `layer`'s index (from the cache, else the registry), joining a load of the same

@@ -9,7 +9,7 @@
 use crate::registry::{Failure, Registry};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{BoxStream, Stream, StreamExt, TryStreamExt};
+use futures_util::stream::{BoxStream, Stream, StreamExt};
 use oci_client::Reference;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -186,13 +186,21 @@ impl Registry {
             .map_err(|e| BlobError::from_error(&e))?;
         // A registry that ignores Range sends the whole blob: skip to the range.
         let skip = if partial { 0 } else { offset };
-        let mut out = bytes::BytesMut::with_capacity(len as usize);
-        let mut pieces = std::pin::pin!(body_pieces(resp, skip, len));
-        while let Some(piece) = pieces.next().await {
-            out.extend_from_slice(&piece?);
-        }
-        Ok(out.freeze())
+        joined(body_pieces(resp, skip, len), len).await
     }
+}
+
+/// The pieces of a range (`len` bytes) as one buffer, or the first error among them.
+async fn joined(
+    pieces: impl Stream<Item = Result<Bytes, BlobError>>,
+    len: u64,
+) -> Result<Bytes, BlobError> {
+    let mut out = bytes::BytesMut::with_capacity(len as usize);
+    let mut pieces = std::pin::pin!(pieces);
+    while let Some(piece) = pieces.next().await {
+        out.extend_from_slice(&piece?);
+    }
+    Ok(out.freeze())
 }
 
 /// The `len` bytes of a range answer's body after its first `skip` (a registry that ignores
@@ -309,14 +317,7 @@ impl AheadBody {
 
 impl RangeSource for AheadBody {
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Bytes, BlobError>> {
-        let pieces = self.read_range_stream(offset, len);
-        Box::pin(async move {
-            let pieces: Vec<Bytes> = pieces.try_collect().await?;
-            Ok(match pieces.len() {
-                1 => pieces.into_iter().next().unwrap_or_default(),
-                _ => Bytes::from(pieces.concat()),
-            })
-        })
+        Box::pin(joined(self.read_range_stream(offset, len), len))
     }
 
     fn read_range_stream(

@@ -1,5 +1,6 @@
 //! Writing an index: [`IndexBuilder`] encodes a tree and a chunk table, [`with_prefetch`]
-//! replaces the prefetch list of an existing index. Both seal the result with its checksum.
+//! replaces the prefetch list of an existing index and [`with_follows`] its follows section.
+//! All seal the result with its checksum.
 
 use super::reader::IndexReader;
 use super::records::*;
@@ -220,6 +221,7 @@ impl IndexBuilder {
             &xattrs,
             &strings.bytes,
             &prefetch,
+            &[],
         ];
         let total: usize = HEADER_LEN + sections.iter().map(|s| s.len()).sum::<usize>();
         if total > MAX_INDEX_LEN {
@@ -276,6 +278,83 @@ pub fn with_prefetch(bytes: &[u8], inos: &[u64]) -> Result<Vec<u8>, IndexError> 
     Ok(out)
 }
 
+/// One edge of the follows section: reading file `from` (an inode of this layer) loads the
+/// file `ino` of `layer` next (0: this layer; n: the n-th diff_id handed to [`with_follows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Follow {
+    pub from: u64,
+    pub layer: usize,
+    pub ino: u64,
+}
+
+/// The same index with its follows section replaced by `layers` (other layers' diff_ids,
+/// sha256) and `edges` (sorted here; repeated ones dropped). Everything else stays byte for
+/// byte; the prefetch list stays last, so that [`with_prefetch`] keeps the follows.
+pub fn with_follows(
+    bytes: &[u8],
+    layers: &[[u8; 32]],
+    edges: &[Follow],
+) -> Result<Vec<u8>, IndexError> {
+    let r = IndexReader::new(bytes)?;
+    let bad = |reason: String| IndexError::BadFollow { index: 0, reason };
+    if layers.len() > MAX_FOLLOW_LAYERS {
+        return Err(bad(format!(
+            "{} layers (at most {MAX_FOLLOW_LAYERS})",
+            layers.len()
+        )));
+    }
+    let (follows, prefetch) = (r.sections[SEC_FOLLOWS], r.sections[SEC_PREFETCH]);
+    // The sections before them end where the follows (or, without them, the prefetch list)
+    // start: the encoder and this function write them in that order.
+    let at = if follows.len > 0 {
+        follows.offset.min(prefetch.offset)
+    } else {
+        prefetch.offset
+    };
+    let prefetch_bytes = bytes[prefetch.offset..prefetch.offset + prefetch.len].to_vec();
+    let mut out = bytes[..at].to_vec();
+    let mut section = Vec::with_capacity(4 + layers.len() * 32 + edges.len() * FOLLOW_LEN);
+    section.extend_from_slice(&(layers.len() as u32).to_le_bytes());
+    for l in layers {
+        section.extend_from_slice(l);
+    }
+    let mut sorted = edges.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    for e in &sorted {
+        if e.ino > MAX_FOLLOW_INO || e.from > u32::MAX as u64 || e.layer > layers.len() {
+            return Err(bad(format!("edge {e:?} cannot be written")));
+        }
+        section.extend_from_slice(&(e.from as u32).to_le_bytes());
+        section.extend_from_slice(&(((e.layer as u32) << 24) | e.ino as u32).to_le_bytes());
+    }
+    let (follows_at, follows_len) = if sorted.is_empty() && layers.is_empty() {
+        (0, 0)
+    } else {
+        (out.len(), section.len())
+    };
+    if follows_len > 0 {
+        out.extend_from_slice(&section);
+    }
+    let prefetch_at = out.len();
+    out.extend_from_slice(&prefetch_bytes);
+    let put = |out: &mut Vec<u8>, sec: usize, offset: usize, len: usize| {
+        out[32 + sec * 16..40 + sec * 16].copy_from_slice(&(offset as u64).to_le_bytes());
+        out[40 + sec * 16..48 + sec * 16].copy_from_slice(&(len as u64).to_le_bytes());
+    };
+    put(&mut out, SEC_PREFETCH, prefetch_at, prefetch.len);
+    put(&mut out, SEC_FOLLOWS, follows_at, follows_len);
+    if out.len() > MAX_INDEX_LEN {
+        return Err(IndexError::TooLong {
+            len: out.len(),
+            limit: MAX_INDEX_LEN,
+        });
+    }
+    seal(&mut out);
+    IndexReader::new(&out[..])?;
+    Ok(out)
+}
+
 /// Write the checksum of `index` into it: sha256 over the whole index with the checksum
 /// field zeroed.
 pub(super) fn seal(index: &mut [u8]) {
@@ -299,6 +378,42 @@ mod tests {
         let mut s = sample();
         s.nodes[0].children.insert(b"again".to_vec(), 2);
         assert!(s.encode().is_err());
+    }
+
+    #[test]
+    fn follows_can_be_replaced_and_survive_a_new_prefetch_list() {
+        let bytes = with_prefetch(&sample().encode().unwrap(), &[2]).unwrap();
+        let other = [7u8; 32];
+        let e = |from, layer, ino| Follow { from, layer, ino };
+        let out = with_follows(
+            &bytes,
+            &[other],
+            &[e(4, 1, 9), e(2, 0, 4), e(4, 0, 2), e(2, 0, 4)],
+        )
+        .unwrap();
+        let r = IndexReader::new(&out[..]).unwrap();
+        assert_eq!(r.follows(2).collect::<Vec<_>>(), vec![(0, 4)]);
+        assert_eq!(r.follows(4).collect::<Vec<_>>(), vec![(0, 2), (1, 9)]);
+        assert_eq!(r.follows(3).count(), 0);
+        assert_eq!(r.follow_layer(1), Some(other));
+        assert_eq!(r.follow_layer(0), None);
+        assert_eq!(r.follow_layer(2), None);
+        assert_eq!(r.prefetch().collect::<Vec<_>>(), vec![2]);
+        // A new prefetch list keeps them; new follows replace them.
+        let again = with_prefetch(&out, &[3, 4]).unwrap();
+        let r = IndexReader::new(&again[..]).unwrap();
+        assert_eq!(r.prefetch().collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(r.follows(4).collect::<Vec<_>>(), vec![(0, 2), (1, 9)]);
+        let replaced = with_follows(&again, &[], &[e(3, 0, 1)]).unwrap();
+        let r = IndexReader::new(&replaced[..]).unwrap();
+        assert_eq!(r.follows(4).count(), 0);
+        assert_eq!(r.follows(3).collect::<Vec<_>>(), vec![(0, 1)]);
+        assert_eq!(r.follow_layer_count(), 0);
+        assert_eq!(r.prefetch().collect::<Vec<_>>(), vec![3, 4]);
+        // Edges naming what is not there are refused.
+        assert!(with_follows(&bytes, &[], &[e(99, 0, 1)]).is_err());
+        assert!(with_follows(&bytes, &[], &[e(2, 0, 99)]).is_err());
+        assert!(with_follows(&bytes, &[], &[e(2, 1, 1)]).is_err());
     }
 
     #[test]

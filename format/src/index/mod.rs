@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! header   192 bytes   magic "BEAMIDX\0", version, chunk size, flags, chunk blob size,
-//!                      7 sections (offset, length), sha256 over the whole index with the
+//!                      8 sections (offset, length), sha256 over the whole index with the
 //!                      checksum field zeroed
 //! inodes   64 bytes each; inode number = position + 1, root = 1
 //! dirents  16 bytes each; a directory's entries are contiguous and sorted by name bytes
@@ -13,6 +13,8 @@
 //! xattrs   16 bytes each; name and value as ranges of the string section
 //! strings  names, symlink targets, xattr names and values
 //! prefetch  4 bytes each; inode numbers in the order a recorded workload first read them
+//! follows   what reading a file loads next: other layers' diff_ids, then 8-byte edges
+//!           (file inode, layer << 24 | inode), sorted by file inode; optional
 //! ```
 //!
 //! Every record has a fixed size, so a lookup reads only what it needs: a path lookup is a
@@ -30,11 +32,11 @@ mod encoder;
 mod reader;
 mod records;
 
-pub use encoder::{with_prefetch, IndexBuilder, Node};
+pub use encoder::{with_follows, with_prefetch, Follow, IndexBuilder, Node};
 pub use reader::{IndexReader, ReadLimits, DEFAULT_MAX_DEPTH, DEFAULT_MAX_INODES};
 pub use records::{
     ChunkRecord, DirentRecord, InodeKind, InodeRecord, XattrRecord, FLAG_OPAQUE, HEADER_LEN, MAGIC,
-    MAX_INDEX_LEN, MAX_NAME_LEN, ROOT_INO,
+    MAX_FOLLOW_INO, MAX_FOLLOW_LAYERS, MAX_INDEX_LEN, MAX_NAME_LEN, ROOT_INO,
 };
 
 use crate::{FORMAT_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -77,6 +79,8 @@ pub enum IndexError {
     BadXattr { index: u64, reason: String },
     #[error("prefetch entry {index}: inode {ino} does not exist")]
     BadPrefetch { index: u64, ino: u64 },
+    #[error("follows edge {index}: {reason}")]
+    BadFollow { index: u64, reason: String },
     #[error("no inode {0}")]
     NoSuchInode(u64),
     #[error("too many {what}: {count} (limit {limit})")]

@@ -120,6 +120,11 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
             let offset = u64_at(b, 32 + i * 16);
             let len = u64_at(b, 40 + i * 16);
             let end = offset.checked_add(len);
+            if len == 0 {
+                // Empty: where it points does not matter (an index written before the follows
+                // section existed has zeros there).
+                continue;
+            }
             if offset < HEADER_LEN as u64 || end.is_none_or(|e| e > b.len() as u64) {
                 return Err(IndexError::SectionOutOfBounds {
                     name: SECTION_NAMES[i],
@@ -391,6 +396,56 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
                 return Err(IndexError::BadPrefetch { index: i, ino });
             }
         }
+        self.validate_follows(inodes)
+    }
+
+    /// The follows section: its layer table fits, every edge names inodes that exist (in
+    /// this layer; another layer's inode numbers are checked against that layer's index when
+    /// used) and a layer of the table, and edges are sorted by their first inode (lookups
+    /// are binary searches).
+    fn validate_follows(&self, inodes: u64) -> Result<(), IndexError> {
+        let s = self.sections[SEC_FOLLOWS];
+        if s.len == 0 {
+            return Ok(());
+        }
+        let bad = |index: u64, reason: String| IndexError::BadFollow { index, reason };
+        let b = &self.bytes.as_ref()[s.offset..s.offset + s.len];
+        if b.len() < 4 {
+            return Err(bad(0, "no layer count".into()));
+        }
+        let layers = u32_at(b, 0) as usize;
+        if layers > MAX_FOLLOW_LAYERS {
+            return Err(bad(
+                0,
+                format!("{layers} layers (at most {MAX_FOLLOW_LAYERS})"),
+            ));
+        }
+        let edges_at = 4 + layers * 32;
+        if edges_at > b.len() || (b.len() - edges_at) % FOLLOW_LEN != 0 {
+            return Err(bad(
+                0,
+                format!(
+                    "{} bytes do not hold {layers} layers and whole edges",
+                    b.len()
+                ),
+            ));
+        }
+        let mut last = 0u64;
+        for (i, e) in b[edges_at..].chunks_exact(FOLLOW_LEN).enumerate() {
+            let from = u32_at(e, 0) as u64;
+            let to = u32_at(e, 4);
+            let (layer, ino) = ((to >> 24) as usize, (to & 0xff_ffff) as u64);
+            if from == 0 || from > inodes {
+                return Err(bad(i as u64, format!("inode {from} does not exist")));
+            }
+            if from < last {
+                return Err(bad(i as u64, "edges out of order".into()));
+            }
+            last = from;
+            if layer > layers || ino == 0 || (layer == 0 && ino > inodes) {
+                return Err(bad(i as u64, format!("no inode {ino} in layer {layer}")));
+            }
+        }
         Ok(())
     }
 
@@ -573,6 +628,59 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
         })
     }
 
+    /// What reading file `ino` is known to load next, found at conversion (a Python
+    /// module's imports, an ELF file's libraries): `(layer, inode)` pairs, where layer 0 is
+    /// this layer and layer `n` the one [`IndexReader::follow_layer`]`(n)` names.
+    pub fn follows(&self, ino: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
+        let (b, edges_at) = self.follow_parts();
+        let edges = &b[edges_at..];
+        let n = edges.len() / FOLLOW_LEN;
+        let from_at = |i: usize| u32_at(edges, i * FOLLOW_LEN) as u64;
+        // First edge from `ino`: edges are sorted by their first inode (validated).
+        let (mut lo, mut hi) = (0usize, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if from_at(mid) < ino {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        (lo..n)
+            .take_while(move |&i| from_at(i) == ino)
+            .map(move |i| {
+                let to = u32_at(edges, i * FOLLOW_LEN + 4);
+                ((to >> 24) as usize, (to & 0xff_ffff) as u64)
+            })
+    }
+
+    /// The diff_id (sha256) of layer `n` (1-based) of the follows section's layer table.
+    pub fn follow_layer(&self, n: usize) -> Option<[u8; 32]> {
+        let (b, _) = self.follow_parts();
+        let at = 4 + n.checked_sub(1)? * 32;
+        (n <= self.follow_layer_count()).then(|| b[at..at + 32].try_into().expect("32 bytes"))
+    }
+
+    /// How many other layers the follows section names.
+    pub fn follow_layer_count(&self) -> usize {
+        let (b, _) = self.follow_parts();
+        if b.len() < 4 {
+            0
+        } else {
+            u32_at(b, 0) as usize
+        }
+    }
+
+    /// The follows section's bytes and where its edges start (both empty when it is).
+    fn follow_parts(&self) -> (&[u8], usize) {
+        let s = self.sections[SEC_FOLLOWS];
+        if s.len == 0 {
+            return (&[], 0);
+        }
+        let b = &self.bytes.as_ref()[s.offset..s.offset + s.len];
+        (b, 4 + u32_at(b, 0) as usize * 32)
+    }
+
     /// Inode numbers in recorded access order (empty when no trace was recorded).
     pub fn prefetch(&self) -> impl Iterator<Item = u64> + '_ {
         (0..self.count(SEC_PREFETCH)).map(move |i| u32_at(self.record(SEC_PREFETCH, i), 0) as u64)
@@ -735,6 +843,53 @@ mod tests {
             b[i] ^= 0x01;
             assert!(IndexReader::new(&b).is_err(), "flip at {i}");
         }
+    }
+
+    #[test]
+    fn a_damaged_follows_section_is_refused() {
+        use crate::index::{with_follows, Follow};
+        let e = |from, layer, ino| Follow { from, layer, ino };
+        let good = with_follows(
+            &sample().encode().unwrap(),
+            &[[1; 32]],
+            &[e(2, 0, 3), e(4, 1, 5)],
+        )
+        .unwrap();
+        let s = u64_at(&good, 32 + SEC_FOLLOWS * 16) as usize;
+        let edges = s + 4 + 32;
+        let damaged = |at: usize, v: u32| {
+            let mut b = good.clone();
+            b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            reseal(&mut b);
+            IndexReader::new(&b).err()
+        };
+        assert_eq!(
+            damaged(0, u32::from_le_bytes(good[0..4].try_into().unwrap())),
+            None
+        );
+        // Out of order, a missing first inode, a missing inode of this layer, a layer
+        // outside the table, a table larger than the section.
+        assert!(matches!(
+            damaged(edges, 5),
+            Some(IndexError::BadFollow { .. })
+        ));
+        assert!(matches!(
+            damaged(edges, 0),
+            Some(IndexError::BadFollow { .. })
+        ));
+        assert!(matches!(
+            damaged(edges + 4, 99),
+            Some(IndexError::BadFollow { .. })
+        ));
+        assert!(matches!(
+            damaged(edges + 4, (2 << 24) | 1),
+            Some(IndexError::BadFollow { .. })
+        ));
+        assert!(matches!(damaged(s, 3), Some(IndexError::BadFollow { .. })));
+        assert!(matches!(
+            damaged(s, u32::MAX),
+            Some(IndexError::BadFollow { .. })
+        ));
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub(super) const CHUNK_LEN: usize = 48;
 pub(super) const REF_LEN: usize = 4;
 pub(super) const XATTR_LEN: usize = 16;
 pub(super) const PREFETCH_LEN: usize = 4;
-pub(super) const SECTIONS: usize = 7;
+pub(super) const SECTIONS: usize = 8;
 pub(super) const SEC_INODES: usize = 0;
 pub(super) const SEC_DIRENTS: usize = 1;
 pub(super) const SEC_CHUNKS: usize = 2;
@@ -31,8 +31,11 @@ pub(super) const SEC_REFS: usize = 3;
 pub(super) const SEC_XATTRS: usize = 4;
 pub(super) const SEC_STRINGS: usize = 5;
 pub(super) const SEC_PREFETCH: usize = 6;
+/// Written after the other sections, by [`super::with_follows`]; empty (offset and length 0,
+/// as in indexes written before it existed) when the layer has none.
+pub(super) const SEC_FOLLOWS: usize = 7;
 pub(super) const SECTION_NAMES: [&str; SECTIONS] = [
-    "inodes", "dirents", "chunks", "refs", "xattrs", "strings", "prefetch",
+    "inodes", "dirents", "chunks", "refs", "xattrs", "strings", "prefetch", "follows",
 ];
 pub(super) const RECORD_LENS: [usize; SECTIONS] = [
     INODE_LEN,
@@ -42,7 +45,15 @@ pub(super) const RECORD_LENS: [usize; SECTIONS] = [
     XATTR_LEN,
     1,
     PREFETCH_LEN,
+    1,
 ];
+/// The follows section: a count of other layers (u32), their diff_ids (32 bytes each), then
+/// edges of [`FOLLOW_LEN`] bytes sorted by their first inode.
+pub(super) const FOLLOW_LEN: usize = 8;
+/// Largest inode number an edge can name (the low 24 bits of its second word).
+pub const MAX_FOLLOW_INO: u64 = (1 << 24) - 1;
+/// Most other layers one layer's follows can name (the high 8 bits of an edge's second word).
+pub const MAX_FOLLOW_LAYERS: usize = 255;
 /// Where the header keeps the index's sha256 (32 bytes).
 pub(super) const CHECKSUM_AT: usize = 160;
 

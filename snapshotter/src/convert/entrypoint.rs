@@ -9,26 +9,15 @@
 //! runs the image's code; this reads only headers, so it is safe on every conversion, also in
 //! `beam autoconvert`. It is a hint: a wrong guess costs bytes, never correctness.
 
-use crate::format::chunk;
-use crate::format::index::{IndexReader, InodeKind, InodeRecord};
+use super::stack::{absolute, Stack};
+use crate::format::index::{InodeKind, InodeRecord};
 use std::collections::HashSet;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 
-/// Largest file read to look into it (an ELF header, a `#!` line): bigger ones are still
-/// prefetched, not parsed.
-const MAX_PARSED_FILE: u64 = 256 << 20;
-/// Symlinks followed while resolving one path (as Linux's `MAXSYMLINKS`).
-const MAX_SYMLINKS: usize = 40;
 /// Files in the list at most.
 const MAX_FILES: usize = 512;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// One converted layer: its index and its chunk blob on local disk.
-pub struct Layer<'a> {
-    pub index: IndexReader<&'a [u8]>,
-    pub blob: &'a Path,
-}
+pub use super::stack::Layer;
 
 /// What the image config says runs.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -82,7 +71,7 @@ impl Process {
 /// would load them. Empty lists when the entrypoint cannot be found.
 pub fn prefetch_lists(layers: &[Layer<'_>], process: &Process) -> Vec<Vec<u64>> {
     let mut walk = Walk {
-        layers,
+        stack: Stack { layers },
         seen: HashSet::new(),
         order: Vec::new(),
     };
@@ -101,7 +90,7 @@ pub fn prefetch_lists(layers: &[Layer<'_>], process: &Process) -> Vec<Vec<u64>> 
 }
 
 struct Walk<'l, 'a> {
-    layers: &'l [Layer<'a>],
+    stack: Stack<'l, 'a>,
     seen: HashSet<(usize, u64)>,
     /// (layer, inode) of each regular file, in load order.
     order: Vec<(usize, u64)>,
@@ -117,14 +106,15 @@ impl Walk<'_, '_> {
             .iter()
             .map(|d| format!("{}/{name}", d.trim_end_matches('/')))
             .find(|p| {
-                self.resolve(p)
+                self.stack
+                    .resolve(p)
                     .is_some_and(|(_, _, rec)| rec.kind == InodeKind::File)
             })
     }
 
     /// Add the file at `path` (resolved) to the list; return its layer and record.
     fn add(&mut self, path: &str) -> Option<(usize, InodeRecord, String)> {
-        let (layer, real, rec) = self.resolve(path)?;
+        let (layer, real, rec) = self.stack.resolve(path)?;
         if rec.kind != InodeKind::File || self.order.len() >= MAX_FILES {
             return None;
         }
@@ -143,7 +133,7 @@ impl Walk<'_, '_> {
         let Some((layer, rec, real)) = self.add(path) else {
             return;
         };
-        let Some(bytes) = self.read(layer, &rec) else {
+        let Some(bytes) = self.stack.read(layer, &rec) else {
             return;
         };
         if let Some(line) = bytes.strip_prefix(b"#!") {
@@ -215,45 +205,7 @@ impl Walk<'_, '_> {
         if let Some(interp) = elf.interpreter {
             self.add(interp);
         }
-        let origin = real.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
-        let mut dirs: Vec<String> = elf
-            .rpaths
-            .iter()
-            .chain(elf.runpaths.iter())
-            .flat_map(|p| p.split(':'))
-            .map(|d| d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin))
-            .filter(|d| d.starts_with('/'))
-            .collect();
-        let triplet = match elf.header.e_machine {
-            goblin::elf::header::EM_X86_64 => "x86_64-linux-gnu",
-            goblin::elf::header::EM_AARCH64 => "aarch64-linux-gnu",
-            goblin::elf::header::EM_386 => "i386-linux-gnu",
-            goblin::elf::header::EM_ARM => "arm-linux-gnueabihf",
-            goblin::elf::header::EM_PPC64 => "powerpc64le-linux-gnu",
-            goblin::elf::header::EM_S390 => "s390x-linux-gnu",
-            _ => "",
-        };
-        for d in ["/lib", "/usr/lib"] {
-            if !triplet.is_empty() {
-                dirs.push(format!("{d}/{triplet}"));
-            }
-        }
-        dirs.extend(
-            ["/lib64", "/usr/lib64", "/lib", "/usr/lib", "/usr/local/lib"].map(String::from),
-        );
-        let needed: Vec<String> = elf.libraries.iter().map(|s| s.to_string()).collect();
-        for lib in needed {
-            let found = if lib.contains('/') {
-                Some(absolute(&lib))
-            } else {
-                dirs.iter()
-                    .map(|d| format!("{}/{lib}", d.trim_end_matches('/')))
-                    .find(|p| {
-                        self.resolve(p)
-                            .is_some_and(|(_, _, rec)| rec.kind == InodeKind::File)
-                    })
-            };
-            let Some(path) = found else { continue };
+        for path in self.stack.libraries(real, &elf) {
             let before = self.order.len();
             let Some((layer, rec, real)) = self.add(&path) else {
                 continue;
@@ -261,86 +213,10 @@ impl Walk<'_, '_> {
             if self.order.len() == before {
                 continue; // already walked
             }
-            if let Some(bytes) = self.read(layer, &rec) {
+            if let Some(bytes) = self.stack.read(layer, &rec) {
                 self.add_elf_deps(&real, &bytes, depth + 1);
             }
         }
-    }
-
-    /// The whole content of a regular file of `layer`, from the local chunk blob.
-    fn read(&self, layer: usize, rec: &InodeRecord) -> Option<Vec<u8>> {
-        if rec.size > MAX_PARSED_FILE {
-            return None;
-        }
-        let l = &self.layers[layer];
-        let blob = std::fs::File::open(l.blob).ok()?;
-        let mut out = Vec::with_capacity(rec.size as usize);
-        for i in l.index.file_chunks(rec) {
-            let c = l.index.chunk(i).ok()?;
-            let mut stored = vec![0u8; c.stored_len as usize];
-            blob.read_exact_at(&mut stored, c.offset).ok()?;
-            chunk::decode_into(&stored, c.uncompressed_len as usize, &c.digest, &mut out).ok()?;
-        }
-        Some(out)
-    }
-
-    /// The entry at `path` in the layers stacked as overlayfs stacks them, following symlinks
-    /// (in every component): its layer, its real path and its record. `None` when missing or
-    /// deleted by a whiteout above it.
-    fn resolve(&self, path: &str) -> Option<(usize, String, InodeRecord)> {
-        let mut pending: Vec<String> = components(path);
-        pending.reverse();
-        let mut real: Vec<String> = Vec::new();
-        let mut links = 0;
-        let mut last = None;
-        while let Some(name) = pending.pop() {
-            match name.as_str() {
-                "." => continue,
-                ".." => {
-                    real.pop();
-                    continue;
-                }
-                _ => {}
-            }
-            real.push(name);
-            let joined = format!("/{}", real.join("/"));
-            let (layer, rec) = self.lookup(&joined)?;
-            if rec.kind == InodeKind::Symlink {
-                links += 1;
-                if links > MAX_SYMLINKS {
-                    return None;
-                }
-                let target = String::from_utf8_lossy(self.layers[layer].index.symlink_target(&rec))
-                    .into_owned();
-                real.pop();
-                if target.starts_with('/') {
-                    real.clear();
-                }
-                let mut t = components(&target);
-                t.reverse();
-                pending.extend(t);
-                last = None;
-                continue;
-            }
-            last = Some((layer, rec));
-        }
-        let (layer, rec) = last?;
-        Some((layer, format!("/{}", real.join("/")), rec))
-    }
-
-    /// The topmost entry at `path` (no symlinks in it), unless a whiteout above hides it.
-    fn lookup(&self, path: &str) -> Option<(usize, InodeRecord)> {
-        for (i, l) in self.layers.iter().enumerate().rev() {
-            let Ok(Some(ino)) = l.index.lookup_path(path.as_bytes()) else {
-                continue;
-            };
-            let rec = l.index.inode(ino).ok()?;
-            if rec.kind == InodeKind::Whiteout {
-                return None;
-            }
-            return Some((i, rec));
-        }
-        None
     }
 }
 
@@ -353,25 +229,12 @@ fn python_version(name: &str) -> Option<&str> {
     (digits(major) && digits(minor)).then_some(v)
 }
 
-fn absolute(p: &str) -> String {
-    if p.starts_with('/') {
-        p.to_string()
-    } else {
-        format!("/{p}")
-    }
-}
-
-fn components(p: &str) -> Vec<String> {
-    p.split('/')
-        .filter(|c| !c.is_empty())
-        .map(String::from)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::convert::layer::{convert_layer, ConvertOptions};
+    use crate::format::index::IndexReader;
+    use std::path::Path;
 
     /// A layer of `entries`: (path, content) files (mode 0755), or (path, "->target")
     /// symlinks, or (path, "whiteout") for `.wh.` deletions; converted to (index, blob file).

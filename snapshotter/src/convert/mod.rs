@@ -6,6 +6,7 @@
 pub mod entrypoint;
 pub mod image;
 pub mod layer;
+pub mod stack;
 pub mod tar_stream;
 pub mod tree;
 

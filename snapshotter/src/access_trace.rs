@@ -92,6 +92,7 @@ pub async fn record(
         work_dir: work_dir.to_path_buf(),
         trace_access: true,
         mounter: crate::mounter::system(),
+        layers: Default::default(),
     };
     let mounted = mount_image(store, fetcher, target.path(), None, &opts).await?;
     let mut child = isolated(target.path(), cmd)

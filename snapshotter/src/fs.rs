@@ -25,6 +25,7 @@
 
 use crate::cache::ChunkCache;
 use crate::fetch::{ChunkRef, Fetcher, RangeSource};
+use crate::follow::{LayerHandle, MountedLayers};
 use crate::format::chunk::ChunkDigest;
 use crate::format::index::{ChunkRecord, IndexReader, InodeKind, InodeRecord};
 use fuser::{
@@ -98,6 +99,11 @@ pub struct LayerFs {
     cold_dirs: Mutex<HashMap<u64, ColdDir>>,
     /// Files whose rest was asked for at their first cold read (see `LayerFs::file_ahead`).
     guessed_files: Mutex<std::collections::HashSet<u64>>,
+    /// This layer as a follows walk sees it, and the other layers it may lead to (see
+    /// `LayerFs::follow_ahead`); None when the layer's diff_id is unknown.
+    pub follow: Option<(Arc<LayerHandle>, Arc<MountedLayers>)>,
+    /// Files whose follows were fetched at their first open.
+    followed: Mutex<std::collections::HashSet<u64>>,
     /// What the kernel offered in FUSE_INIT, recorded by `init` so that a successor daemon can
     /// replay the handshake and take the connection over (`crate::takeover`).
     pub init_params: Arc<Mutex<Option<crate::takeover::InitParams>>>,
@@ -421,6 +427,8 @@ impl LayerFs {
             streams: Mutex::new(HashMap::new()),
             cold_dirs: Mutex::new(HashMap::new()),
             guessed_files: Mutex::new(std::collections::HashSet::new()),
+            follow: None,
+            followed: Mutex::new(std::collections::HashSet::new()),
             init_params: Arc::default(),
             frozen: Arc::default(),
         }
@@ -725,36 +733,44 @@ impl LayerFs {
         self.spawn_readahead(guess);
     }
 
-    /// Fetch `chunks` at readahead priority, nobody waiting: in parallel requests of about
-    /// [`READAHEAD_REQUEST_BYTES`] on the wire, each stored as it comes, sent in the order of
-    /// `chunks` (each request's chunks in blob order: a chunk before the last starts another).
-    fn spawn_readahead(&self, chunks: Vec<ChunkRef>) {
-        let mut parts: Vec<Vec<ChunkRef>> = Vec::new();
-        let mut part_bytes = 0u64;
-        for c in chunks {
-            let n = c.rec.stored_len as u64;
-            match parts.last_mut() {
-                Some(part)
-                    if part_bytes + n <= READAHEAD_REQUEST_BYTES
-                        && part.last().is_some_and(|l| l.rec.offset < c.rec.offset) =>
-                {
-                    part.push(c)
-                }
-                _ => {
-                    parts.push(vec![c]);
-                    part_bytes = 0;
-                }
+    /// Fetch what opening `r` loads, and what that loads (`crate::follow`), at its first
+    /// open, as readahead nobody waits on, up to [`Fetcher::speculation_bytes`] (nothing on a
+    /// near registry). The walk runs off the FUSE thread; the open does not wait for it.
+    fn follow_ahead(&self, r: &InodeRecord) {
+        let Some((own, layers)) = &self.follow else {
+            return;
+        };
+        let budget = self.fetcher.speculation_bytes();
+        if budget == 0
+            || self.index.follows(r.ino).next().is_none()
+            || !self.followed.lock().expect("followed lock").insert(r.ino)
+        {
+            return;
+        }
+        let (own, layers, fetcher, rt, ino) = (
+            own.clone(),
+            layers.clone(),
+            self.fetcher.clone(),
+            self.rt.clone(),
+            r.ino,
+        );
+        self.rt.spawn_blocking(move || {
+            let cache = fetcher.cache.clone();
+            let groups =
+                crate::follow::follow_chunks(&own, ino, &layers, |d| cache.contains(d), budget);
+            tracing::debug!(
+                ino,
+                chunks = groups.iter().map(Vec::len).sum::<usize>(),
+                "following what a file loads"
+            );
+            for chunks in groups {
+                spawn_readahead(&rt, &fetcher, chunks);
             }
-            part_bytes += n;
-        }
-        for part in parts {
-            let fetcher = self.fetcher.clone();
-            self.rt.spawn(async move {
-                let _ = fetcher
-                    .ensure(&part, crate::fetch::Priority::Readahead)
-                    .await;
-            });
-        }
+        });
+    }
+
+    fn spawn_readahead(&self, chunks: Vec<ChunkRef>) {
+        spawn_readahead(&self.rt, &self.fetcher, chunks)
     }
 
     /// Copy `[offset, offset+size)` of a file out of cached chunks. `None` when a chunk is
@@ -918,6 +934,38 @@ impl LayerFs {
 
 /// An index time as a `SystemTime`, clamped to what the platform holds (an index may say
 /// `i64::MAX` seconds; adding that to the epoch must not panic a FUSE thread).
+/// Fetch `chunks` at readahead priority, nobody waiting: in parallel requests of about
+/// [`READAHEAD_REQUEST_BYTES`] on the wire, each stored as it comes, sent in the order of
+/// `chunks` (each request's chunks in blob order: a chunk before the last starts another).
+fn spawn_readahead(rt: &tokio::runtime::Handle, fetcher: &Arc<Fetcher>, chunks: Vec<ChunkRef>) {
+    let mut parts: Vec<Vec<ChunkRef>> = Vec::new();
+    let mut part_bytes = 0u64;
+    for c in chunks {
+        let n = c.rec.stored_len as u64;
+        match parts.last_mut() {
+            Some(part)
+                if part_bytes + n <= READAHEAD_REQUEST_BYTES
+                    && part.last().is_some_and(|l| l.rec.offset < c.rec.offset) =>
+            {
+                part.push(c)
+            }
+            _ => {
+                parts.push(vec![c]);
+                part_bytes = 0;
+            }
+        }
+        part_bytes += n;
+    }
+    for part in parts {
+        let fetcher = fetcher.clone();
+        rt.spawn(async move {
+            let _ = fetcher
+                .ensure(&part, crate::fetch::Priority::Readahead)
+                .await;
+        });
+    }
+}
+
 fn mtime_of(secs: i64, nsec: u32) -> std::time::SystemTime {
     let t = if secs >= 0 {
         UNIX_EPOCH.checked_add(Duration::new(secs as u64, nsec.min(999_999_999)))
@@ -1017,6 +1065,9 @@ impl Filesystem for LayerFs {
             if r.kind == InodeKind::File {
                 rec.note(r.ino);
             }
+        }
+        if r.kind == InodeKind::File {
+            self.follow_ahead(&r);
         }
         self.fetcher.note_open();
         // From the decision (passthrough or caching mode) to the reply: two first opens must

@@ -38,6 +38,7 @@ pub mod crash;
 pub mod daemon;
 pub mod doctor;
 pub mod fetch;
+pub mod follow;
 pub use beam_format as format;
 pub mod access_trace;
 pub mod autoconvert;

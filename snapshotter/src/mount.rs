@@ -43,6 +43,9 @@ pub struct MountOptions {
     pub trace_access: bool,
     /// Who makes the mounts ([`crate::mounter::system`] outside tests).
     pub mounter: Arc<dyn Mounter>,
+    /// The layers mounted with these options, by diff_id: a layer's follows may lead to
+    /// another's files (`crate::follow`).
+    pub layers: Arc<crate::follow::MountedLayers>,
 }
 
 /// A layer mount parked in the fd holder: the holder's socket and the entry's name.
@@ -266,6 +269,14 @@ pub fn mount_layer(
         rt.clone(),
         opts.passthrough,
     );
+    if let Some(id) = crate::oci::sha256_bytes(&layer.diff_id) {
+        let handle = Arc::new(crate::follow::LayerHandle {
+            index: index.clone(),
+            source: source.clone(),
+        });
+        opts.layers.add(id, &handle);
+        fs.follow = Some((handle, opts.layers.clone()));
+    }
     // A held mount writes its open state down for a successor (passthrough across takeover);
     // a taken-over one adopts what its predecessor wrote.
     let open_table_path = held
@@ -738,6 +749,7 @@ mod tests {
             work_dir: tmp.path().join("work"),
             trace_access: false,
             mounter: mounter.clone(),
+            layers: Default::default(),
         };
         let target = tmp.path().join("target");
         Setup {

@@ -241,6 +241,14 @@ pub fn is_sha256_digest(s: &str) -> bool {
     })
 }
 
+/// The 32 bytes of a well-formed `sha256:<64 hex>` digest.
+pub fn sha256_bytes(s: &str) -> Option<[u8; 32]> {
+    if !is_sha256_digest(s) {
+        return None;
+    }
+    hex::decode(&s["sha256:".len()..]).ok()?.try_into().ok()
+}
+
 /// Tag of the OCI referrers tag fallback for `digest` (`sha256-<hex>`).
 pub fn referrers_tag(digest: &str) -> String {
     digest.replacen(':', "-", 1)

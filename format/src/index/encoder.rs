@@ -261,21 +261,15 @@ impl IndexBuilder {
 /// inode numbers are dropped). Everything else stays byte for byte.
 pub fn with_prefetch(bytes: &[u8], inos: &[u64]) -> Result<Vec<u8>, IndexError> {
     let r = IndexReader::new(bytes)?;
-    let at = r.sections[SEC_PREFETCH].offset;
-    let mut out = bytes[..at].to_vec();
     let mut seen = std::collections::HashSet::new();
-    let mut n = 0u64;
+    let mut prefetch = Vec::new();
     for &ino in inos {
         if ino >= 1 && ino <= r.inode_count() && seen.insert(ino) {
-            out.extend_from_slice(&(ino as u32).to_le_bytes());
-            n += 1;
+            prefetch.extend_from_slice(&(ino as u32).to_le_bytes());
         }
     }
-    let len_at = 40 + SEC_PREFETCH * 16;
-    out[len_at..len_at + 8].copy_from_slice(&(n * PREFETCH_LEN as u64).to_le_bytes());
-    seal(&mut out);
-    IndexReader::new(&out[..])?;
-    Ok(out)
+    let follows = r.section_bytes(SEC_FOLLOWS).to_vec();
+    rebuild(&r, &follows, &prefetch)
 }
 
 /// One edge of the follows section: reading file `from` (an inode of this layer) loads the
@@ -289,7 +283,7 @@ pub struct Follow {
 
 /// The same index with its follows section replaced by `layers` (other layers' diff_ids,
 /// sha256) and `edges` (sorted here; repeated ones dropped). Everything else stays byte for
-/// byte; the prefetch list stays last, so that [`with_prefetch`] keeps the follows.
+/// byte.
 pub fn with_follows(
     bytes: &[u8],
     layers: &[[u8; 32]],
@@ -303,47 +297,51 @@ pub fn with_follows(
             layers.len()
         )));
     }
-    let (follows, prefetch) = (r.sections[SEC_FOLLOWS], r.sections[SEC_PREFETCH]);
-    // The sections before them end where the follows (or, without them, the prefetch list)
-    // start: the encoder and this function write them in that order.
-    let at = if follows.len > 0 {
-        follows.offset.min(prefetch.offset)
-    } else {
-        prefetch.offset
-    };
-    let prefetch_bytes = bytes[prefetch.offset..prefetch.offset + prefetch.len].to_vec();
-    let mut out = bytes[..at].to_vec();
-    let mut section = Vec::with_capacity(4 + layers.len() * 32 + edges.len() * FOLLOW_LEN);
-    section.extend_from_slice(&(layers.len() as u32).to_le_bytes());
-    for l in layers {
-        section.extend_from_slice(l);
-    }
     let mut sorted = edges.to_vec();
     sorted.sort();
     sorted.dedup();
-    for e in &sorted {
-        if e.ino > MAX_FOLLOW_INO || e.from > u32::MAX as u64 || e.layer > layers.len() {
-            return Err(bad(format!("edge {e:?} cannot be written")));
+    let mut section = Vec::new();
+    if !(sorted.is_empty() && layers.is_empty()) {
+        section.reserve(4 + layers.len() * 32 + sorted.len() * FOLLOW_LEN);
+        section.extend_from_slice(&(layers.len() as u32).to_le_bytes());
+        for l in layers {
+            section.extend_from_slice(l);
         }
-        section.extend_from_slice(&(e.from as u32).to_le_bytes());
-        section.extend_from_slice(&(((e.layer as u32) << 24) | e.ino as u32).to_le_bytes());
+        for e in &sorted {
+            if e.ino > MAX_FOLLOW_INO || e.from > u32::MAX as u64 || e.layer > layers.len() {
+                return Err(bad(format!("edge {e:?} cannot be written")));
+            }
+            section.extend_from_slice(&(e.from as u32).to_le_bytes());
+            section.extend_from_slice(&(((e.layer as u32) << 24) | e.ino as u32).to_le_bytes());
+        }
     }
-    let (follows_at, follows_len) = if sorted.is_empty() && layers.is_empty() {
-        (0, 0)
-    } else {
-        (out.len(), section.len())
-    };
-    if follows_len > 0 {
-        out.extend_from_slice(&section);
-    }
-    let prefetch_at = out.len();
-    out.extend_from_slice(&prefetch_bytes);
+    let prefetch = r.section_bytes(SEC_PREFETCH).to_vec();
+    rebuild(&r, &section, &prefetch)
+}
+
+/// The index of `r` with new follows and prefetch sections, written (in that order) after
+/// the others, which stay byte for byte; sealed and checked.
+fn rebuild(r: &IndexReader<&[u8]>, follows: &[u8], prefetch: &[u8]) -> Result<Vec<u8>, IndexError> {
+    let bytes = r.as_bytes();
+    // Where the tree's sections end (the encoder writes them first, in table order).
+    let at = r.sections[..SEC_PREFETCH]
+        .iter()
+        .filter(|s| s.len > 0)
+        .map(|s| s.offset + s.len)
+        .max()
+        .unwrap_or(HEADER_LEN)
+        .max(HEADER_LEN);
+    let mut out = bytes[..at].to_vec();
     let put = |out: &mut Vec<u8>, sec: usize, offset: usize, len: usize| {
         out[32 + sec * 16..40 + sec * 16].copy_from_slice(&(offset as u64).to_le_bytes());
         out[40 + sec * 16..48 + sec * 16].copy_from_slice(&(len as u64).to_le_bytes());
     };
-    put(&mut out, SEC_PREFETCH, prefetch_at, prefetch.len);
-    put(&mut out, SEC_FOLLOWS, follows_at, follows_len);
+    let follows_at = if follows.is_empty() { 0 } else { out.len() };
+    out.extend_from_slice(follows);
+    let prefetch_at = out.len();
+    out.extend_from_slice(prefetch);
+    put(&mut out, SEC_FOLLOWS, follows_at, follows.len());
+    put(&mut out, SEC_PREFETCH, prefetch_at, prefetch.len());
     if out.len() > MAX_INDEX_LEN {
         return Err(IndexError::TooLong {
             len: out.len(),

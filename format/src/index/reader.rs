@@ -155,6 +155,12 @@ impl<B: AsRef<[u8]>> IndexReader<B> {
         Ok(reader)
     }
 
+    /// The bytes of section `sec` (empty when it is).
+    pub(super) fn section_bytes(&self, sec: usize) -> &[u8] {
+        let s = self.sections[sec];
+        &self.bytes.as_ref()[s.offset..s.offset + s.len]
+    }
+
     fn count(&self, sec: usize) -> u64 {
         (self.sections[sec].len / RECORD_LENS[sec]) as u64
     }

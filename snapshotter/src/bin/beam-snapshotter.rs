@@ -293,6 +293,7 @@ async fn run(config: Config, plain_http_everywhere: bool) -> Result<()> {
             work_dir: config.root.join("mounts"),
             trace_access: false,
             mounter: beam::mounter::system(),
+            layers: Default::default(),
         };
         let mut r = beam::daemon::lazy::LazyLayers::new(fetcher, registry, mount)?
             .accept_pull_settings(config.remote.accept_pull_settings)

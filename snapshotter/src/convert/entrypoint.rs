@@ -230,7 +230,7 @@ fn python_version(name: &str) -> Option<&str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::convert::layer::{convert_layer, ConvertOptions};
     use crate::format::index::IndexReader;
@@ -238,7 +238,11 @@ mod tests {
 
     /// A layer of `entries`: (path, content) files (mode 0755), or (path, "->target")
     /// symlinks, or (path, "whiteout") for `.wh.` deletions; converted to (index, blob file).
-    fn layer(dir: &Path, n: usize, entries: &[(&str, Vec<u8>)]) -> (Vec<u8>, std::path::PathBuf) {
+    pub(crate) fn layer(
+        dir: &Path,
+        n: usize,
+        entries: &[(&str, Vec<u8>)],
+    ) -> (Vec<u8>, std::path::PathBuf) {
         let mut b = tar::Builder::new(Vec::new());
         for (path, content) in entries {
             let mut h = tar::Header::new_gnu();
@@ -271,7 +275,7 @@ mod tests {
     }
 
     /// Index readers over converted layers.
-    fn views(layers: &[(Vec<u8>, std::path::PathBuf)]) -> Vec<Layer<'_>> {
+    pub(crate) fn views(layers: &[(Vec<u8>, std::path::PathBuf)]) -> Vec<Layer<'_>> {
         layers
             .iter()
             .map(|(index, blob)| Layer {

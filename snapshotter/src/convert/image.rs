@@ -16,9 +16,9 @@
 //! (unless its operator trusts referrers of the repository; docs/security.md). The unbound form
 //! ([`Binding::Referrer`]) only attaches the artifact as a referrer of `M`.
 
-use super::entrypoint;
 use super::layer::{convert_layer, ConvertOptions, ConvertStats};
-use crate::format::index::{with_prefetch, IndexReader};
+use super::{entrypoint, follows};
+use crate::format::index::{with_follows, with_prefetch, IndexReader};
 use crate::oci::{self, BeamLayer, Descriptor, LayerCompression};
 use crate::store::{ResolvedManifest, Store};
 use anyhow::{bail, Context, Result};
@@ -273,15 +273,40 @@ async fn convert_manifest(
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        entrypoint::prefetch_lists(&views, &entrypoint::Process::of_config(&config))
+        let ids = converted_layers
+            .iter()
+            .map(|(_, c, _)| {
+                oci::sha256_bytes(&c.diff_id)
+                    .with_context(|| format!("diff_id {} is not a sha256 digest", c.diff_id))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        (
+            entrypoint::prefetch_lists(&views, &entrypoint::Process::of_config(&config)),
+            follows::follows(&views, &ids),
+        )
     };
+    let (lists, follows) = lists;
+    let edges: usize = follows.iter().map(|f| f.edges.len()).sum();
+    if edges > 0 {
+        tracing::info!(
+            edges,
+            bytes = edges * 8,
+            "follows: what opening a file loads next (imports, libraries)"
+        );
+    }
     let files: usize = lists.iter().map(Vec::len).sum();
     if files > 0 {
         tracing::info!(files, "prefetch lists: the entrypoint and what it loads");
     }
     let mut layers = Vec::new();
     let mut stats = Vec::new();
-    for ((desc, mut converted, blob_file), list) in converted_layers.into_iter().zip(lists) {
+    for (((desc, mut converted, blob_file), list), follows) in
+        converted_layers.into_iter().zip(lists).zip(follows)
+    {
+        if !follows.edges.is_empty() {
+            converted.index = with_follows(&converted.index, &follows.layers, &follows.edges)
+                .with_context(|| format!("follows of layer {}", desc.digest))?;
+        }
         if !list.is_empty() {
             converted.index = with_prefetch(&converted.index, &list)
                 .with_context(|| format!("prefetch list of layer {}", desc.digest))?;

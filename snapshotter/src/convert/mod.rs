@@ -4,6 +4,7 @@
 //! image and publishes the Beam artifact.
 
 pub mod entrypoint;
+pub mod follows;
 pub mod image;
 pub mod layer;
 pub mod stack;

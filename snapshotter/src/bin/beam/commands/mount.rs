@@ -84,6 +84,7 @@ pub async fn run(args: Args) -> Result<()> {
         work_dir,
         trace_access: false,
         mounter: beam::mounter::system(),
+        layers: Default::default(),
     };
     let mounted =
         beam::mount::mount_image(&store, fetcher.clone(), &dir, layer.as_deref(), &mopts).await?;

@@ -44,7 +44,7 @@ use crate::cache::ChunkCache;
 use crate::format::chunk::{self, ChunkDigest};
 use crate::format::index::ChunkRecord;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Semaphore};
@@ -297,6 +297,8 @@ pub struct Fetcher {
     epoch: Instant,
     /// Decodes, verifies and stores background fill on a `SCHED_IDLE` thread.
     idle_worker: IdleWorker,
+    /// Whether [`Fetcher::probe_round_trip`] sent its probe.
+    probed: AtomicBool,
     /// Range requests on the wire now (they share the link).
     on_wire: std::sync::atomic::AtomicUsize,
     /// When `fg_busy` last dropped to zero.
@@ -324,6 +326,7 @@ impl Fetcher {
             epoch: Instant::now(),
             idle_worker: IdleWorker::spawn(),
             on_wire: std::sync::atomic::AtomicUsize::new(0),
+            probed: AtomicBool::new(false),
             fg_idle_since: Mutex::new(Instant::now()),
             link: Mutex::new(LinkEstimate {
                 throughput: 0.0,
@@ -533,6 +536,37 @@ impl Fetcher {
         if foreground {
             l.latency = ewma(l.latency, secs);
         }
+        self.update_speculation(&l);
+    }
+
+    /// Ask the chunk blob behind `source` for one byte, once per process before any round
+    /// trip was seen, and take its answer time as one: the first reads of a start then know
+    /// whether guesses pay. Without it the first small request alone on the wire (a python
+    /// start's first module) was what showed it, and the guesses it could have sent along
+    /// went a round trip later. The byte is dropped; a failed probe shows nothing.
+    pub fn probe_round_trip(self: &Arc<Self>, source: Arc<dyn RangeSource>) {
+        if self.link.lock().expect("link lock").round_trips_seen > 0
+            || self.probed.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            if source.read_range(0, 1).await.is_ok() {
+                let secs = sent.elapsed().as_secs_f64().max(1e-6);
+                let mut l = me.link.lock().expect("link lock");
+                l.round_trips_seen += 1;
+                if l.round_trip == 0.0 || secs < l.round_trip {
+                    l.round_trip = secs;
+                }
+                me.update_speculation(&l);
+                tracing::debug!(ms = (secs * 1000.0) as u64, "round trip probed");
+            }
+        });
+    }
+
+    fn update_speculation(&self, l: &LinkEstimate) {
         let bdp = l.round_trip * l.throughput;
         let guess = if l.round_trips_seen < SPECULATE_MIN_SAMPLES
             || l.round_trip < SPECULATE_MIN_ROUND_TRIP.as_secs_f64()
@@ -1711,6 +1745,39 @@ mod tests {
         assert!((1_950_000..2_050_000).contains(&far), "{far}");
         assert_eq!(link(20, 0), 0, "before a round trip was seen");
         assert_eq!(link(4, 10), 0, "a near registry");
+    }
+
+    /// One probe per process, before any round trip was seen: its answer time is the round
+    /// trip, so guesses may go with the first reads of a start on a far registry.
+    #[tokio::test]
+    async fn a_probe_shows_the_round_trip_before_the_first_read() {
+        let (_dir, blob, _refs, _) = setup(2, Duration::from_millis(25));
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path(), Duration::from_secs(5));
+        // The link's rate is known (a large request), its round trip is not: no guesses.
+        f.observe(
+            5 << 20,
+            Duration::from_secs_f64(5.0 * 1048576.0 / 25e6),
+            false,
+            3,
+        );
+        assert_eq!(f.speculation_bytes(), 0);
+        f.probe_round_trip(blob.clone());
+        f.probe_round_trip(blob.clone());
+        let t0 = Instant::now();
+        while f.speculation_bytes() == 0 && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(f.speculation_bytes() > 0, "a far registry, once probed");
+        assert_eq!(
+            *blob.requests.lock().unwrap(),
+            vec![(0, 1)],
+            "one probe of one byte"
+        );
+        // Not again in this process.
+        f.probe_round_trip(blob.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(blob.requests.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub const MAX_FOLLOWED_FILES: usize = 256;
 
 /// One mounted layer as a walk needs it: its index and where its chunks are read from.
 pub struct LayerHandle {
-    pub index: crate::fs::SharedIndex,
+    pub index: Arc<crate::format::index::IndexReader<Vec<u8>>>,
     pub source: Arc<dyn RangeSource>,
 }
 

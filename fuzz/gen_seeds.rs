@@ -164,7 +164,14 @@ fn main() {
     .into_iter()
     .collect();
     for (name, b) in seeds {
-        let bytes = b.encode().expect("encode seed");
+        let mut bytes = b.encode().expect("encode seed");
+        if name == "sample" {
+            // With a follows section naming this layer and another one.
+            use beam_format::index::{with_follows, Follow};
+            let e = |from, layer, ino| Follow { from, layer, ino };
+            bytes = with_follows(&bytes, &[[7; 32]], &[e(2, 0, 4), e(4, 1, 9), e(4, 0, 2)])
+                .expect("follows of the sample");
+        }
         assert!(
             beam_fuzz::decode_and_walk(&bytes),
             "seed {name} is not accepted by the reader"

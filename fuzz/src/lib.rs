@@ -164,6 +164,22 @@ fn walk(r: &IndexReader<&[u8]>, data: &[u8]) {
         r.inode(ino).expect("prefetch inode readable");
     }
 
+    // Follows: every edge names an inode of this index or a layer of its table.
+    let layers = r.follow_layer_count();
+    for l in 1..=layers {
+        assert!(r.follow_layer(l).is_some(), "a follows layer of the table reads");
+    }
+    assert!(r.follow_layer(layers + 1).is_none());
+    for ino in 1..=n {
+        for (layer, to) in r.follows(ino) {
+            assert!(layer <= layers, "a follows edge names a layer of the table");
+            assert!(to >= 1);
+            if layer == 0 {
+                r.inode(to).expect("a follows edge of this layer names an inode");
+            }
+        }
+    }
+
     // A path made of the input's own tail: anything goes, but no panic.
     let tail = &data[data.len().saturating_sub(64)..];
     let _ = r.lookup_path(tail).unwrap();

@@ -281,6 +281,78 @@ fn a_small_read_takes_its_neighbours_in_the_same_request() -> Result<()> {
     Ok(())
 }
 
+/// On a far registry (every blob request stalled 30 ms), opening a Python module fetches
+/// what it imports, and what those import, before the program asks for them: the follows
+/// `beam convert` wrote into the index. A module nothing imports is not fetched.
+#[test]
+fn on_a_far_registry_opening_a_module_fetches_what_it_imports() -> Result<()> {
+    let env = Env::new()?;
+    let lib = "usr/lib/python3.11";
+    let module = |head: &str, seed: u64| {
+        let mut b = head.as_bytes().to_vec();
+        b.extend(noise(seed, 100_000));
+        b
+    };
+    let files: Vec<(String, Vec<u8>)> = vec![
+        (format!("{lib}/app/main.py"), module("import pkg_b\n", 1)),
+        (
+            format!("{lib}/pkg_b/__init__.py"),
+            module("from pkg_c import mod\n", 2),
+        ),
+        (format!("{lib}/pkg_c/__init__.py"), b"\n".to_vec()),
+        (format!("{lib}/pkg_c/mod.py"), module("x = 1\n", 3)),
+        (
+            format!("{lib}/unrelated/other.py"),
+            module("import os\n", 4),
+        ),
+        ("warm/small.bin".into(), noise(5, 10_000)),
+        ("warm/big.bin".into(), noise(6, 600_000)),
+    ];
+    let img = env.fx.image("py").files(&files)?.build()?;
+    let converted = img.convert("py:v1", &["--json"])?;
+    let (chunks_blob, _) = converted.layer_blobs(0)?;
+    let m = env.mount(
+        &converted.reference,
+        "mnt",
+        "cache",
+        &["--no-background-fetch"],
+    )?;
+    env.proxy()
+        .set_fault(Fault::Stall(Duration::from_millis(30)));
+    // The node learns the link: a small request shows the round trip, a large one the rate.
+    for (name, want) in &files[5..] {
+        ensure!(
+            std::fs::read(m.target.join(name))? == *want,
+            "{name} differs"
+        );
+    }
+    ensure!(
+        std::fs::read(m.target.join(&files[0].0))? == files[0].1,
+        "main.py differs"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    env.proxy().clear();
+    for (name, want) in &files[1..4] {
+        ensure!(
+            std::fs::read(m.target.join(name))? == *want,
+            "{name} differs"
+        );
+    }
+    let ranges = env.proxy().range_requests_for(&chunks_blob);
+    ensure!(
+        ranges.is_empty(),
+        "the modules main.py imports were not fetched at its open: {ranges:?}"
+    );
+    ensure!(std::fs::read(m.target.join(&files[4].0))? == files[4].1);
+    ensure!(
+        !env.proxy().range_requests_for(&chunks_blob).is_empty(),
+        "a module nothing imports was fetched ahead"
+    );
+    env.proxy().clear_fault();
+    m.stop()?;
+    Ok(())
+}
+
 #[test]
 fn registry_faults_never_serve_wrong_bytes_and_reads_recover() -> Result<()> {
     let env = Env::new()?;

@@ -132,12 +132,43 @@ pub fn follow_chunks(
         .collect()
 }
 
+/// A flat tree for tests: root/{f0..f(n-1)}, file i of one 200-byte chunk stored in 100
+/// bytes at offset 100 * i of the blob, digest [seed + i; 32].
+#[cfg(test)]
+pub(crate) fn flat_index(seed: u8, files: usize) -> crate::format::index::IndexBuilder {
+    use crate::format::index::{IndexBuilder, Node};
+    use crate::format::ChunkRecord;
+    let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
+    let mut chunks = Vec::new();
+    for i in 0..files {
+        chunks.push(ChunkRecord {
+            digest: ChunkDigest([seed + i as u8; 32]),
+            offset: 100 * i as u64,
+            stored_len: 100,
+            uncompressed_len: 200,
+        });
+        let mut f = Node::new(InodeKind::File, 0o644);
+        f.size = 200;
+        f.chunks = vec![i as u32];
+        nodes.push(f);
+        nodes[0]
+            .children
+            .insert(format!("f{i}").into_bytes(), i + 1);
+    }
+    IndexBuilder {
+        chunk_size: 4096,
+        blob_size: 100 * files as u64,
+        nodes,
+        chunks,
+        prefetch: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::blob::BlobError;
-    use crate::format::index::{with_follows, Follow, IndexBuilder, IndexReader, Node};
-    use crate::format::ChunkRecord;
+    use crate::format::index::{with_follows, Follow, IndexReader};
     use bytes::Bytes;
     use futures_util::future::BoxFuture;
 
@@ -159,32 +190,7 @@ mod tests {
         layers: &[[u8; 32]],
         edges: &[(u64, usize, u64)],
     ) -> Arc<LayerHandle> {
-        let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
-        let mut chunks = Vec::new();
-        for i in 0..files {
-            chunks.push(ChunkRecord {
-                digest: ChunkDigest([seed + i as u8; 32]),
-                offset: 100 * i as u64,
-                stored_len: 100,
-                uncompressed_len: 200,
-            });
-            let mut f = Node::new(InodeKind::File, 0o644);
-            f.size = 200;
-            f.chunks = vec![i as u32];
-            nodes.push(f);
-            nodes[0]
-                .children
-                .insert(format!("f{i}").into_bytes(), i + 1);
-        }
-        let bytes = IndexBuilder {
-            chunk_size: 4096,
-            blob_size: 100 * files as u64,
-            nodes,
-            chunks,
-            prefetch: Vec::new(),
-        }
-        .encode()
-        .unwrap();
+        let bytes = flat_index(seed, files).encode().unwrap();
         let edges: Vec<Follow> = edges
             .iter()
             .map(|&(from, layer, ino)| Follow { from, layer, ino })

@@ -1432,43 +1432,24 @@ mod tests {
     /// the read first, within the budget, in blob order.
     #[test]
     fn a_directory_guess_takes_the_files_after_the_read_first() {
-        use crate::format::index::{IndexBuilder, Node};
+        use crate::format::index::Node;
         // root/{f0..f5 (one 100-byte chunk each, in blob order), sub/{g}}
-        let mut nodes = vec![Node::new(InodeKind::Dir, 0o755)];
-        let mut chunks = Vec::new();
-        for i in 0..7u8 {
-            chunks.push(ChunkRecord {
-                digest: ChunkDigest([i + 1; 32]),
-                offset: i as u64 * 100,
-                stored_len: 100,
-                uncompressed_len: 200,
-            });
-        }
-        for i in 0..6usize {
-            let mut f = Node::new(InodeKind::File, 0o644);
-            f.size = 200;
-            f.chunks = vec![i as u32];
-            nodes.push(f);
-            nodes[0]
-                .children
-                .insert(format!("f{i}").into_bytes(), i + 1);
-        }
+        let mut b = crate::follow::flat_index(1, 6);
+        b.chunks.push(ChunkRecord {
+            digest: ChunkDigest([7; 32]),
+            offset: 600,
+            stored_len: 100,
+            uncompressed_len: 200,
+        });
+        b.blob_size = 700;
         let mut g = Node::new(InodeKind::File, 0o644);
         g.size = 200;
         g.chunks = vec![6];
-        nodes.push(g); // 7
-        nodes.push(Node::new(InodeKind::Dir, 0o755)); // 8
-        nodes[8].children.insert(b"g".to_vec(), 7);
-        nodes[0].children.insert(b"sub".to_vec(), 8);
-        let bytes = IndexBuilder {
-            chunk_size: 4096,
-            blob_size: 700,
-            nodes,
-            chunks,
-            prefetch: Vec::new(),
-        }
-        .encode()
-        .unwrap();
+        b.nodes.push(g); // 7
+        b.nodes.push(Node::new(InodeKind::Dir, 0o755)); // 8
+        b.nodes[8].children.insert(b"g".to_vec(), 7);
+        b.nodes[0].children.insert(b"sub".to_vec(), 8);
+        let bytes = b.encode().unwrap();
         let index = IndexReader::new(bytes).unwrap();
         let root = index.lookup_path(b"").unwrap().unwrap();
         let offsets = |recs: Vec<ChunkRecord>| recs.iter().map(|c| c.offset).collect::<Vec<_>>();

@@ -43,6 +43,21 @@ impl Env {
         )
     }
 
+    /// An image of `files` converted into the registry and mounted lazily without background
+    /// fetch: the digest of its chunk blob and the mount.
+    fn lazy(&self, name: &str, files: &[(String, Vec<u8>)]) -> Result<(String, BeamMount)> {
+        let img = self.fx.image(name).files(files)?.build()?;
+        let converted = img.convert(&format!("{name}:v1"), &["--json"])?;
+        let (chunks_blob, _) = converted.layer_blobs(0)?;
+        let m = self.mount(
+            &converted.reference,
+            "mnt",
+            "cache",
+            &["--no-background-fetch"],
+        )?;
+        Ok((chunks_blob, m))
+    }
+
     /// Bytes of blob GETs (Range or not) for `digest` answered since the last clear.
     fn range_requests(&self) -> Vec<(u64, u64)> {
         self.proxy()
@@ -245,15 +260,7 @@ fn a_small_read_takes_its_neighbours_in_the_same_request() -> Result<()> {
         .map(|i| (format!("pkg/mod{i}.py"), noise(i, 6_000)))
         .collect();
     files.push(("pkg/zz-later.py".into(), noise(77, 20_000)));
-    let img = env.fx.image("pkg").files(&files)?.build()?;
-    let converted = img.convert("pkg:v1", &["--json"])?;
-    let (chunks_blob, _) = converted.layer_blobs(0)?;
-    let m = env.mount(
-        &converted.reference,
-        "mnt",
-        "cache",
-        &["--no-background-fetch"],
-    )?;
+    let (chunks_blob, m) = env.lazy("pkg", &files)?;
     env.proxy().clear();
     for (name, want) in &files[..5] {
         ensure!(
@@ -308,15 +315,7 @@ fn on_a_far_registry_opening_a_module_fetches_what_it_imports() -> Result<()> {
         ("warm/small.bin".into(), noise(5, 10_000)),
         ("warm/big.bin".into(), noise(6, 600_000)),
     ];
-    let img = env.fx.image("py").files(&files)?.build()?;
-    let converted = img.convert("py:v1", &["--json"])?;
-    let (chunks_blob, _) = converted.layer_blobs(0)?;
-    let m = env.mount(
-        &converted.reference,
-        "mnt",
-        "cache",
-        &["--no-background-fetch"],
-    )?;
+    let (chunks_blob, m) = env.lazy("py", &files)?;
     env.proxy()
         .set_fault(Fault::Stall(Duration::from_millis(30)));
     // The node learns the link: a small request shows the round trip, a large one the rate.

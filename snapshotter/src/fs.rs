@@ -769,6 +769,7 @@ impl LayerFs {
         });
     }
 
+    /// [`spawn_readahead`] on this layer's runtime and fetcher.
     fn spawn_readahead(&self, chunks: Vec<ChunkRef>) {
         spawn_readahead(&self.rt, &self.fetcher, chunks)
     }
@@ -932,8 +933,6 @@ impl LayerFs {
     }
 }
 
-/// An index time as a `SystemTime`, clamped to what the platform holds (an index may say
-/// `i64::MAX` seconds; adding that to the epoch must not panic a FUSE thread).
 /// Fetch `chunks` at readahead priority, nobody waiting: in parallel requests of about
 /// [`READAHEAD_REQUEST_BYTES`] on the wire, each stored as it comes, sent in the order of
 /// `chunks` (each request's chunks in blob order: a chunk before the last starts another).
@@ -966,6 +965,8 @@ fn spawn_readahead(rt: &tokio::runtime::Handle, fetcher: &Arc<Fetcher>, chunks: 
     }
 }
 
+/// An index time as a `SystemTime`, clamped to what the platform holds (an index may say
+/// `i64::MAX` seconds; adding that to the epoch must not panic a FUSE thread).
 fn mtime_of(secs: i64, nsec: u32) -> std::time::SystemTime {
     let t = if secs >= 0 {
         UNIX_EPOCH.checked_add(Duration::new(secs as u64, nsec.min(999_999_999)))

@@ -263,7 +263,7 @@ async fn convert_manifest(
             .map(|(desc, c, _)| (desc.digest.as_str(), c.diff_id.as_str()))
             .collect::<Vec<_>>(),
     )?;
-    let lists = {
+    let (lists, follows) = {
         let views = converted_layers
             .iter()
             .map(|(_, c, blob)| {
@@ -285,7 +285,6 @@ async fn convert_manifest(
             follows::follows(&views, &ids),
         )
     };
-    let (lists, follows) = lists;
     let edges: usize = follows.iter().map(|f| f.edges.len()).sum();
     if edges > 0 {
         tracing::info!(

@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex, Weak};
 
 /// Files visited by one walk at most (cached ones cost nothing to fetch, but still a lookup).
 pub const MAX_FOLLOWED_FILES: usize = 256;
+/// Edges read from one file at most (`beam convert` writes at most 64): a hostile index with
+/// millions of edges from one file costs a walk no more than this.
+pub const MAX_EDGES_READ: usize = 1024;
 
 /// One mounted layer as a walk needs it: its index and where its chunks are read from.
 pub struct LayerHandle {
@@ -67,8 +70,7 @@ pub fn follow_chunks(
     let mut digests: HashSet<ChunkDigest> = HashSet::new();
     let mut bytes = 0u64;
     while let Some((h, ino)) = queue.pop_front() {
-        let next: Vec<(usize, u64)> = h.index.follows(ino).collect();
-        for (slot, to) in next {
+        for (slot, to) in h.index.follows(ino).take(MAX_EDGES_READ) {
             if seen.len() >= MAX_FOLLOWED_FILES {
                 break;
             }

@@ -645,6 +645,11 @@ from \
                 (&format!("{lib}/types.py"), b"".to_vec()),
                 (&format!("{lib}/lazy.py"), b"".to_vec()),
                 ("usr/lib/x86_64-linux-gnu/libc.so.6", b"libc".to_vec()),
+                ("usr/lib/x86_64-linux-gnu/libbogus.so", {
+                    let mut b = b"\x7fELF\x02\x01\x01".to_vec();
+                    b.extend([0xff; 120]);
+                    b
+                }),
             ],
         );
         // Layer 1: `json`, importing `re` (layer 0) and `_json` (an extension module).
@@ -732,6 +737,8 @@ from \
             ),
             vec![(0, ino(0, "usr/lib/x86_64-linux-gnu/libc.so.6"))]
         );
+        // A malformed ELF file gets no edges (and the pass goes on).
+        assert!(targets(0, "usr/lib/x86_64-linux-gnu/libbogus.so").is_empty());
         assert_eq!(f[1].layers, vec![[0u8; 32]]);
         assert!(targets(1, &format!("{lib}/missing_import.py")).is_empty());
         // Not a test suite's modules.

@@ -545,9 +545,7 @@ impl Fetcher {
     /// start's first module) was what showed it, and the guesses it could have sent along
     /// went a round trip later. The byte is dropped; a failed probe shows nothing.
     pub fn probe_round_trip(self: &Arc<Self>, source: Arc<dyn RangeSource>) {
-        if self.link.lock().expect("link lock").round_trips_seen > 0
-            || self.probed.swap(true, Ordering::SeqCst)
-        {
+        if !self.wants_round_trip_probe() || self.probed.swap(true, Ordering::SeqCst) {
             return;
         }
         let me = self.clone();
@@ -564,6 +562,13 @@ impl Fetcher {
                 tracing::debug!(ms = (secs * 1000.0) as u64, "round trip probed");
             }
         });
+    }
+
+    /// Whether [`Fetcher::probe_round_trip`] would still send its probe (none sent yet, no
+    /// round trip seen): callers build the probe's source only then.
+    pub fn wants_round_trip_probe(&self) -> bool {
+        !self.probed.load(Ordering::SeqCst)
+            && self.link.lock().expect("link lock").round_trips_seen == 0
     }
 
     fn update_speculation(&self, l: &LinkEstimate) {
@@ -1762,7 +1767,9 @@ mod tests {
             3,
         );
         assert_eq!(f.speculation_bytes(), 0);
+        assert!(f.wants_round_trip_probe());
         f.probe_round_trip(blob.clone());
+        assert!(!f.wants_round_trip_probe());
         f.probe_round_trip(blob.clone());
         let t0 = Instant::now();
         while f.speculation_bytes() == 0 && t0.elapsed() < Duration::from_secs(5) {

@@ -105,11 +105,7 @@ impl Walk<'_, '_> {
         path_dirs
             .iter()
             .map(|d| format!("{}/{name}", d.trim_end_matches('/')))
-            .find(|p| {
-                self.stack
-                    .resolve(p)
-                    .is_some_and(|(_, _, rec)| rec.kind == InodeKind::File)
-            })
+            .find(|p| self.stack.is_file(p))
     }
 
     /// Add the file at `path` (resolved) to the list; return its layer and record.

@@ -202,7 +202,7 @@ fn elf_follows(
 }
 
 /// Resolving Python imports in an image, as CPython's path finder would.
-struct Python<'s, 'l, 'a> {
+struct Python<'l, 'a> {
     stack: Stack<'l, 'a>,
     /// `cpython-311`, ... for each `lib/pythonX.Y` of the image.
     tags: Vec<String>,
@@ -212,10 +212,9 @@ struct Python<'s, 'l, 'a> {
     resolved: HashMap<(String, String), (Vec<FileId>, Option<String>)>,
     /// Directory listings (see [`Python::entries`]).
     entries: RefCell<HashMap<String, Rc<HashSet<Vec<u8>>>>>,
-    _s: std::marker::PhantomData<&'s ()>,
 }
 
-impl<'l, 'a> Python<'_, 'l, 'a> {
+impl<'l, 'a> Python<'l, 'a> {
     fn new(stack: Stack<'l, 'a>, versions: HashSet<String>) -> Self {
         let mut versions: Vec<String> = versions.into_iter().collect();
         versions.sort();
@@ -233,13 +232,13 @@ impl<'l, 'a> Python<'_, 'l, 'a> {
                     format!("{lib}/site-packages"),
                     format!("{lib}/dist-packages"),
                 ] {
-                    if is_dir(&stack, &dir) {
+                    if stack.is_dir(&dir) {
                         roots.push(dir);
                     }
                 }
             }
         }
-        if is_dir(&stack, "/usr/lib/python3/dist-packages") {
+        if stack.is_dir("/usr/lib/python3/dist-packages") {
             roots.push("/usr/lib/python3/dist-packages".into());
         }
         Python {
@@ -248,7 +247,6 @@ impl<'l, 'a> Python<'_, 'l, 'a> {
             roots,
             resolved: HashMap::new(),
             entries: RefCell::new(HashMap::new()),
-            _s: std::marker::PhantomData,
         }
     }
 
@@ -407,7 +405,7 @@ impl<'l, 'a> Python<'_, 'l, 'a> {
     }
 }
 
-impl Python<'_, '_, '_> {
+impl Python<'_, '_> {
     /// The names in directory `dir` in any layer (symlinks resolved; whiteouts included):
     /// a filter before exact lookups, memoized.
     fn entries(&self, dir: &str) -> Rc<HashSet<Vec<u8>>> {
@@ -434,12 +432,6 @@ impl Python<'_, '_, '_> {
             .insert(dir.to_string(), names.clone());
         names
     }
-}
-
-fn is_dir(stack: &Stack<'_, '_>, path: &str) -> bool {
-    stack
-        .resolve(path)
-        .is_some_and(|(_, _, r)| r.kind == InodeKind::Dir)
 }
 
 /// One import statement: `from ..a.b import c, d` is level 2, module `a.b`, names `c`, `d`;

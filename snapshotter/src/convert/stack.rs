@@ -151,6 +151,12 @@ impl Stack<'_, '_> {
         self.resolve(path)
             .is_some_and(|(_, _, rec)| rec.kind == InodeKind::File)
     }
+
+    /// Whether `path` resolves to a directory.
+    pub fn is_dir(&self, path: &str) -> bool {
+        self.resolve(path)
+            .is_some_and(|(_, _, rec)| rec.kind == InodeKind::Dir)
+    }
 }
 
 pub fn absolute(p: &str) -> String {

@@ -242,8 +242,10 @@ impl LazyLayers {
         accept(&layer)?;
         // Beside the index (the first Prepare of this process only): whether guesses pay is
         // known before the container's first read.
-        if let Ok(probe) = store.range_source(&layer.chunks) {
-            self.fetcher.probe_round_trip(probe);
+        if self.fetcher.wants_round_trip_probe() {
+            if let Ok(probe) = store.range_source(&layer.chunks) {
+                self.fetcher.probe_round_trip(probe);
+            }
         }
         let index = self
             .index_load(&at_manifest, &client, &options, &layer)

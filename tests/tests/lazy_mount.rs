@@ -458,6 +458,16 @@ fn background_fetch_makes_the_layer_independent_of_the_registry() -> Result<()> 
         Duration::from_secs(60),
     );
     ensure!(done, "background fetch did not complete");
+    // Wholly cached, the layer is read in the kernel's wider readahead windows.
+    let widened = util::wait_for(
+        || layer_read_ahead_kib(&m).is_ok_and(|kib| kib == [1024]),
+        Duration::from_secs(10),
+    );
+    ensure!(
+        widened,
+        "readahead of the cached layer: {:?} KiB",
+        layer_read_ahead_kib(&m)
+    );
     env.proxy().set_down(true);
     for (name, data) in &files {
         ensure!(
@@ -468,6 +478,26 @@ fn background_fetch_makes_the_layer_independent_of_the_registry() -> Result<()> 
     env.proxy().set_down(false);
     m.stop()?;
     Ok(())
+}
+
+/// The kernel readahead window (KiB) of each layer mount of `m`, from its backing device (a
+/// one-layer image is mounted at the target itself, a deeper one under the work directory).
+fn layer_read_ahead_kib(m: &BeamMount) -> Result<Vec<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut layers = util::mounts_under(&m.work_dir)?;
+    if layers.is_empty() {
+        layers.push(m.target.clone());
+    }
+    layers
+        .iter()
+        .map(|layer| {
+            let dev = std::fs::metadata(layer)?.dev();
+            let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+            let kib =
+                std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"))?;
+            Ok(kib.trim().parse()?)
+        })
+        .collect()
 }
 
 /// The tree seen through a lazy mount equals `beam unpack`'s, but for what overlayfs itself

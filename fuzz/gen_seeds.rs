@@ -179,5 +179,17 @@ fn main() {
         let path = dir.join(format!("{name}.idx"));
         std::fs::write(&path, &bytes).expect("write seed");
         println!("{} ({} bytes)", path.display(), bytes.len());
+        // The same index packed, as `beam convert` stores it: the `index_unpack` corpus.
+        let packed = beam_format::index::packed::pack(&bytes);
+        if bytes.len() <= beam_fuzz::UNPACK_LIMIT {
+            assert!(
+                beam_fuzz::unpack_decode_and_walk(&packed),
+                "packed seed {name} is not accepted"
+            );
+        }
+        let path = dir.join("packed").join(format!("{name}.idz"));
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("create packed seeds");
+        std::fs::write(&path, &packed).expect("write packed seed");
+        println!("{} ({} bytes)", path.display(), packed.len());
     }
 }

@@ -33,6 +33,25 @@ fn verbose() -> bool {
     *VERBOSE.get_or_init(|| std::env::var_os("BEAM_FUZZ_VERBOSE").is_some())
 }
 
+/// Unpacked-length limit of [`unpack_decode_and_walk`] (the daemon's default is 64 MiB; a
+/// smaller one keeps the fuzzer's iterations fast and still reaches the length check).
+pub const UNPACK_LIMIT: usize = 4 << 20;
+
+/// Unpack `data` as a packed (lz4) index; if that works, decode and walk the result. Returns
+/// whether the reader accepted it.
+pub fn unpack_decode_and_walk(data: &[u8]) -> bool {
+    match beam_format::index::packed::unpack(data, UNPACK_LIMIT) {
+        Ok(bytes) => {
+            assert!(bytes.len() <= UNPACK_LIMIT, "unpacked past the limit");
+            decode_and_walk(&bytes)
+        }
+        Err(e) => {
+            let _ = e.to_string();
+            false
+        }
+    }
+}
+
 /// Decode `data`; if accepted, walk it. Returns whether the reader accepted it.
 pub fn decode_and_walk(data: &[u8]) -> bool {
     match IndexReader::new(data) {

@@ -134,11 +134,14 @@ pub async fn record(
     for (layer, index, order) in recorded {
         let new_index = with_prefetch(&index, &order)
             .with_context(|| format!("index of layer {}", layer.source))?;
-        let size = new_index.len() as u64;
-        let digest = store.put_blob_bytes(new_index).await?;
+        // Stored packed as the index it replaces was.
+        let packing = oci::IndexPacking::of_media_type(&layer.index.media_type).unwrap_or_default();
+        let blob = packing.pack(new_index);
+        let size = blob.len() as u64;
+        let digest = store.put_blob_bytes(blob).await?;
         files_per_layer.push(order.len());
         layers.push(BeamLayer {
-            index: Descriptor::new(oci::MEDIA_TYPE_INDEX, digest, size),
+            index: Descriptor::new(packing.media_type(), digest, size),
             ..layer
         });
     }

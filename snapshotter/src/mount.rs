@@ -225,24 +225,30 @@ pub async fn load_index(
         })
         .with_context(|| format!("index {} of layer {}", layer.index.digest, layer.source));
     }
-    if let Ok(bytes) = std::fs::read(&path) {
-        if crate::oci::sha256_digest(&bytes) == layer.index.digest {
-            let r = IndexReader::with_limits(bytes, limits).with_context(|| {
+    // The cache keeps the blob as the registry has it (packed or not), checked against its
+    // digest on every load.
+    let read = |blob: Vec<u8>| -> Result<IndexReader<Vec<u8>>> {
+        let bytes = crate::oci::index_of_blob(&layer.index, blob, limits.max_len)?;
+        Ok(IndexReader::with_limits(bytes, limits)?)
+    };
+    if let Ok(blob) = std::fs::read(&path) {
+        if crate::oci::sha256_digest(&blob) == layer.index.digest {
+            let r = read(blob).with_context(|| {
                 format!("index {} of layer {}", layer.index.digest, layer.source)
             })?;
             return Ok(Arc::new(r));
         }
         let _ = std::fs::remove_file(&path);
     }
-    let bytes = store
+    let blob = store
         .blob_bytes(&layer.index, limits.max_len as u64)
         .await
         .with_context(|| format!("fetching index of layer {}", layer.source))?;
     // Validated before it is cached: a refused index does not take disk either.
-    let r = IndexReader::with_limits(bytes, limits)
+    let r = read(blob.clone())
         .with_context(|| format!("index {} of layer {}", layer.index.digest, layer.source))?;
     cache
-        .write_atomic(&path, r.as_bytes())
+        .write_atomic(&path, &blob)
         .with_context(|| format!("caching index {}", layer.index.digest))?;
     Ok(Arc::new(r))
 }

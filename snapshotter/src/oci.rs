@@ -15,6 +15,10 @@ use std::collections::BTreeMap;
 pub const ARTIFACT_TYPE: &str = "application/vnd.beam.image.v1";
 /// Media type of a layer's index blob.
 pub const MEDIA_TYPE_INDEX: &str = "application/vnd.beam.layer.index.v1";
+/// Media type of a layer's index blob packed with lz4 (`format::index::packed`): what
+/// `beam convert` writes by default. Daemons before it refuse such an artifact (unexpected
+/// media type) and the node pulls the image as containerd would.
+pub const MEDIA_TYPE_INDEX_LZ4: &str = "application/vnd.beam.layer.index.v1+lz4";
 /// Media type of a layer's chunk blob.
 pub const MEDIA_TYPE_CHUNKS: &str = "application/vnd.beam.layer.chunks.v1";
 /// Annotation on both blobs of a Beam layer: digest of the original (compressed) layer.
@@ -265,6 +269,56 @@ pub struct BeamLayer {
     pub chunks: Descriptor,
 }
 
+/// How a layer's index is stored in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IndexPacking {
+    /// lz4 ([`MEDIA_TYPE_INDEX_LZ4`]): about half the bytes before a layer can mount.
+    #[default]
+    Lz4,
+    /// As encoded ([`MEDIA_TYPE_INDEX`]): readable by daemons older than packed indexes.
+    None,
+}
+
+impl IndexPacking {
+    /// The packing of an index blob of media type `media_type`, if it is an index blob.
+    pub fn of_media_type(media_type: &str) -> Option<IndexPacking> {
+        match media_type {
+            MEDIA_TYPE_INDEX_LZ4 => Some(IndexPacking::Lz4),
+            MEDIA_TYPE_INDEX => Some(IndexPacking::None),
+            _ => None,
+        }
+    }
+
+    pub fn media_type(self) -> &'static str {
+        match self {
+            IndexPacking::Lz4 => MEDIA_TYPE_INDEX_LZ4,
+            IndexPacking::None => MEDIA_TYPE_INDEX,
+        }
+    }
+
+    /// The blob to store for the encoded index `index`.
+    pub fn pack(self, index: Vec<u8>) -> Vec<u8> {
+        match self {
+            IndexPacking::Lz4 => crate::format::index::packed::pack(&index),
+            IndexPacking::None => index,
+        }
+    }
+}
+
+/// The encoded index in `blob`, the bytes of the index descriptor `desc` (already checked
+/// against its digest), unpacked as its media type says; at most `max_len` bytes.
+pub fn index_of_blob(
+    desc: &Descriptor,
+    blob: Vec<u8>,
+    max_len: usize,
+) -> Result<Vec<u8>, crate::format::IndexError> {
+    match IndexPacking::of_media_type(&desc.media_type) {
+        Some(IndexPacking::Lz4) => crate::format::index::packed::unpack(&blob, max_len),
+        // An artifact's layers were checked to be index blobs when it was read.
+        Some(IndexPacking::None) | None => Ok(blob),
+    }
+}
+
 /// Build the artifact manifest for `layers` (in image order) of the image `subject`.
 pub fn artifact_manifest(
     subject: Descriptor,
@@ -274,7 +328,9 @@ pub fn artifact_manifest(
     let mut descs = Vec::with_capacity(layers.len() * 2);
     for l in layers {
         let mut index = l.index.clone();
-        index.media_type = MEDIA_TYPE_INDEX.into();
+        if IndexPacking::of_media_type(&index.media_type).is_none() {
+            index.media_type = MEDIA_TYPE_INDEX.into();
+        }
         index
             .annotations
             .insert(ANNOTATION_SOURCE_LAYER.into(), l.source.clone());
@@ -349,7 +405,9 @@ pub fn parse_artifact(m: &ImageManifest) -> Result<Vec<BeamLayer>, ArtifactError
     let mut out = Vec::new();
     for pair in m.layers.chunks(2) {
         let (index, chunks) = (&pair[0], &pair[1]);
-        if index.media_type != MEDIA_TYPE_INDEX || chunks.media_type != MEDIA_TYPE_CHUNKS {
+        if IndexPacking::of_media_type(&index.media_type).is_none()
+            || chunks.media_type != MEDIA_TYPE_CHUNKS
+        {
             return Err(ArtifactError::Malformed(format!(
                 "unexpected media types {} / {}",
                 index.media_type, chunks.media_type
@@ -412,6 +470,49 @@ mod tests {
             ))
             .unwrap()
         );
+    }
+
+    #[test]
+    fn an_index_is_stored_packed_or_as_is_as_its_media_type_says() {
+        let index = crate::format::index::sample().encode().unwrap();
+        let layer = |packing: IndexPacking| BeamLayer {
+            source: d('a'),
+            diff_id: d('b'),
+            index: Descriptor::new(packing.media_type(), d('c'), 10),
+            chunks: Descriptor::new(MEDIA_TYPE_CHUNKS, d('d'), 20),
+        };
+        for packing in [IndexPacking::Lz4, IndexPacking::None] {
+            let subject = Descriptor::new(MEDIA_TYPE_OCI_MANIFEST, d('e'), 30);
+            let m = artifact_manifest(subject, &[layer(packing)], 4096);
+            let parsed = parse_artifact(&m).unwrap();
+            assert_eq!(parsed[0].index.media_type, packing.media_type());
+            let blob = packing.pack(index.clone());
+            assert_eq!(
+                index_of_blob(&parsed[0].index, blob, index.len()).unwrap(),
+                index
+            );
+        }
+        // A packed blob under the plain media type is not unpacked (and then fails the index
+        // reader); a plain one under the lz4 media type is refused.
+        let plain = Descriptor::new(MEDIA_TYPE_INDEX, d('c'), 10);
+        let packed = IndexPacking::Lz4.pack(index.clone());
+        assert_eq!(
+            index_of_blob(&plain, packed.clone(), 1 << 20).unwrap(),
+            packed
+        );
+        let lz4 = Descriptor::new(MEDIA_TYPE_INDEX_LZ4, d('c'), 10);
+        assert!(matches!(
+            index_of_blob(&lz4, index, 1 << 20),
+            Err(crate::format::IndexError::BadPacking(_))
+        ));
+        // Any other media type in an index's place is refused with the artifact.
+        let subject = Descriptor::new(MEDIA_TYPE_OCI_MANIFEST, d('e'), 30);
+        let mut m = artifact_manifest(subject, &[layer(IndexPacking::Lz4)], 4096);
+        m.layers[0].media_type = "application/vnd.beam.layer.index.v1+zstd".into();
+        assert!(matches!(
+            parse_artifact(&m),
+            Err(ArtifactError::Malformed(_))
+        ));
     }
 
     #[test]

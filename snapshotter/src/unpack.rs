@@ -88,6 +88,13 @@ pub async fn unpack_image(store: &Store, dir: &Path, opts: UnpackOptions) -> Res
         let index = store
             .blob_bytes(&l.index, crate::format::index::MAX_INDEX_LEN as u64)
             .await
+            .and_then(|blob| {
+                Ok(crate::oci::index_of_blob(
+                    &l.index,
+                    blob,
+                    crate::format::index::MAX_INDEX_LEN,
+                )?)
+            })
             .with_context(|| format!("fetching index of layer {}", l.source))?;
         let blob_path = tmp.path().join(format!("chunks-{i}"));
         store

@@ -26,9 +26,11 @@
 //! The code follows the data: `records` is the on-disk layout (header constants and the
 //! fixed-size record types), `encoder` writes an index from a tree ([`IndexBuilder`], and
 //! [`with_prefetch`] to replace a published index's prefetch list), `reader` validates an index
-//! once and answers queries on it ([`IndexReader`]).
+//! once and answers queries on it ([`IndexReader`]), `packed` is the lz4 form a registry
+//! stores.
 
 mod encoder;
+pub mod packed;
 mod reader;
 mod records;
 
@@ -91,6 +93,8 @@ pub enum IndexError {
     },
     #[error("directory {ino} is {depth} levels deep (limit {limit})")]
     TooDeep { ino: u64, depth: u32, limit: u32 },
+    #[error("packed index: {0}")]
+    BadPacking(String),
 }
 
 /// The tree the encoder and reader tests share, and one of the fuzzers' seeds

@@ -310,18 +310,16 @@ async fn convert_manifest(
             converted.index = with_prefetch(&converted.index, &list)
                 .with_context(|| format!("prefetch list of layer {}", desc.digest))?;
         }
-        let index_digest = dst.put_blob_bytes(converted.index.clone()).await?;
+        let index_blob = opts.index_packing.pack(converted.index);
+        let index_size = index_blob.len() as u64;
+        let index_digest = dst.put_blob_bytes(index_blob).await?;
         dst.put_blob_file(&blob_file, &converted.blob_digest, converted.blob_size)
             .await?;
         std::fs::remove_file(&blob_file).ok();
         layers.push(BeamLayer {
             source: desc.digest.clone(),
             diff_id: converted.diff_id.clone(),
-            index: Descriptor::new(
-                oci::MEDIA_TYPE_INDEX,
-                index_digest,
-                converted.index.len() as u64,
-            ),
+            index: Descriptor::new(opts.index_packing.media_type(), index_digest, index_size),
             chunks: Descriptor::new(
                 oci::MEDIA_TYPE_CHUNKS,
                 converted.blob_digest.clone(),

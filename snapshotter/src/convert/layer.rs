@@ -24,6 +24,8 @@ pub struct ConvertOptions {
     pub chunk_size: u32,
     pub workers: usize,
     pub limits: Limits,
+    /// How an image conversion stores each layer's index in the registry.
+    pub index_packing: crate::oci::IndexPacking,
 }
 
 impl Default for ConvertOptions {
@@ -34,6 +36,7 @@ impl Default for ConvertOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             limits: Limits::default(),
+            index_packing: crate::oci::IndexPacking::default(),
         }
     }
 }

@@ -31,9 +31,11 @@ pub async fn run(args: Args) -> Result<()> {
     let layers = found.layers;
     println!("artifact {} ({})", found.artifact, found.admitted);
     for l in layers {
-        let idx = store
+        let blob = store
             .blob_bytes(&l.index, beam::format::index::MAX_INDEX_LEN as u64)
             .await?;
+        let idx = beam::oci::index_of_blob(&l.index, blob, beam::format::index::MAX_INDEX_LEN)
+            .with_context(|| format!("index of layer {}", l.source))?;
         let r = beam::format::IndexReader::new(idx)
             .with_context(|| format!("index of layer {}", l.source))?;
         println!(

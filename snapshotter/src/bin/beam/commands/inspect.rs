@@ -36,10 +36,14 @@ pub async fn run(args: Args) -> Result<()> {
             .await?;
         let idx = beam::oci::index_of_blob(&l.index, blob, beam::format::index::MAX_INDEX_LEN)
             .with_context(|| format!("index of layer {}", l.source))?;
+        let packing = match beam::oci::IndexPacking::of_media_type(&l.index.media_type) {
+            Some(beam::oci::IndexPacking::Lz4) => format!(", lz4 of {} bytes", idx.len()),
+            _ => String::new(),
+        };
         let r = beam::format::IndexReader::new(idx)
             .with_context(|| format!("index of layer {}", l.source))?;
         println!(
-                    "layer {}\n  index {} ({} bytes, {} inodes, chunk size {}, {} files to prefetch)\n  chunks {} ({} bytes, {} unique chunks)",
+                    "layer {}\n  index {} ({} bytes{packing}, {} inodes, chunk size {}, {} files to prefetch)\n  chunks {} ({} bytes, {} unique chunks)",
                     l.source,
                     l.index.digest,
                     l.index.size,

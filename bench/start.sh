@@ -10,7 +10,8 @@
 #                  [--systems full,beam,beam-nobg[,soci][,nydus][,beam-base]]
 #                  [--containerd 1.6|1.7|2[,...]] [--out FILE]
 #
-# beam-base is Beam's defaults with another build's binaries, for an A/B of a change in one run:
+# beam-base is Beam's defaults with another build's binaries, for an A/B of a change in one run
+# (its images converted by that build's own `beam`):
 #   git worktree add /tmp/base REV && (cd /tmp/base && cargo build --release)
 #   BENCH_BASE_BIN_DIR=/tmp/base/target/release bench/start.sh --systems beam-base,beam
 #
@@ -193,7 +194,17 @@ CONF
 }
 
 peer_args=()
-images_nydus_py='' images_nydus_bb=''
+own_py='' own_bb=''
+# beam-base runs images converted by its own `beam`: a change of what conversion writes (the
+# index packing, say) is then compared as a whole, and a baseline build never meets a format
+# it does not read.
+if has_system beam-base; then
+  for tag in python busybox; do
+    "${BENCH_BASE_BIN_DIR:?beam-base needs BENCH_BASE_BIN_DIR}/beam" convert --plain-http \
+      "oci:$work/layout:$tag" "127.0.0.1:$port/bench/$tag-base:1" >/dev/null
+  done
+  own_py='"beam-base": "bench/python-base:1"' own_bb='"beam-base": "bench/busybox-base:1"'
+fi
 if has_system soci; then
   # A name for the registry that is not a loopback literal, so that SOCI uses HTTPS for it.
   tls_host=$(hostname)
@@ -214,13 +225,13 @@ if has_system nydus; then
     --cmd "$py_cmd" "127.0.0.1:$port" bench/python-nydus:1 "${pylayers[@]}"
   python3 bench/nydus-image.py --nydus-image "$peers/nydus-rs/bin/nydus-image" --cache "$work/nydus-blobs" \
     --cmd "$bb_cmd" "127.0.0.1:$port" bench/busybox-nydus:1 "$work/busybox.tar"
-  images_nydus_py=', {"nydus": "bench/python-nydus:1"}'
-  images_nydus_bb=', {"nydus": "bench/busybox-nydus:1"}'
+  own_py+=${own_py:+, }'"nydus": "bench/python-nydus:1"'
+  own_bb+=${own_bb:+, }'"nydus": "bench/busybox-nydus:1"'
 fi
 # name -> [reference path, workload, systems to run it with (null: all), {system: own path}]
-images='{"python": ["bench/python:1", ["/usr/bin/python3", "-c", "import json, sqlite3; print(\"ready\")"], null'"$images_nydus_py"'],
+images='{"python": ["bench/python:1", ["/usr/bin/python3", "-c", "import json, sqlite3; print(\"ready\")"], null, {'"$own_py"'}],
          "python-recorded": ["bench/python-recorded:1", ["/usr/bin/python3", "-c", "import json, sqlite3; print(\"ready\")"], ["beam", "beam-nobg"]],
-         "busybox": ["bench/busybox:1", ["/bin/echo", "ready"], null'"$images_nydus_bb"']}'
+         "busybox": ["bench/busybox:1", ["/bin/echo", "ready"], null, {'"$own_bb"'}]}'
 parts=()
 for i in "${!containerd_bins[@]}"; do
   part=$scratch/start-${containerd_versions[$i]}.txt

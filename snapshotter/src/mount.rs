@@ -466,8 +466,8 @@ const BATCHES_IN_FLIGHT: usize = 3;
 /// Without FUSE passthrough (kernels before 6.9, or a file opened before all its chunks were
 /// in), every read of a cached file goes through the daemon, in requests the size of the
 /// window. A FUSE mount starts with the kernel's default, 128 KiB; a sequential read of a
-/// cached 200 MiB file through the daemon ran at 320 MB/s with it and 590 MB/s with 1 MiB on
-/// the project's 2-core VM. A lazy layer keeps the default: the window also sizes the
+/// cached 200 MiB file through the daemon ran at 332 MB/s with it and 635 MB/s with 1 MiB on
+/// the project's 2-core VM (medians of 3). A lazy layer keeps the default: the window also sizes the
 /// read-around of a page fault in a mapped file (a program's libraries), and 1 MiB around each
 /// fault would fetch far more than a starting program reads.
 pub const CACHED_LAYER_READ_AHEAD_KIB: u32 = 1024;

@@ -276,7 +276,7 @@ pub enum IndexPacking {
     #[default]
     Lz4,
     /// As encoded ([`MEDIA_TYPE_INDEX`]): readable by daemons older than packed indexes.
-    None,
+    Plain,
 }
 
 impl IndexPacking {
@@ -284,7 +284,7 @@ impl IndexPacking {
     pub fn of_media_type(media_type: &str) -> Option<IndexPacking> {
         match media_type {
             MEDIA_TYPE_INDEX_LZ4 => Some(IndexPacking::Lz4),
-            MEDIA_TYPE_INDEX => Some(IndexPacking::None),
+            MEDIA_TYPE_INDEX => Some(IndexPacking::Plain),
             _ => None,
         }
     }
@@ -292,7 +292,7 @@ impl IndexPacking {
     pub fn media_type(self) -> &'static str {
         match self {
             IndexPacking::Lz4 => MEDIA_TYPE_INDEX_LZ4,
-            IndexPacking::None => MEDIA_TYPE_INDEX,
+            IndexPacking::Plain => MEDIA_TYPE_INDEX,
         }
     }
 
@@ -300,7 +300,7 @@ impl IndexPacking {
     pub fn pack(self, index: Vec<u8>) -> Vec<u8> {
         match self {
             IndexPacking::Lz4 => crate::format::index::packed::pack(&index),
-            IndexPacking::None => index,
+            IndexPacking::Plain => index,
         }
     }
 }
@@ -315,7 +315,7 @@ pub fn index_of_blob(
     match IndexPacking::of_media_type(&desc.media_type) {
         Some(IndexPacking::Lz4) => crate::format::index::packed::unpack(&blob, max_len),
         // An artifact's layers were checked to be index blobs when it was read.
-        Some(IndexPacking::None) | None => Ok(blob),
+        Some(IndexPacking::Plain) | None => Ok(blob),
     }
 }
 
@@ -481,7 +481,7 @@ mod tests {
             index: Descriptor::new(packing.media_type(), d('c'), 10),
             chunks: Descriptor::new(MEDIA_TYPE_CHUNKS, d('d'), 20),
         };
-        for packing in [IndexPacking::Lz4, IndexPacking::None] {
+        for packing in [IndexPacking::Lz4, IndexPacking::Plain] {
             let subject = Descriptor::new(MEDIA_TYPE_OCI_MANIFEST, d('e'), 30);
             let m = artifact_manifest(subject, &[layer(packing)], 4096);
             let parsed = parse_artifact(&m).unwrap();

@@ -834,3 +834,37 @@ fn a_slowloris_registry_ends_reads_at_their_deadline_and_they_recover() -> Resul
     m.stop()?;
     Ok(())
 }
+
+/// Packed indexes (the default) and plain ones (`--index-compression none`, for nodes whose
+/// daemon predates packing) both mount and read the image's bytes; `beam inspect` says which
+/// an image has.
+#[test]
+fn packed_and_plain_indexes_both_mount() -> Result<()> {
+    let env = Env::new()?;
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("d/a".into(), noise(1, 700_000)),
+        ("d/b".into(), noise(2, 3_000)),
+    ];
+    let img = env.fx.image("packing").files(&files)?.build()?;
+    let no_flags: &[&str] = &[];
+    for (tag, flags, packed) in [
+        ("packed:v1", no_flags, true),
+        ("plain:v1", &["--index-compression", "none"][..], false),
+    ] {
+        let reference = img.convert(tag, flags)?.reference;
+        let inspect = beam::ok(&["inspect", "--plain-http", &reference])?;
+        ensure!(
+            inspect.contains(", lz4 of ") == packed,
+            "{tag}: inspect says {inspect}"
+        );
+        let m = env.mount(&reference, "mnt", tag, &["--no-background-fetch"])?;
+        for (name, data) in &files {
+            ensure!(
+                std::fs::read(m.target.join(name))? == *data,
+                "{tag}: {name} differs"
+            );
+        }
+        m.stop()?;
+    }
+    Ok(())
+}

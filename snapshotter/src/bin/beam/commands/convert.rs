@@ -68,7 +68,7 @@ pub async fn run(args: Args) -> Result<()> {
         chunk_size,
         index_packing: match index_compression {
             IndexCompression::Lz4 => beam::oci::IndexPacking::Lz4,
-            IndexCompression::None => beam::oci::IndexPacking::None,
+            IndexCompression::None => beam::oci::IndexPacking::Plain,
         },
         ..ConvertOptions::default()
     };

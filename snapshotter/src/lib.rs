@@ -4,6 +4,7 @@
 //! the exact arrows, and `tests/layering.rs` holds the code to them).
 //! - [`format`]: the Beam layer format (the `beam-format` crate: chunks, index), pure, no I/O;
 //! - [`crash`]: crash points for tests (`BEAM_CRASH_AT`);
+//! - [`mountinfo`]: this process's mount table, read without touching a mount;
 //! - [`labels`]: every snapshot label both `beam pull` and the daemon use;
 //! - [`takeover`]: FUSE connections that outlive the daemon (fd holder, session takeover);
 //! - [`containerd`]: client of containerd's own API, containerd versions;
@@ -49,6 +50,7 @@ pub mod layout;
 pub mod metrics;
 pub mod mount;
 pub mod mounter;
+pub mod mountinfo;
 pub mod node_setup;
 pub mod oci;
 pub mod pull;

@@ -134,77 +134,22 @@ impl Mounter for SystemMounter {
     }
 
     fn set_read_ahead(&self, mountpoint: &Path, kib: u32) -> std::io::Result<()> {
-        // From mountinfo, not stat(2): a stat of the mount would be a request to the FUSE
+        // The device from mountinfo: a stat of the mount would be a request to the FUSE
         // session, which may not be served (a frozen hand-over).
-        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let device = mount_device(&info, mountpoint).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{} is not a mount point", mountpoint.display()),
-            )
-        })?;
+        let mounts = crate::mountinfo::mounts();
+        let device = crate::mountinfo::mount_at(&mounts, mountpoint)
+            .map(|m| m.device.clone())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{} is not a mount point", mountpoint.display()),
+                )
+            })?;
         // A FUSE mount's backing device is its anonymous device number, "0:N".
         std::fs::write(
             format!("/sys/class/bdi/{device}/read_ahead_kb"),
             kib.to_string(),
         )
-    }
-}
-
-/// The device number ("major:minor") of the filesystem mounted at `mountpoint`, from the text
-/// of a `/proc/PID/mountinfo`: the last mount there, the one on top.
-pub fn mount_device(mountinfo: &str, mountpoint: &Path) -> Option<String> {
-    let want = mountpoint.as_os_str().as_encoded_bytes();
-    mountinfo.lines().rev().find_map(|line| {
-        let mut fields = line.split(' ');
-        let device = fields.nth(2)?;
-        let point = fields.nth(1)?;
-        (unescape_mountinfo(point) == want).then(|| device.to_string())
-    })
-}
-
-/// A mountinfo path field as bytes: the kernel writes space, tab, newline and backslash as
-/// three-digit octal escapes (`\040`).
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_device_of_a_mount_point_is_found_in_mountinfo() {
-        let info = "\
-22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
-97 22 0:52 / /var/lib/beam/work/layer\\0401 ro,nosuid - fuse.beam beam:sha256:ab ro
-98 22 0:53 / /mnt/x rw - tmpfs tmpfs rw
-99 98 0:54 / /mnt/x ro - fuse.beam beam:sha256:cd ro
-";
-        let dev = |p: &str| mount_device(info, Path::new(p));
-        assert_eq!(dev("/var/lib/beam/work/layer 1").as_deref(), Some("0:52"));
-        // Stacked mounts: the one on top.
-        assert_eq!(dev("/mnt/x").as_deref(), Some("0:54"));
-        assert_eq!(dev("/mnt"), None);
-        assert_eq!(dev("/var/lib/beam/work/layer\\0401"), None);
     }
 }
 

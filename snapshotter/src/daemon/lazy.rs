@@ -110,16 +110,8 @@ fn entry_name(id: u64) -> String {
 /// Whether `p` is a mount point of a FUSE filesystem (from mountinfo, without touching the
 /// mount: a live connection nobody serves yet would block a stat).
 fn is_fuse_mount(p: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = p.display().to_string();
-    info.lines().any(|l| {
-        l.split(' ').nth(4) == Some(want.as_str())
-            && l.split_once(" - ")
-                .and_then(|(_, rest)| rest.split(' ').next())
-                .is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
-    })
+    crate::mountinfo::mount_at(&crate::mountinfo::mounts(), p)
+        .is_some_and(|m| m.fstype == "fuse" || m.fstype.starts_with("fuse."))
 }
 
 impl LazyLayers {

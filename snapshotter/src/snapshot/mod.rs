@@ -734,14 +734,7 @@ fn disk_usage(dir: &Path) -> Usage {
 }
 
 /// Whether `p` is a mountpoint (per /proc/self/mountinfo).
-pub fn is_mountpoint(p: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = p.display().to_string();
-    info.lines()
-        .any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
-}
+pub use crate::mountinfo::is_mountpoint;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@
 
 use crate::containerd::{Containerd, Desc, Prepared};
 use crate::labels::{self, fallback};
-use crate::oci::{self, ImageConfig, ImageManifest};
+use crate::oci::{self, ImageConfig};
 use crate::registry::RegistryOptions;
 use crate::store::{Location, Store};
 use anyhow::{bail, Context, Result};
@@ -203,17 +203,8 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         };
         let top_mt = crate::registry::media_type_of(&top_bytes)?;
         let is_index = top_mt == oci::MEDIA_TYPE_OCI_INDEX || top_mt == oci::MEDIA_TYPE_DOCKER_LIST;
-        let platform = if is_index {
-            store.platform_manifest().await?
-        } else {
-            let manifest: ImageManifest = serde_json::from_slice(&top_bytes)
-                .with_context(|| format!("parsing manifest {}", top.digest))?;
-            crate::store::ResolvedManifest {
-                desc: top.clone(),
-                manifest,
-                bytes: top_bytes.clone(),
-            }
-        };
+        // The index's entry for this platform, without asking for the top again.
+        let platform = store.platform_manifest_in(&top, top_bytes.clone()).await?;
         let resolved = t0.elapsed().as_secs_f64();
         // The config, and beside it the Beam artifact the manifest binds: the daemon is handed
         // it with the Prepares instead of asking the registry again.

@@ -199,22 +199,82 @@ impl Store {
 
     /// The manifest of the current platform (linux/amd64 or the host's arch).
     pub async fn platform_manifest(&self) -> Result<ResolvedManifest> {
-        let all = self.image_manifests().await?;
-        if all.len() == 1 {
-            return Ok(all.into_iter().next().expect("one"));
+        let (top, bytes) = self.resolve_top().await?;
+        self.platform_manifest_in(&top, bytes).await
+    }
+
+    /// The manifest of the current platform, given what [`Store::resolve_top`] answered: the
+    /// manifest itself, or the entry of the index whose platform is this host's, fetched
+    /// alone (as containerd picks it). Only an index whose entries name no platform costs
+    /// more: its manifests are fetched at once and matched on their configs.
+    ///
+    /// Most images in public registries are indexes. Asking the registry for the top again,
+    /// then for every platform's manifest and config in turn, cost a pull about ten round
+    /// trips on a five-platform image before its first layer.
+    pub async fn platform_manifest_in(
+        &self,
+        top: &Descriptor,
+        bytes: Vec<u8>,
+    ) -> Result<ResolvedManifest> {
+        let mt = registry::media_type_of(&bytes)?;
+        if mt != oci::MEDIA_TYPE_OCI_INDEX && mt != oci::MEDIA_TYPE_DOCKER_LIST {
+            let manifest: ImageManifest = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing manifest {}", top.digest))?;
+            return Ok(ResolvedManifest {
+                desc: Descriptor::new(&mt, top.digest.clone(), top.size),
+                manifest,
+                bytes,
+            });
         }
+        let index: ImageIndex = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing image index {}", top.digest))?;
         let arch = host_arch();
-        // Index entries lose their platform in `image_manifests`; match on the config.
-        for m in &all {
-            let cfg = self.blob_bytes(&m.manifest.config, 1 << 20).await?;
+        if let Some(entry) = platform_entry(&index.manifests, arch) {
+            return self.resolved_manifest(entry).await;
+        }
+        // No entry says its platform (attestations aside): ask every manifest's config.
+        let unnamed: Vec<&Descriptor> = index
+            .manifests
+            .iter()
+            .filter(|d| d.platform.is_none())
+            .collect();
+        let manifests =
+            futures_util::future::try_join_all(unnamed.iter().map(|d| self.resolved_manifest(d)))
+                .await?;
+        if manifests.len() == 1 {
+            return Ok(manifests.into_iter().next().expect("one"));
+        }
+        let configs = futures_util::future::try_join_all(
+            manifests
+                .iter()
+                .map(|m| self.blob_bytes(&m.manifest.config, 1 << 20)),
+        )
+        .await?;
+        for (m, cfg) in manifests.into_iter().zip(configs) {
             let v: serde_json::Value = serde_json::from_slice(&cfg)?;
             if v.get("architecture").and_then(|a| a.as_str()) == Some(arch)
                 && v.get("os").and_then(|a| a.as_str()) == Some("linux")
             {
-                return Ok(m.clone());
+                return Ok(m);
             }
         }
         bail!("{}: no linux/{arch} image", self.location())
+    }
+
+    /// The manifest an index entry names, fetched and checked.
+    async fn resolved_manifest(&self, entry: &Descriptor) -> Result<ResolvedManifest> {
+        let bytes = self.manifest(&entry.digest).await?;
+        let manifest: ImageManifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing manifest {}", entry.digest))?;
+        Ok(ResolvedManifest {
+            desc: Descriptor::new(
+                &registry::media_type_of(&bytes)?,
+                entry.digest.clone(),
+                bytes.len() as u64,
+            ),
+            manifest,
+            bytes,
+        })
     }
 
     /// Download a blob to a file, checked.
@@ -640,6 +700,27 @@ pub async fn file_digest(path: &Path) -> Result<String> {
 }
 
 /// This host's architecture in OCI terms.
+/// The index entry for linux on `arch`: the first entry of that OS and architecture that
+/// names no variant (on arm64 `v8` is the same), else the first of any variant (this host's
+/// CPU level is not checked). `None` when no entry names that platform.
+fn platform_entry<'a>(entries: &'a [Descriptor], arch: &str) -> Option<&'a Descriptor> {
+    let matching: Vec<&Descriptor> = entries
+        .iter()
+        .filter(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+        })
+        .collect();
+    let plain = matching.iter().find(|d| {
+        d.platform
+            .as_ref()
+            .and_then(|p| p.variant.as_deref())
+            .is_none_or(|v| arch == "arm64" && v == "v8")
+    });
+    plain.or(matching.first()).copied()
+}
+
 pub fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -651,6 +732,115 @@ pub fn host_arch() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An image manifest whose config says `arch`, stored in `layout`; its descriptor.
+    fn put_image(layout: &Layout, arch: &str) -> Descriptor {
+        let config = format!(
+            r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+        );
+        let config_digest = layout.put_blob(config.as_bytes()).unwrap();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[]}}"#,
+            oci::MEDIA_TYPE_OCI_MANIFEST,
+            config.len()
+        );
+        let digest = layout.put_blob(manifest.as_bytes()).unwrap();
+        Descriptor::new(oci::MEDIA_TYPE_OCI_MANIFEST, digest, manifest.len() as u64)
+    }
+
+    /// `entries` as an index tagged `t` in a new layout at `dir`; the store that opens it.
+    fn tagged_index(dir: &Path, layout: &Layout, entries: Vec<Descriptor>) -> Store {
+        let index = ImageIndex {
+            schema_version: 2,
+            media_type: Some(oci::MEDIA_TYPE_OCI_INDEX.into()),
+            manifests: entries,
+            annotations: Default::default(),
+        };
+        let bytes = serde_json::to_vec(&index).unwrap();
+        let digest = layout.put_blob(&bytes).unwrap();
+        let mut desc = Descriptor::new(oci::MEDIA_TYPE_OCI_INDEX, digest, bytes.len() as u64);
+        desc.annotations
+            .insert(oci::ANNOTATION_REF_NAME.into(), "t".into());
+        layout.add_manifest(desc).unwrap();
+        let loc = Location::parse(&format!("oci:{}:t", dir.display())).unwrap();
+        Store::open(loc, &RegistryOptions::default(), false).unwrap()
+    }
+
+    fn with_platform(mut d: Descriptor, arch: &str, variant: Option<&str>) -> Descriptor {
+        d.platform = Some(oci::Platform {
+            architecture: arch.into(),
+            os: "linux".into(),
+            variant: variant.map(String::from),
+        });
+        d
+    }
+
+    /// An index's entry for this host is fetched alone: the other platforms' manifests are
+    /// never asked for (here they are not even stored, and asking would fail), as containerd
+    /// picks it. Before, every platform's manifest and config were fetched in turn.
+    #[tokio::test]
+    async fn an_index_entry_for_this_platform_is_the_only_manifest_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        let host = put_image(&layout, host_arch());
+        let other_arch = if host_arch() == "arm64" {
+            "amd64"
+        } else {
+            "arm64"
+        };
+        let missing = Descriptor::new(
+            oci::MEDIA_TYPE_OCI_MANIFEST,
+            oci::sha256_digest(b"a manifest this layout does not hold"),
+            40,
+        );
+        let store = tagged_index(
+            dir.path(),
+            &layout,
+            vec![
+                with_platform(missing.clone(), other_arch, Some("v8")),
+                with_platform(host.clone(), host_arch(), None),
+                with_platform(missing, "s390x", None),
+            ],
+        );
+        let m = store.platform_manifest().await.unwrap();
+        assert_eq!(m.desc.digest, host.digest);
+        assert!(m.manifest.layers.is_empty());
+    }
+
+    /// An index whose entries name no platform: each manifest's config decides.
+    #[tokio::test]
+    async fn an_index_without_platforms_is_matched_on_the_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        let other = put_image(&layout, "riscv64");
+        let host = put_image(&layout, host_arch());
+        let store = tagged_index(dir.path(), &layout, vec![other, host.clone()]);
+        assert_eq!(
+            store.platform_manifest().await.unwrap().desc.digest,
+            host.digest
+        );
+        let only_other = put_image(&layout, "riscv64");
+        let third = put_image(&layout, "ppc64le");
+        let store = tagged_index(dir.path(), &layout, vec![only_other, third]);
+        let err = store.platform_manifest().await.unwrap_err();
+        assert!(format!("{err:#}").contains("no linux/"), "{err:#}");
+    }
+
+    #[test]
+    fn the_platform_entry_prefers_no_variant_then_takes_the_first_match() {
+        let d = |n: &[u8]| Descriptor::new(oci::MEDIA_TYPE_OCI_MANIFEST, oci::sha256_digest(n), 1);
+        let entries = vec![
+            with_platform(d(b"a"), "arm64", Some("v9")),
+            with_platform(d(b"b"), "arm64", Some("v8")),
+            with_platform(d(b"c"), "amd64", Some("v3")),
+            with_platform(d(b"e"), "amd64", None),
+        ];
+        assert_eq!(platform_entry(&entries, "arm64"), Some(&entries[1]));
+        assert_eq!(platform_entry(&entries, "amd64"), Some(&entries[3]));
+        assert_eq!(platform_entry(&entries[..3], "amd64"), Some(&entries[2]));
+        assert_eq!(platform_entry(&entries, "riscv64"), None);
+        assert_eq!(platform_entry(&entries[..1], "arm64"), Some(&entries[0]));
+    }
 
     /// A hinted manifest is used only when its digest is the subject's: then nothing is
     /// fetched (here the layout does not even hold it); a hint that does not match is ignored

@@ -164,34 +164,31 @@ impl Store {
     /// manifest of an index (attestation entries are skipped).
     pub async fn image_manifests(&self) -> Result<Vec<ResolvedManifest>> {
         let (top, bytes) = self.resolve_top().await?;
+        self.image_manifests_in(&top, bytes).await
+    }
+
+    /// [`Store::image_manifests`], given what [`Store::resolve_top`] answered; an index's
+    /// manifests are fetched at once, in its order.
+    pub async fn image_manifests_in(
+        &self,
+        top: &Descriptor,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<ResolvedManifest>> {
         let mt = registry::media_type_of(&bytes)?;
         if mt == oci::MEDIA_TYPE_OCI_INDEX || mt == oci::MEDIA_TYPE_DOCKER_LIST {
             let index: ImageIndex = serde_json::from_slice(&bytes)
                 .with_context(|| format!("parsing image index {}", top.digest))?;
-            let mut out = Vec::new();
-            for d in index.manifests {
-                if d.platform.as_ref().is_some_and(|p| p.os == "unknown") {
-                    continue;
-                }
-                let bytes = self.manifest(&d.digest).await?;
-                let manifest: ImageManifest = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("parsing manifest {}", d.digest))?;
-                out.push(ResolvedManifest {
-                    desc: Descriptor::new(
-                        &registry::media_type_of(&bytes)?,
-                        d.digest.clone(),
-                        bytes.len() as u64,
-                    ),
-                    manifest,
-                    bytes,
-                });
-            }
-            return Ok(out);
+            let images = index
+                .manifests
+                .iter()
+                .filter(|d| d.platform.as_ref().is_none_or(|p| p.os != "unknown"));
+            return futures_util::future::try_join_all(images.map(|d| self.resolved_manifest(d)))
+                .await;
         }
         let manifest: ImageManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("parsing manifest {}", top.digest))?;
         Ok(vec![ResolvedManifest {
-            desc: Descriptor::new(&mt, top.digest, top.size),
+            desc: Descriptor::new(&mt, top.digest.clone(), top.size),
             manifest,
             bytes,
         }])
@@ -217,40 +214,26 @@ impl Store {
         bytes: Vec<u8>,
     ) -> Result<ResolvedManifest> {
         let mt = registry::media_type_of(&bytes)?;
-        if mt != oci::MEDIA_TYPE_OCI_INDEX && mt != oci::MEDIA_TYPE_DOCKER_LIST {
-            let manifest: ImageManifest = serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing manifest {}", top.digest))?;
-            return Ok(ResolvedManifest {
-                desc: Descriptor::new(&mt, top.digest.clone(), top.size),
-                manifest,
-                bytes,
-            });
-        }
-        let index: ImageIndex = serde_json::from_slice(&bytes)
-            .with_context(|| format!("parsing image index {}", top.digest))?;
         let arch = host_arch();
-        if let Some(entry) = platform_entry(&index.manifests, arch) {
-            return self.resolved_manifest(entry).await;
+        if mt == oci::MEDIA_TYPE_OCI_INDEX || mt == oci::MEDIA_TYPE_DOCKER_LIST {
+            let index: ImageIndex = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing image index {}", top.digest))?;
+            if let Some(entry) = platform_entry(&index.manifests, arch) {
+                return self.resolved_manifest(entry).await;
+            }
         }
-        // No entry says its platform (attestations aside): ask every manifest's config.
-        let unnamed: Vec<&Descriptor> = index
-            .manifests
-            .iter()
-            .filter(|d| d.platform.is_none())
-            .collect();
-        let manifests =
-            futures_util::future::try_join_all(unnamed.iter().map(|d| self.resolved_manifest(d)))
-                .await?;
-        if manifests.len() == 1 {
-            return Ok(manifests.into_iter().next().expect("one"));
+        // A manifest, or an index that names no entry for this platform: each manifest's
+        // config decides.
+        let all = self.image_manifests_in(top, bytes).await?;
+        if all.len() == 1 {
+            return Ok(all.into_iter().next().expect("one"));
         }
         let configs = futures_util::future::try_join_all(
-            manifests
-                .iter()
+            all.iter()
                 .map(|m| self.blob_bytes(&m.manifest.config, 1 << 20)),
         )
         .await?;
-        for (m, cfg) in manifests.into_iter().zip(configs) {
+        for (m, cfg) in all.into_iter().zip(configs) {
             let v: serde_json::Value = serde_json::from_slice(&cfg)?;
             if v.get("architecture").and_then(|a| a.as_str()) == Some(arch)
                 && v.get("os").and_then(|a| a.as_str()) == Some("linux")

@@ -76,7 +76,7 @@ pub async fn convert_image(
         ProgressDrawTarget::hidden()
     });
     let (top, top_bytes) = src.resolve_top().await?;
-    let manifests = src.image_manifests().await?;
+    let manifests = src.image_manifests_in(&top, top_bytes.clone()).await?;
     // A bound image again: nothing to do (its artifact is what it names).
     if let Some(done) = already_bound(src, &manifests).await? {
         if !same_place {

@@ -347,6 +347,49 @@ impl Registry {
             .with_context(|| format!("reading the body of GET {url}"))?;
         Ok((status, body))
     }
+
+    /// PUT a manifest or index as `repo:reference` (a tag or its digest).
+    pub fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Result<()> {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.url());
+        match ureq::put(&url)
+            .set("Content-Type", media_type)
+            .send_bytes(body)
+        {
+            Ok(r) if r.status() == 201 => Ok(()),
+            Ok(r) => bail!("PUT {url}: {}", r.status()),
+            Err(ureq::Error::Status(code, r)) => {
+                bail!("PUT {url}: {code} {}", r.into_string().unwrap_or_default())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// GET a manifest or index, accepting the OCI media types (Distribution answers 404 to a
+    /// client that does not): `(status, body)`.
+    pub fn get_manifest(&self, repo: &str, reference: &str) -> Result<(u16, Vec<u8>)> {
+        let resp = ureq::get(&format!("{}/v2/{repo}/manifests/{reference}", self.url()))
+            .set(
+                "Accept",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+            )
+            .call();
+        match resp {
+            Ok(r) => {
+                let status = r.status();
+                let mut body = Vec::new();
+                std::io::Read::read_to_end(&mut r.into_reader(), &mut body)?;
+                Ok((status, body))
+            }
+            Err(ureq::Error::Status(code, _)) => Ok((code, Vec::new())),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 impl Drop for Registry {

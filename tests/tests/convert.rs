@@ -89,12 +89,11 @@ fn busybox_converts_in_place_unbound_and_the_original_still_runs() -> Result<()>
     });
     let sig_bytes = serde_json::to_vec(&sig)?;
     let sig_digest = format!("sha256:{}", hex_sha256(&sig_bytes));
-    put_manifest(
-        &reg,
+    reg.put_manifest(
         "busybox",
         &sig_digest,
-        &sig_bytes,
         "application/vnd.oci.image.manifest.v1+json",
+        &sig_bytes,
     )?;
     let sig_index = serde_json::json!({
         "schemaVersion": 2,
@@ -106,12 +105,11 @@ fn busybox_converts_in_place_unbound_and_the_original_still_runs() -> Result<()>
             "artifactType": "application/vnd.dev.cosign.simplesigning.v1+json"
         }]
     });
-    put_manifest(
-        &reg,
+    reg.put_manifest(
         "busybox",
         &format!("sha256-{}", &built.manifest_digest[7..]),
-        &serde_json::to_vec(&sig_index)?,
         "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&sig_index)?,
     )?;
 
     let out = beam_ok(&["convert", "--plain-http", "--unbound", &image])?;
@@ -128,14 +126,14 @@ fn busybox_converts_in_place_unbound_and_the_original_still_runs() -> Result<()>
         inspect.contains(&built.manifest_digest),
         "inspect does not name the original manifest: {inspect}"
     );
-    let (status, body) = get_manifest(&reg, "busybox", "v1")?;
+    let (status, body) = reg.get_manifest("busybox", "v1")?;
     ensure!(status == 200);
     ensure!(
         format!("sha256:{}", hex_sha256(&body)) == built.manifest_digest,
         "the tag no longer names the original manifest"
     );
     let refs_tag = format!("sha256-{}", &built.manifest_digest[7..]);
-    let (_, refs) = get_manifest(&reg, "busybox", &refs_tag)?;
+    let (_, refs) = reg.get_manifest("busybox", &refs_tag)?;
     let refs: serde_json::Value = serde_json::from_slice(&refs)?;
     let types: Vec<&str> = refs["manifests"]
         .as_array()
@@ -159,7 +157,7 @@ fn busybox_converts_in_place_unbound_and_the_original_still_runs() -> Result<()>
         again.contains("already converted"),
         "second conversion: {again}"
     );
-    let (_, refs2) = get_manifest(&reg, "busybox", &refs_tag)?;
+    let (_, refs2) = reg.get_manifest("busybox", &refs_tag)?;
     ensure!(
         serde_json::from_slice::<serde_json::Value>(&refs2)? == refs,
         "referrers index changed on the second conversion"
@@ -342,22 +340,6 @@ fn hex_sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// PUT a manifest into the registry under `tag` (or digest).
-fn put_manifest(
-    reg: &Registry,
-    repo: &str,
-    tag: &str,
-    body: &[u8],
-    media_type: &str,
-) -> Result<()> {
-    let resp = ureq::put(&format!("{}/v2/{repo}/manifests/{tag}", reg.url()))
-        .set("Content-Type", media_type)
-        .send_bytes(body)
-        .context("PUT manifest")?;
-    ensure!(resp.status() == 201, "PUT manifest: {}", resp.status());
-    Ok(())
-}
-
 /// Upload a blob (POST, then PUT with the digest) and return its digest.
 fn put_blob(reg: &Registry, repo: &str, data: &[u8]) -> Result<String> {
     let digest = format!("sha256:{}", hex_sha256(data));
@@ -380,26 +362,6 @@ fn put_blob(reg: &Registry, repo: &str, data: &[u8]) -> Result<String> {
         .context("PUT blob")?;
     ensure!(resp.status() == 201, "PUT blob: {}", resp.status());
     Ok(digest)
-}
-
-/// GET a manifest, accepting OCI media types (Distribution answers 404 otherwise).
-fn get_manifest(reg: &Registry, repo: &str, reference: &str) -> Result<(u16, Vec<u8>)> {
-    let resp = ureq::get(&format!("{}/v2/{repo}/manifests/{reference}", reg.url()))
-        .set(
-            "Accept",
-            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
-        )
-        .call();
-    match resp {
-        Ok(r) => {
-            let status = r.status();
-            let mut body = Vec::new();
-            std::io::Read::read_to_end(&mut r.into_reader(), &mut body)?;
-            Ok((status, body))
-        }
-        Err(ureq::Error::Status(code, _)) => Ok((code, Vec::new())),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Peak resident set size, in KiB, of the largest child process waited for so far.

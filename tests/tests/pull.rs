@@ -537,3 +537,107 @@ fn a_lease_expiring_mid_pull_fails_clearly_and_a_new_pull_succeeds() -> Result<(
     d.stop()?;
     Ok(())
 }
+
+/// An image index, the form of most images in public registries: `beam pull` fetches the
+/// entry for this node's platform and nothing of the others (before, it asked for the tag
+/// twice, then for every platform's manifest and config in turn, and took the first config
+/// that said amd64), and the image runs lazily from that entry.
+#[test]
+fn beam_pull_of_an_index_fetches_only_this_platforms_manifest() -> Result<()> {
+    util::require_root()?;
+    let fx = Fixture::with_proxy()?;
+    let this = fx.image("this").busybox()?.build()?;
+    // Another platform's image: no busybox in it, so a container from it could not start.
+    let other = fx
+        .image("other")
+        .files(&[("data/other.txt".into(), b"another platform\n".to_vec())])?
+        .build()?;
+    this.push("multi/bb:this")?;
+    other.push("multi/bb:other")?;
+    let (host_arch, other_arch) = match std::env::consts::ARCH {
+        "aarch64" => ("arm64", "amd64"),
+        _ => ("amd64", "arm64"),
+    };
+    let entry = |img: &beam_tests::fixture::Image, arch: &str| -> Result<serde_json::Value> {
+        let d = &img.built.manifest_digest;
+        let size = std::fs::metadata(img.layout.join("blobs/sha256").join(&d[7..]))?.len();
+        Ok(serde_json::json!({
+            "mediaType": oci_layout::MANIFEST_MEDIA_TYPE,
+            "digest": d,
+            "size": size,
+            "platform": {"architecture": arch, "os": "linux"},
+        }))
+    };
+    // The other platform first, as a registry may list it.
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci_layout::INDEX_MEDIA_TYPE,
+        "manifests": [entry(&other, other_arch)?, entry(&this, host_arch)?],
+    });
+    let reg = fx.registry();
+    reg.put_manifest(
+        "multi/bb",
+        "v1",
+        oci_layout::INDEX_MEDIA_TYPE,
+        &serde_json::to_vec(&index)?,
+    )?;
+    let image = format!("{}/multi/bb:v1", fx.addr());
+    beam::ok(&["convert", "--plain-http", &image])?;
+    // The converted index: each platform's entry now names its bound manifest.
+    let (status, body) = reg.get_manifest("multi/bb", "v1")?;
+    ensure!(status == 200, "GET the converted index: {status}");
+    let converted: serde_json::Value = serde_json::from_slice(&body)?;
+    let bound_of = |arch: &str| -> Result<String> {
+        converted["manifests"]
+            .as_array()
+            .and_then(|m| {
+                m.iter()
+                    .find(|e| e["platform"]["architecture"] == arch)
+                    .and_then(|e| e["digest"].as_str())
+            })
+            .map(String::from)
+            .with_context(|| format!("no {arch} entry in {converted}"))
+    };
+    let (this_bound, other_bound) = (bound_of(host_arch)?, bound_of(other_arch)?);
+
+    let d = BeamDaemon::start(&[])?;
+    let c = Containerd::start_with(ContainerdOptions {
+        extra_config: d.containerd_config(),
+        ..Default::default()
+    })?;
+    let proxy = fx.proxy();
+    proxy.clear();
+    let r = beam_pull(&c, &image)?;
+    ensure!(
+        r["lazy"] == 1 && r["downloaded"] == 0 && r["manifest"] == this_bound.as_str(),
+        "beam pull: {r}"
+    );
+    let manifest_gets = |reference: &str| {
+        proxy
+            .records()
+            .iter()
+            .filter(|rec| rec.path.ends_with(&format!("/manifests/{reference}")))
+            .count()
+    };
+    ensure!(
+        manifest_gets("v1") == 1,
+        "the tag was asked {} times: {:?}",
+        manifest_gets("v1"),
+        proxy.records()
+    );
+    ensure!(
+        manifest_gets(&other_bound) == 0,
+        "the other platform's manifest was fetched: {:?}",
+        proxy.records()
+    );
+    let out = c.run_with(
+        &["--snapshotter", "beam"],
+        &image,
+        "multi",
+        &["/bin/echo", "from this platform"],
+    )?;
+    ensure!(out == "from this platform\n", "container printed {out:?}");
+    remove_images(&c, &[&image])?;
+    drop(c);
+    d.stop()
+}

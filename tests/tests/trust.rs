@@ -179,27 +179,6 @@ fn a_third_partys_unbound_artifact_is_used_only_once_the_repository_is_trusted()
     Ok(())
 }
 
-/// PUT a manifest or index to `reg` (plain HTTP, no auth); returns its digest.
-fn put_manifest(
-    reg: &Registry,
-    repo: &str,
-    reference: &str,
-    media_type: &str,
-    body: &[u8],
-) -> Result<()> {
-    let url = format!("{}/v2/{repo}/manifests/{reference}", reg.url());
-    match ureq::put(&url)
-        .set("Content-Type", media_type)
-        .send_bytes(body)
-    {
-        Ok(_) => Ok(()),
-        Err(ureq::Error::Status(code, r)) => {
-            anyhow::bail!("PUT {url}: {code} {}", r.into_string().unwrap_or_default())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 #[test]
 fn a_referrer_made_from_another_images_layers_is_refused_even_where_trusted() -> Result<()> {
     util::require_root()?;
@@ -249,8 +228,7 @@ fn a_referrer_made_from_another_images_layers_is_refused_even_where_trusted() ->
         use sha2::{Digest, Sha256};
         format!("sha256:{}", hex::encode(Sha256::digest(&forged)))
     };
-    put_manifest(
-        &reg,
+    reg.put_manifest(
         "victim/bb",
         &forged_digest,
         "application/vnd.oci.image.manifest.v1+json",
@@ -267,8 +245,7 @@ fn a_referrer_made_from_another_images_layers_is_refused_even_where_trusted() ->
         }],
     });
     let referrers_tag = victim.manifest_digest.replace(':', "-");
-    put_manifest(
-        &reg,
+    reg.put_manifest(
         "victim/bb",
         &referrers_tag,
         "application/vnd.oci.image.index.v1+json",

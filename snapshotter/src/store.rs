@@ -175,9 +175,7 @@ impl Store {
         bytes: Vec<u8>,
     ) -> Result<Vec<ResolvedManifest>> {
         let mt = registry::media_type_of(&bytes)?;
-        if mt == oci::MEDIA_TYPE_OCI_INDEX || mt == oci::MEDIA_TYPE_DOCKER_LIST {
-            let index: ImageIndex = serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing image index {}", top.digest))?;
+        if let Some(index) = index_of(top, &mt, &bytes)? {
             let images = index
                 .manifests
                 .iter()
@@ -215,9 +213,7 @@ impl Store {
     ) -> Result<ResolvedManifest> {
         let mt = registry::media_type_of(&bytes)?;
         let arch = host_arch();
-        if mt == oci::MEDIA_TYPE_OCI_INDEX || mt == oci::MEDIA_TYPE_DOCKER_LIST {
-            let index: ImageIndex = serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing image index {}", top.digest))?;
+        if let Some(index) = index_of(top, &mt, &bytes)? {
             if let Some(entry) = platform_entry(&index.manifests, arch) {
                 return self.resolved_manifest(entry).await;
             }
@@ -683,6 +679,17 @@ pub async fn file_digest(path: &Path) -> Result<String> {
 }
 
 /// This host's architecture in OCI terms.
+/// `bytes` (of media type `mt`, named by `top`) parsed as an image index, or `None` when it
+/// is a manifest.
+fn index_of(top: &Descriptor, mt: &str, bytes: &[u8]) -> Result<Option<ImageIndex>> {
+    if mt != oci::MEDIA_TYPE_OCI_INDEX && mt != oci::MEDIA_TYPE_DOCKER_LIST {
+        return Ok(None);
+    }
+    let index = serde_json::from_slice(bytes)
+        .with_context(|| format!("parsing image index {}", top.digest))?;
+    Ok(Some(index))
+}
+
 /// The index entry for linux on `arch`: the first entry of that OS and architecture that
 /// names no variant (on arm64 `v8` is the same), else the first of any variant (this host's
 /// CPU level is not checked). `None` when no entry names that platform.

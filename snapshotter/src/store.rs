@@ -678,7 +678,6 @@ pub async fn file_digest(path: &Path) -> Result<String> {
     .await?
 }
 
-/// This host's architecture in OCI terms.
 /// `bytes` (of media type `mt`, named by `top`) parsed as an image index, or `None` when it
 /// is a manifest.
 fn index_of(top: &Descriptor, mt: &str, bytes: &[u8]) -> Result<Option<ImageIndex>> {
@@ -711,6 +710,7 @@ fn platform_entry<'a>(entries: &'a [Descriptor], arch: &str) -> Option<&'a Descr
     plain.or(matching.first()).copied()
 }
 
+/// This host's architecture in OCI terms.
 pub fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",

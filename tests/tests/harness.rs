@@ -160,16 +160,19 @@ fn push_pull_run_and_clean_up() -> Result<()> {
     let ctd = Containerd::start()?;
     let leftovers = Leftovers::of(&reg, &ctd);
     ctd.pull_plain_http(&image)?;
-    let out = ctd.run(
+    // The check runs in the container and answers by its exit status, which `ctr run` passes
+    // on (a failed check fails `run`). Not by its output: ctr lost the tail of a short-lived
+    // task's stdout here once ("hello" came, the two lines after it did not), a race in
+    // containerd's stdio copy at the task's exit, not in what the container read.
+    ctd.run(
         &image,
         "hello",
         &[
             "/bin/sh",
             "-c",
-            "echo hello; read g < /etc/greeting; echo $g; read m < /etc/message; echo $m",
+            "[ \"$(cat /etc/greeting)\" = from-zstd ] && [ \"$(cat /etc/message)\" = from-tar ]",
         ],
     )?;
-    assert_eq!(out, "hello\nfrom-zstd\nfrom-tar\n");
 
     // The registry served the config and every layer blob, whole.
     let gets = reg.blob_gets();
